@@ -1,0 +1,72 @@
+"""The model's parameters: plain NumPy arrays in a dict keyed by their Hugging Face names.
+
+    model.embed_tokens.weight                          (V, C)
+    model.layers.{i}.input_layernorm.weight            (C,)
+    model.layers.{i}.self_attn.q_proj.weight           (nh*hd, C)   (+ .bias (nh*hd,) for Qwen2)
+    model.layers.{i}.self_attn.k_proj.weight           (nkv*hd, C)  (+ .bias)
+    model.layers.{i}.self_attn.v_proj.weight           (nkv*hd, C)  (+ .bias)
+    model.layers.{i}.self_attn.o_proj.weight           (C, nh*hd)
+    model.layers.{i}.post_attention_layernorm.weight   (C,)
+    model.layers.{i}.mlp.gate_proj.weight              (F, C)
+    model.layers.{i}.mlp.up_proj.weight                (F, C)
+    model.layers.{i}.mlp.down_proj.weight              (C, F)
+    model.norm.weight                                  (C,)
+    lm_head.weight                                     (V, C)  only when embeddings are not tied
+
+Keeping HF names means a checkpoint loads by name with no translation table.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from minilars.config import ModelConfig
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def linear_param_name(layer: int, linear: str) -> str:
+    """HF weight name of one of a block's seven linears, e.g. (3, 'q_proj')."""
+    group = "mlp" if linear in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    return f"model.layers.{layer}.{group}.{linear}.weight"
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter the config implies, in load order, with its shape."""
+    C, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, C)}
+    out_in = {"q_proj": (cfg.q_dim, C), "k_proj": (cfg.kv_dim, C), "v_proj": (cfg.kv_dim, C),
+              "o_proj": (C, cfg.q_dim), "gate_proj": (F, C), "up_proj": (F, C),
+              "down_proj": (C, F)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (C,)
+        for lin in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[linear_param_name(i, lin)] = out_in[lin]
+            if cfg.attention_bias and lin != "o_proj":
+                shapes[p + f"self_attn.{lin}.bias"] = (out_in[lin][0],)
+        shapes[p + "post_attention_layernorm.weight"] = (C,)
+        for lin in ("gate_proj", "up_proj", "down_proj"):
+            shapes[linear_param_name(i, lin)] = out_in[lin]
+    shapes["model.norm.weight"] = (C,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, C)
+    return shapes
+
+
+def init_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Seeded random weights for any config: normal(0, 0.02) matrices, ones for norms,
+    small normal biases (nonzero so bias gradients are exercised in tests)."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.endswith("norm.weight"):
+            params[name] = np.ones(shape, dtype=dtype)
+        elif name.endswith(".bias"):
+            params[name] = (0.02 * rng.standard_normal(shape)).astype(dtype)
+        else:
+            params[name] = (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(dtype, copy=False)
+    return params
+
+
+def lm_head_name(cfg: ModelConfig) -> str:
+    return "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
