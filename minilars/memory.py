@@ -1,0 +1,181 @@
+"""The memory ledger: every byte of training memory, named.
+
+Peak training memory = frozen weights + trainable parameters + their gradients + optimizer
+state + live saved activations + live workspace, at the largest moment of a step. The
+ledger holds the first five by name; the workspace is what the process really allocated
+(tracemalloc traces NumPy's allocations) minus what the ledger names, reported as
+"unattributed", never hidden.
+
+Each entry is keyed (layer, op, name). Entries are counted by the buffer they keep alive,
+not by the view: two names for one buffer (q, k and v all saving the same normalised
+input, say) count once, and a view keeps its whole base buffer alive, so that is what it
+costs. An entry is released when the backward that needed it has consumed it.
+"""
+from __future__ import annotations
+
+import mmap
+import tracemalloc
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CATEGORIES = ("frozen", "trainable", "gradients", "optimizer", "activations")
+
+
+def owning_buffer(array: np.ndarray) -> np.ndarray:
+    """The array that owns the memory `array` looks into (itself if it owns it)."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
+def buffer_nbytes(array: np.ndarray) -> int:
+    """Bytes held alive by `array`: its owning buffer's size; 0 for memory-mapped files,
+    which the page cache holds rather than the process heap."""
+    root = owning_buffer(array)
+    if isinstance(root, np.memmap) or isinstance(root.base, mmap.mmap):
+        return 0
+    return root.nbytes
+
+
+@dataclass
+class Entry:
+    category: str
+    layer: int          # -1 for tensors outside the blocks (embedding, final norm, loss)
+    op: str
+    name: str
+    shape: tuple
+    dtype: str
+    nbytes: int         # bytes of the owning buffer
+    buffer_id: int
+
+
+@dataclass
+class Ledger:
+    """Live bytes by category, with the peak and what was alive at the peak."""
+    entries: dict = field(default_factory=dict)         # (layer, op, name) -> Entry
+    buffers: dict = field(default_factory=dict)         # buffer id -> [array, refcount, category]
+    live: dict = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
+    peak_total: int = 0
+    peak_by_category: dict = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
+    peak_entries: list = field(default_factory=list)    # entries alive at the peak
+    max_by_category: dict = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
+
+    # ---- registering and releasing ----
+    def keep(self, layer: int, op: str, name: str, array: np.ndarray,
+             category: str = "activations") -> np.ndarray:
+        """Register `array` as kept for backward (or as a parameter, gradient, optimizer
+        state when `category` says so). Returns the array, so a forward can write
+        `x = ledger.keep(...)`."""
+        if category not in CATEGORIES:
+            raise ValueError(f"unknown ledger category {category!r}; expected one of {CATEGORIES}")
+        key = (layer, op, name)
+        if key in self.entries:
+            self.release(layer, op, name)
+        root = owning_buffer(array)
+        bid = id(root)
+        nbytes = buffer_nbytes(array)
+        self.entries[key] = Entry(category, layer, op, name, tuple(array.shape),
+                                  str(array.dtype), nbytes, bid)
+        if bid in self.buffers:
+            self.buffers[bid][1] += 1
+        else:
+            self.buffers[bid] = [root, 1, category]
+            self.live[category] += nbytes
+            self._update_peak()
+        return array
+
+    def release(self, layer: int, op: str, name: str) -> None:
+        entry = self.entries.pop((layer, op, name))
+        slot = self.buffers[entry.buffer_id]
+        slot[1] -= 1
+        if slot[1] == 0:
+            del self.buffers[entry.buffer_id]
+            self.live[slot[2]] -= entry.nbytes
+
+    def release_op(self, layer: int, op: str) -> None:
+        for key in [k for k in self.entries if k[0] == layer and k[1] == op]:
+            self.release(*key)
+
+    def release_category(self, category: str) -> None:
+        for key in [k for k, e in self.entries.items() if e.category == category]:
+            self.release(*key)
+
+    def _update_peak(self) -> None:
+        for c, v in self.live.items():
+            if v > self.max_by_category[c]:
+                self.max_by_category[c] = v
+        total = sum(self.live.values())
+        if total > self.peak_total:
+            self.peak_total = total
+            self.peak_by_category = dict(self.live)
+            self.peak_entries = list(self.entries.values())
+
+    def reset_peak(self) -> None:
+        self.peak_total = 0
+        self.max_by_category = dict(self.live)
+        self._update_peak()
+
+    # ---- reading ----
+    @property
+    def live_total(self) -> int:
+        return sum(self.live.values())
+
+    def live_entries(self, category: str | None = None) -> list[Entry]:
+        return [e for e in self.entries.values() if category is None or e.category == category]
+
+    def peak_table_by_op(self) -> list[dict]:
+        """Saved activations alive at the peak, summed per (op, name) over layers."""
+        rows: dict = defaultdict(lambda: {"count": 0, "bytes": 0, "shape": None, "dtype": None})
+        seen = set()
+        for e in self.peak_entries:
+            if e.category != "activations":
+                continue
+            row = rows[(e.op, e.name)]
+            row["count"] += 1
+            row["shape"], row["dtype"] = e.shape, e.dtype
+            if e.buffer_id not in seen:      # a buffer shared by two names counts once
+                seen.add(e.buffer_id)
+                row["bytes"] += e.nbytes
+        return [{"op": op, "name": name, **row} for (op, name), row in
+                sorted(rows.items(), key=lambda kv: -kv[1]["bytes"])]
+
+    def format_report(self, traced_peak: int | None = None) -> str:
+        lines = ["category        peak MiB   (at the ledger's peak moment)"]
+        for c in CATEGORIES:
+            lines.append(f"  {c:<13} {mib(self.peak_by_category[c]):9.1f}")
+        lines.append(f"  {'ledger total':<13} {mib(self.peak_total):9.1f}")
+        if traced_peak is not None:
+            lines.append(f"  {'traced peak':<13} {mib(traced_peak):9.1f}   "
+                         f"(unattributed workspace {mib(traced_peak - self.peak_total):.1f})")
+        lines.append("")
+        lines.append("saved for backward at the peak, per op (summed over layers)")
+        lines.append(f"  {'op':<16} {'tensor':<14} {'n':>3} {'shape':<22} {'MiB':>9}")
+        for r in self.peak_table_by_op():
+            lines.append(f"  {r['op']:<16} {r['name']:<14} {r['count']:>3} "
+                         f"{str(r['shape']):<22} {mib(r['bytes']):9.2f}")
+        return "\n".join(lines)
+
+
+def mib(nbytes: float) -> float:
+    return nbytes / 2**20
+
+
+class TracedPeak:
+    """Context manager: the process's real peak allocation (tracemalloc) inside a block,
+    measured from the bytes already traced when it started (so the baseline counts)."""
+
+    def __enter__(self):
+        self.started_here = not tracemalloc.is_tracing()
+        if self.started_here:
+            tracemalloc.start()
+        tracemalloc.reset_peak()
+        self.peak = 0
+        return self
+
+    def __exit__(self, *exc):
+        _, self.peak = tracemalloc.get_traced_memory()
+        if self.started_here:
+            tracemalloc.stop()
+        return False

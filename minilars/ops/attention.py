@@ -1,0 +1,149 @@
+"""Causal grouped-query attention, in two forms with the same interface.
+
+Shapes: q (B, nh, T, hd); k, v (B, nkv, T, hd); query head h reads kv head h // rep,
+rep = nh / nkv (HF's repeat_kv order). We never repeat k and v: queries are viewed as
+(B, nkv, rep, T, hd) and broadcast against (B, nkv, 1, T, hd).
+The output is laid out (B, T, nh, hd), so that reshaped to (B, T, nh*hd) it is o_proj's
+input without a copy, and one buffer serves both the attention's and o_proj's backward.
+
+plain:  keeps the probabilities P (B, nh, T, T). Quadratic in T; the reference, and the
+        easiest form to read.
+tiled:  flash-style. The forward walks query tiles x key tiles with an online softmax and
+        keeps only the output and the log-sum-exp L (B, nh, T) of each row's scores. The
+        backward recomputes each tile's scores from q and k, rebuilds P = exp(S - L) tile by
+        tile, and never holds more than one (tile x tile) block of scores per head.
+
+Backward of softmax attention, for one row, with D = sum(dO * O) = sum(P * dP):
+    dV = P^T dO,  dP = dO V^T,  dS = P * (dP - D),  dQ = dS K * scale,  dK = dS^T Q * scale
+"""
+import numpy as np
+
+DEFAULT_TILE = 256
+
+
+def _grouped(q: np.ndarray, nkv: int) -> np.ndarray:
+    """(B, nh, T, hd) -> (B, nkv, rep, T, hd) view."""
+    B, nh, T, hd = q.shape
+    return q.reshape(B, nkv, nh // nkv, T, hd)
+
+
+def _out_heads_first(out: np.ndarray) -> np.ndarray:
+    """(B, T, nh, hd) buffer -> (B, nh, T, hd) view."""
+    return out.transpose(0, 2, 1, 3)
+
+
+def check_attention_shapes(q, k, v):
+    B, nh, T, hd = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (T, hd):
+        raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not agree")
+    if nh % k.shape[1]:
+        raise ValueError(f"attention: {nh} query heads is not a multiple of {k.shape[1]} kv heads")
+
+
+# ---------------------------------------------------------------- plain (reference) form
+
+def attention_plain_forward(q, k, v):
+    """Returns (out (B, T, nh, hd), P (B, nh, T, T)). Saves q, k, v and P."""
+    check_attention_shapes(q, k, v)
+    B, nh, T, hd = q.shape
+    nkv = k.shape[1]
+    scale = 1.0 / np.sqrt(hd)
+    qg = _grouped(q, nkv)                                              # (B, nkv, rep, T, hd)
+    S = (qg @ k[:, :, None].swapaxes(-1, -2)) * scale                  # (B, nkv, rep, T, T)
+    S[..., np.triu(np.ones((T, T), dtype=bool), k=1)] = -np.inf        # causal mask
+    S -= S.max(axis=-1, keepdims=True)
+    P = np.exp(S, out=S)
+    P /= P.sum(axis=-1, keepdims=True)
+    out = np.empty((B, T, nh, hd), dtype=q.dtype)
+    _out_heads_first(out)[...] = (P @ v[:, :, None]).reshape(B, nh, T, hd)
+    return out, P.reshape(B, nh, T, T)
+
+
+def attention_plain_backward(dout, q, k, v, P):
+    """dout (B, T, nh, hd) -> dq (B, nh, T, hd), dk, dv (B, nkv, T, hd)."""
+    B, nh, T, hd = q.shape
+    nkv = k.shape[1]
+    scale = 1.0 / np.sqrt(hd)
+    dO = _grouped(np.ascontiguousarray(_out_heads_first(dout)), nkv)   # (B, nkv, rep, T, hd)
+    Pg = P.reshape(B, nkv, nh // nkv, T, T)
+    dv = (Pg.swapaxes(-1, -2) @ dO).sum(axis=2)                        # (B, nkv, T, hd)
+    dP = dO @ v[:, :, None].swapaxes(-1, -2)                           # (B, nkv, rep, T, T)
+    dS = Pg * (dP - (dP * Pg).sum(axis=-1, keepdims=True))
+    dq = (dS @ k[:, :, None]) * scale                                  # (B, nkv, rep, T, hd)
+    dk = (dS.swapaxes(-1, -2) @ _grouped(q, nkv)).sum(axis=2) * scale  # (B, nkv, T, hd)
+    return dq.reshape(B, nh, T, hd), dk, dv
+
+
+# ---------------------------------------------------------------- tiled (flash-style) form
+
+def _tile_scores(q_tile, k_tile, i0, j0, scale):
+    """Scores of one (query tile, key tile) block with the causal mask applied.
+    q_tile (B, nkv, rep, tq, hd), k_tile (B, nkv, tk, hd) -> (B, nkv, rep, tq, tk)."""
+    S = (q_tile @ k_tile[:, :, None].swapaxes(-1, -2)) * scale
+    tq, tk = S.shape[-2], S.shape[-1]
+    if j0 + tk - 1 > i0:                                   # the tile crosses the diagonal
+        rows = np.arange(i0, i0 + tq)[:, None]
+        cols = np.arange(j0, j0 + tk)[None, :]
+        S[..., cols > rows] = -np.inf
+    return S
+
+
+def attention_tiled_forward(q, k, v, tile: int = DEFAULT_TILE):
+    """Returns (out (B, T, nh, hd), lse (B, nh, T)). Saves q, k, v, out and lse."""
+    check_attention_shapes(q, k, v)
+    B, nh, T, hd = q.shape
+    nkv = k.shape[1]
+    rep = nh // nkv
+    scale = 1.0 / np.sqrt(hd)
+    qg = _grouped(q, nkv)
+    out = np.empty((B, T, nh, hd), dtype=q.dtype)
+    og = _grouped(_out_heads_first(out), nkv)                          # (B, nkv, rep, T, hd) view
+    lse = np.empty((B, nkv, rep, T), dtype=q.dtype)
+    for i0 in range(0, T, tile):
+        i1 = min(i0 + tile, T)
+        q_tile = qg[:, :, :, i0:i1]                                    # (B, nkv, rep, tq, hd)
+        row_max = np.full((B, nkv, rep, i1 - i0), -np.inf, dtype=q.dtype)
+        row_sum = np.zeros_like(row_max)
+        acc = np.zeros((B, nkv, rep, i1 - i0, hd), dtype=q.dtype)
+        for j0 in range(0, i1, tile):                                  # causal: keys < i1
+            j1 = min(j0 + tile, i1)
+            S = _tile_scores(q_tile, k[:, :, j0:j1], i0, j0, scale)
+            new_max = np.maximum(row_max, S.max(axis=-1))
+            correction = np.exp(row_max - new_max)                     # rescale what we had
+            P = np.exp(S - new_max[..., None], out=S)
+            row_sum = row_sum * correction + P.sum(axis=-1)
+            acc *= correction[..., None]
+            acc += P @ v[:, :, None, j0:j1]
+            row_max = new_max
+        og[:, :, :, i0:i1] = acc / row_sum[..., None]
+        lse[..., i0:i1] = row_max + np.log(row_sum)
+    return out, lse.reshape(B, nh, T)
+
+
+def attention_tiled_backward(dout, q, k, v, out, lse, tile: int = DEFAULT_TILE):
+    """dout (B, T, nh, hd) -> dq (B, nh, T, hd), dk, dv (B, nkv, T, hd); scores recomputed."""
+    B, nh, T, hd = q.shape
+    nkv = k.shape[1]
+    rep = nh // nkv
+    scale = 1.0 / np.sqrt(hd)
+    qg = _grouped(q, nkv)
+    dOg = _grouped(_out_heads_first(dout), nkv)                        # views, no copies
+    lse_g = lse.reshape(B, nkv, rep, T)
+    D = np.einsum("btnd,btnd->bnt", dout, out).reshape(B, nkv, rep, T)  # rowsum(dO * O)
+    dq = np.zeros((B, nkv, rep, T, hd), dtype=q.dtype)
+    dk = np.zeros_like(k)
+    dv = np.zeros_like(v)
+    for i0 in range(0, T, tile):
+        i1 = min(i0 + tile, T)
+        q_tile = qg[:, :, :, i0:i1]
+        dO_tile = np.ascontiguousarray(dOg[:, :, :, i0:i1])            # (B, nkv, rep, tq, hd)
+        for j0 in range(0, i1, tile):
+            j1 = min(j0 + tile, i1)
+            S = _tile_scores(q_tile, k[:, :, j0:j1], i0, j0, scale)
+            P = np.exp(S - lse_g[..., i0:i1, None], out=S)             # (B, nkv, rep, tq, tk)
+            dv[:, :, j0:j1] += (P.swapaxes(-1, -2) @ dO_tile).sum(axis=2)
+            dP = dO_tile @ v[:, :, None, j0:j1].swapaxes(-1, -2)
+            dS = P * (dP - D[..., i0:i1, None])
+            dq[:, :, :, i0:i1] += (dS @ k[:, :, None, j0:j1]) * scale
+            dk[:, :, j0:j1] += (dS.swapaxes(-1, -2) @ q_tile).sum(axis=2) * scale
+    return dq.reshape(B, nh, T, hd), dk, dv

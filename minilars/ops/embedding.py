@@ -1,0 +1,29 @@
+"""Token embedding lookup.
+
+forward:  h = E[tokens]          tokens (B, T) int, E (V, C)  ->  h (B, T, C)
+backward: dE[v] += sum of dh over positions whose token is v
+Saves for backward: the token ids only (B*T integers); E is a parameter, not a saved tensor.
+"""
+import numpy as np
+
+
+def check_tokens(tokens: np.ndarray, vocab_size: int) -> None:
+    """Token ids must be integers in [0, vocab_size): a clear error instead of an IndexError
+    (or, worse, a silent wrap-around for negative ids)."""
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"token ids must be integers, got dtype {tokens.dtype}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        bad = tokens[(tokens < 0) | (tokens >= vocab_size)].ravel()[0]
+        raise ValueError(f"token id {int(bad)} is out of range for a vocabulary of "
+                         f"{vocab_size} (valid ids are 0..{vocab_size - 1})")
+
+
+def embedding_forward(tokens: np.ndarray, E: np.ndarray, dtype=None) -> np.ndarray:
+    """(B, T) ids -> (B, T, C) rows of E (a copy, in `dtype` if E is stored in float16)."""
+    h = E[tokens]
+    return h if dtype is None or h.dtype == dtype else h.astype(dtype)
+
+
+def embedding_backward(dh: np.ndarray, tokens: np.ndarray, dE: np.ndarray) -> None:
+    """Accumulate into dE (V, C): rows of dh (B, T, C) scattered to their token ids."""
+    np.add.at(dE, tokens.ravel(), dh.reshape(-1, dh.shape[-1]).astype(dE.dtype, copy=False))

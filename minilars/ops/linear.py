@@ -1,0 +1,48 @@
+"""Linear layer y = x W^T (+ b), Hugging Face layout: W is (out, in).
+
+forward:  x (..., in), W (out, in), b (out,)  ->  y (..., out)
+backward: dx = dy W;  dW = dy^T x;  db = sum of dy over rows
+Saves for backward: x, but only when dW is needed. A frozen weight needs no weight
+gradient, and then the backward needs nothing from the forward at all (dx = dy W uses only
+W): that is why frozen layers cost no saved activations unless an adapter asks for them.
+Weights stored in float16/bfloat16 go through the C kernels (float32 accumulation, no
+float32 copy of W); float32/float64 weights go to NumPy's BLAS.
+"""
+import numpy as np
+
+
+def _matmul_xwT(x2d: np.ndarray, W: np.ndarray) -> np.ndarray:
+    if W.dtype == x2d.dtype:
+        return x2d @ W.T
+    from minilars import kernels
+    return kernels.matmul_xwT(np.ascontiguousarray(x2d), W)
+
+
+def _matmul_dyW(dy2d: np.ndarray, W: np.ndarray) -> np.ndarray:
+    if W.dtype == dy2d.dtype:
+        return dy2d @ W
+    from minilars import kernels
+    return kernels.matmul_dyW(np.ascontiguousarray(dy2d), W)
+
+
+def linear_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    lead = x.shape[:-1]
+    y = _matmul_xwT(x.reshape(-1, x.shape[-1]), W)   # (N, out)
+    if b is not None:
+        y += b.astype(y.dtype, copy=False)
+    return y.reshape(*lead, W.shape[0])
+
+
+def linear_backward(dy: np.ndarray, x: np.ndarray | None, W: np.ndarray,
+                    need_dx: bool = True, need_dW: bool = False, need_db: bool = False):
+    """Returns (dx, dW, db), each None when not asked for. `x` may be None when dW is not
+    needed: the point of not saving it."""
+    dy2d = dy.reshape(-1, dy.shape[-1])                               # (N, out)
+    dx = _matmul_dyW(dy2d, W).reshape(*dy.shape[:-1], W.shape[1]) if need_dx else None
+    dW = None
+    if need_dW:
+        if x is None:
+            raise ValueError("linear_backward: dW was asked for but the input x was not saved")
+        dW = dy2d.T @ x.reshape(-1, x.shape[-1])                      # (out, in)
+    db = dy2d.sum(axis=0) if need_db else None
+    return dx, dW, db

@@ -1,0 +1,28 @@
+"""SiLU-gated MLP activation (SwiGLU), the element-wise middle of Llama's MLP:
+
+    g = m Wg^T, u = m Wu^T     (the two linears live in linear.py)
+    act = silu(g) * u,  silu(g) = g * sigmoid(g)                       (..., F)
+backward: dg = dact * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)));  du = dact * silu(g)
+Saves for backward: g and u (..., F). act itself is saved only by down_proj when its weight
+gradient (or an adapter on it) needs it; the sigmoid is recomputed, not kept.
+"""
+import numpy as np
+
+
+def _sigmoid(g: np.ndarray) -> np.ndarray:
+    # exp of a negative number only: no overflow warnings for large |g|
+    e = np.exp(-np.abs(g))
+    return np.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(g.dtype, copy=False)
+
+
+def swiglu_forward(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    return g * _sigmoid(g) * u
+
+
+def swiglu_backward(dact: np.ndarray, g: np.ndarray, u: np.ndarray):
+    """Returns (dg, du)."""
+    sig = _sigmoid(g)
+    silu = g * sig
+    du = dact * silu
+    dg = dact * u * (sig * (1.0 + g * (1.0 - sig)))
+    return dg, du

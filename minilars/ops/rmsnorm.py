@@ -1,0 +1,36 @@
+"""RMSNorm, as Llama computes it.
+
+forward:  y = x * rstd * w,   rstd = 1 / sqrt(mean(x^2, last axis) + eps)
+          x (..., C), w (C,)  ->  y (..., C), rstd (...)
+backward: with xhat = x * rstd and g = dy * w,
+          dx = rstd * (g - xhat * mean(g * xhat))       dw = sum over rows of dy * xhat
+Saves for backward: x (..., C) and rstd (...). rstd is tiny (one number per row) and
+saves recomputing a reduction; xhat is not saved, it is recomputed from x and rstd.
+"""
+import numpy as np
+
+
+def rmsnorm_forward(x: np.ndarray, w: np.ndarray | None, eps: float):
+    """Returns (y, rstd). `w=None` means no weight (LARS uses the bare normalisation)."""
+    ms = np.mean(np.square(x), axis=-1)            # (...)
+    rstd = 1.0 / np.sqrt(ms + eps)                 # (...)
+    y = x * rstd[..., None]
+    if w is not None:
+        y *= w.astype(x.dtype, copy=False)
+    return y, rstd
+
+
+def rmsnorm_backward(dy: np.ndarray, x: np.ndarray, rstd: np.ndarray, w: np.ndarray | None,
+                     need_dx: bool = True, need_dw: bool = True):
+    """Returns (dx or None, dw or None)."""
+    xhat = x * rstd[..., None]                                     # (..., C)
+    dw = None
+    if need_dw and w is not None:
+        C = x.shape[-1]
+        dw = np.einsum("nc,nc->c", dy.reshape(-1, C), xhat.reshape(-1, C))
+    if not need_dx:
+        return None, dw
+    g = dy * w.astype(dy.dtype, copy=False) if w is not None else dy  # (..., C)
+    mean_gx = np.mean(g * xhat, axis=-1, keepdims=True)            # (..., 1)
+    dx = (g - xhat * mean_gx) * rstd[..., None]
+    return dx, dw
