@@ -15,6 +15,22 @@ import numpy as np
 from minilars.memory import Ledger
 
 
+OPTIM_SLAB = 1 << 18    # entries updated at once: temporaries of at most 1 MiB in float32
+
+
+def _adamw_update(p, g, m, v, lr, b1, b2, bc1, bc2, eps, decay):
+    """One AdamW update of a 1-D slab, in place on p, m, v."""
+    m *= b1
+    m += (1.0 - b1) * g
+    v *= b2
+    v += (1.0 - b2) * np.square(g)
+    if decay:
+        p *= 1.0 - decay
+    denom = np.sqrt(v / bc2)
+    denom += eps
+    p -= (lr / bc1) * m / denom
+
+
 def clip_grad_norm(grads: dict, max_norm: float | None) -> float:
     """Scale all gradients so their global L2 norm is at most max_norm; returns the norm
     before clipping (inf/nan when a gradient is not finite: callers should stop)."""
@@ -56,16 +72,13 @@ class AdamW:
         bc1 = 1.0 - b1 ** self.step_count
         bc2 = 1.0 - b2 ** self.step_count
         for name, g in grads.items():
-            p, m, v = params[name], self.m[name], self.v[name]
-            m *= b1
-            m += (1.0 - b1) * g
-            v *= b2
-            v += (1.0 - b2) * np.square(g)
-            if self.weight_decay and not name.endswith(self.no_decay):
-                p *= 1.0 - lr * self.weight_decay
-            denom = np.sqrt(v / bc2)
-            denom += self.eps
-            p -= (lr / bc1) * m / denom
+            decay = lr * self.weight_decay if not name.endswith(self.no_decay) else 0.0
+            p, m, v = params[name].reshape(-1), self.m[name].reshape(-1), self.v[name].reshape(-1)
+            g = g.reshape(-1)
+            # in slabs, so the temporaries stay small next to a 28M-entry embedding
+            for s0 in range(0, g.size, OPTIM_SLAB):
+                sl = slice(s0, s0 + OPTIM_SLAB)
+                _adamw_update(p[sl], g[sl], m[sl], v[sl], lr, b1, b2, bc1, bc2, self.eps, decay)
 
     def state_dict(self) -> dict:
         """Arrays and scalars for checkpoints (names prefixed m./v.)."""

