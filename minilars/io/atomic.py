@@ -1,0 +1,79 @@
+"""Atomic writes: a file (or a folder) either appears whole or not at all.
+
+Write to a temporary name in the same directory, flush and fsync, then os.replace, which
+is atomic on POSIX within a filesystem. An interrupted run leaves at most a stray
+temporary (named .*.tmp-*) and never a half-written file under the real name.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yields a temporary path to write to; on success it is renamed to `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def write_json(path: str, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
+    """safetensors file of NumPy arrays, written atomically (contiguous copies as needed)."""
+    from safetensors.numpy import save_file
+    arrays = {k: _contiguous(v) for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(arrays, tmp, metadata=metadata)
+
+
+def _contiguous(a):
+    import numpy as np
+    return np.ascontiguousarray(a)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str, replace: bool = False):
+    """Yields a temporary sibling folder; on success it becomes `path`. With replace=True an
+    existing folder is swapped out (old one removed after the rename)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(path):
+            if not replace:
+                raise FileExistsError(f"{path} already exists")
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
+            os.rmdir(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
