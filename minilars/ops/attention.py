@@ -147,3 +147,23 @@ def attention_tiled_backward(dout, q, k, v, out, lse, tile: int = DEFAULT_TILE):
             dq[:, :, :, i0:i1] += (dS @ k[:, :, None, j0:j1]) * scale
             dk[:, :, j0:j1] += (dS.swapaxes(-1, -2) @ q_tile).sum(axis=2) * scale
     return dq.reshape(B, nh, T, hd), dk, dv
+
+
+# ---------------------------------------------------------------- inference with a KV cache
+
+def attention_decode(q, k_cache, v_cache, start: int):
+    """Forward only, for generation: q (B, nh, t, hd) holds positions start .. start+t-1;
+    k_cache, v_cache (B, nkv, start+t, hd) hold every position so far. Returns
+    out (B, t, nh, hd). Query j sees keys 0 .. start+j."""
+    B, nh, t, hd = q.shape
+    nkv, L = k_cache.shape[1], k_cache.shape[2]
+    scale = 1.0 / np.sqrt(hd)
+    S = (_grouped(q, nkv) @ k_cache[:, :, None].swapaxes(-1, -2)) * scale   # (B, nkv, rep, t, L)
+    future = np.arange(L)[None, :] > (start + np.arange(t))[:, None]       # (t, L)
+    S[..., future] = -np.inf
+    S -= S.max(axis=-1, keepdims=True)
+    P = np.exp(S, out=S)
+    P /= P.sum(axis=-1, keepdims=True)
+    out = np.empty((B, t, nh, hd), dtype=q.dtype)
+    _out_heads_first(out)[...] = (P @ v_cache[:, :, None]).reshape(B, nh, t, hd)
+    return out

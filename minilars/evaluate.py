@@ -1,0 +1,132 @@
+"""Evaluation: multiple-choice accuracy by log-likelihood, and perplexity.
+
+Multiple choice (as lm-evaluation-harness scores "rc" tasks): each choice i is a request
+(context_i, continuation_i); its score is the summed log-probability of the continuation's
+tokens given the context. acc picks the highest score; acc_norm divides each score by the
+continuation's length in bytes first. WinoGrande rows are scored by partial evaluation:
+the contexts differ (they end with each option), the continuation is shared.
+Perplexity: exp of the mean next-token loss over non-overlapping windows of `seq` tokens.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from minilars.model import Model, StepOptions, check_inputs, forward_hidden, forward_loss
+from minilars.ops.linear import _matmul_xwT
+from minilars.params import lm_head_name
+
+
+def eval_split(task: str, data_dir: str = "data") -> str:
+    """The scored split of a task: validation where it exists, else test."""
+    for split in ("validation", "val", "test"):
+        if os.path.exists(os.path.join(data_dir, task, f"{split}.jsonl.gz")):
+            return split
+    raise FileNotFoundError(f"{data_dir}/{task}: no validation or test split; run "
+                            f"`minilars data fetch --dir {data_dir}` first")
+
+
+def mc_requests(row: dict) -> list[tuple[str, str]]:
+    """(context, continuation) for each choice of a multiple-choice row."""
+    if "contexts" in row and "continuation" in row:
+        return [(ctx, " " + row["continuation"].lstrip()) for ctx in row["contexts"]]
+    return [(row["query"], " " + str(c).lstrip()) for c in row["choices"]]
+
+
+def continuation_logprobs(model: Model, tok, requests: list[tuple[str, str]], max_len: int,
+                          batch: int = 8, opts: StepOptions = StepOptions(),
+                          progress=None) -> list[float]:
+    """Summed log p(continuation | context) for each request, batched by length."""
+    encoded = []
+    for ctx, cont in requests:
+        c_ids, k_ids = tok.encode(ctx), tok.encode(cont)
+        if not k_ids:
+            raise ValueError(f"continuation {cont!r} encodes to no tokens")
+        ids = (c_ids + k_ids)[-max_len:]
+        n_cont = min(len(k_ids), len(ids) - 1)
+        encoded.append((ids, n_cont))
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    scores = [0.0] * len(encoded)
+    W = model.params[lm_head_name(model.cfg)]
+    pad = tok.eos_id or 0
+    for b0 in range(0, len(order), batch):
+        chunk = order[b0:b0 + batch]
+        T = max(len(encoded[i][0]) for i in chunk)
+        tokens = np.full((len(chunk), T), pad, dtype=np.int64)
+        for r, i in enumerate(chunk):
+            tokens[r, :len(encoded[i][0])] = encoded[i][0]
+        hidden = forward_hidden(model, tokens, opts)                     # (b, T, C)
+        for r, i in enumerate(chunk):
+            ids, n_cont = encoded[i]
+            L = len(ids)
+            rows = hidden[r, L - 1 - n_cont: L - 1]                     # predict the continuation
+            logits = _matmul_xwT(np.ascontiguousarray(rows), W)         # (n_cont, V)
+            m = logits.max(axis=-1)
+            lse = m + np.log(np.exp(logits - m[:, None]).sum(axis=-1))
+            target = np.array(ids[L - n_cont:])
+            scores[i] = float((logits[np.arange(n_cont), target] - lse).sum())
+        if progress:
+            progress(min(b0 + batch, len(order)), len(order))
+    return scores
+
+
+def score_multiple_choice(model: Model, tok, rows: list[dict], max_len: int = 1024,
+                          batch: int = 8, progress=None) -> dict:
+    requests, owners = [], []
+    for r, row in enumerate(rows):
+        for req in mc_requests(row):
+            requests.append(req)
+            owners.append(r)
+    scores = continuation_logprobs(model, tok, requests, max_len, batch, progress=progress)
+    correct = correct_norm = 0
+    per_row = []
+    k = 0
+    for row in rows:
+        reqs = mc_requests(row)
+        s = np.array(scores[k:k + len(reqs)])
+        lengths = np.array([max(1, len(cont.encode("utf-8"))) for _, cont in reqs])
+        k += len(reqs)
+        pred, pred_norm = int(np.argmax(s)), int(np.argmax(s / lengths))
+        correct += pred == row["gold"]
+        correct_norm += pred_norm == row["gold"]
+        per_row.append({"id": row.get("id"), "gold": row["gold"], "pred": pred,
+                        "pred_norm": pred_norm})
+    n = len(rows)
+    return {"n": n, "acc": correct / n, "acc_norm": correct_norm / n,
+            "acc_stderr": math.sqrt(max(correct / n * (1 - correct / n), 0) / max(n - 1, 1)),
+            "predictions": per_row}
+
+
+def perplexity(model: Model, tok, text: str, seq: int = 512, opts: StepOptions = StepOptions(),
+               progress=None) -> dict:
+    ids = tok.encode(text)
+    if len(ids) < 2:
+        raise ValueError("text is too short to measure perplexity (fewer than 2 tokens)")
+    check_inputs(model.cfg, np.zeros((1, min(seq, len(ids))), dtype=np.int64))
+    total, count = 0.0, 0
+    windows = list(range(0, len(ids) - 1, seq))
+    for n, w0 in enumerate(windows):
+        window = np.array(ids[w0:w0 + seq + 1])
+        if len(window) < 2:
+            break
+        tokens = window[None, :-1]
+        targets = window[None, 1:]
+        loss, k = forward_loss(model, tokens, targets, opts)
+        total += loss * k
+        count += k
+        if progress:
+            progress(n + 1, len(windows))
+    nll = total / count
+    return {"tokens": count, "nll": nll, "ppl": math.exp(nll), "seq": seq}
+
+
+def print_progress(done: int, total: int, label: str = "") -> None:
+    width = 30
+    filled = int(width * done / max(total, 1))
+    end = "\n" if done >= total else ""
+    print(f"\r{label}[{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end,
+          file=sys.stderr, flush=True)

@@ -1,0 +1,108 @@
+"""Text generation with a KV cache: greedy, temperature and top-p sampling, stop at EOS.
+
+The prompt goes through the model once (prefill); every later step feeds one token and
+reuses the keys and values of all earlier positions from the cache:
+    k_cache[layer], v_cache[layer]   (B, nkv, max_len, hd)
+so a step costs O(current length) instead of re-running the whole sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from minilars.memory import Ledger
+from minilars.model import Model, Saved, _heads, check_inputs, project
+from minilars.ops.attention import attention_decode
+from minilars.ops.embedding import embedding_forward
+from minilars.ops.linear import linear_forward
+from minilars.ops.mlp import swiglu_forward
+from minilars.ops.rmsnorm import rmsnorm_forward
+from minilars.ops.rope import rope_forward, rope_tables
+from minilars.params import lm_head_name
+
+
+@dataclass
+class KVCache:
+    k: list        # per layer (B, nkv, max_len, hd)
+    v: list
+    length: int = 0
+
+    @classmethod
+    def empty(cls, model: Model, batch: int, max_len: int) -> "KVCache":
+        cfg = model.cfg
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        L = cfg.num_hidden_layers
+        return cls([np.zeros(shape, model.dtype) for _ in range(L)],
+                   [np.zeros(shape, model.dtype) for _ in range(L)])
+
+
+def forward_cached(model: Model, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
+    """tokens (B, t) at positions cache.length ... -> logits of the last position (B, V)."""
+    cfg, p = model.cfg, model.params
+    B, t = tokens.shape
+    start = cache.length
+    if start + t > cache.k[0].shape[2]:
+        raise ValueError(f"the KV cache holds {cache.k[0].shape[2]} positions; "
+                         f"{start + t} were asked for")
+    cos, sin = rope_tables(t, cfg.head_dim, cfg.rope_theta, model.dtype, start=start)
+    nothing = Saved(Ledger(), -1, enabled=False)
+    h = embedding_forward(tokens, p["model.embed_tokens.weight"], model.dtype)
+    for i in range(cfg.num_hidden_layers):
+        pre = f"model.layers.{i}."
+        a, _ = rmsnorm_forward(h, p[pre + "input_layernorm.weight"], cfg.rms_norm_eps)
+        q = rope_forward(_heads(project(model, i, "q_proj", a, nothing), cfg.num_attention_heads), cos, sin)
+        k = rope_forward(_heads(project(model, i, "k_proj", a, nothing), cfg.num_key_value_heads), cos, sin)
+        v = _heads(project(model, i, "v_proj", a, nothing), cfg.num_key_value_heads)
+        cache.k[i][:, :, start:start + t] = k
+        cache.v[i][:, :, start:start + t] = v
+        out = attention_decode(q, cache.k[i][:, :, :start + t], cache.v[i][:, :, :start + t], start)
+        h = h + project(model, i, "o_proj", out.reshape(B, t, -1), nothing)
+        m, _ = rmsnorm_forward(h, p[pre + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        act = swiglu_forward(project(model, i, "gate_proj", m, nothing),
+                             project(model, i, "up_proj", m, nothing))
+        h = h + project(model, i, "down_proj", act, nothing)
+    cache.length = start + t
+    xf, _ = rmsnorm_forward(h[:, -1], p["model.norm.weight"], cfg.rms_norm_eps)
+    return linear_forward(xf, p[lm_head_name(cfg)])
+
+
+def sample_next(logits: np.ndarray, temperature: float, top_p: float,
+                rng: np.random.Generator) -> int:
+    """Greedy when temperature == 0; else sample from the smallest set of tokens whose
+    probability adds up to top_p."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    cumulative = np.cumsum(probs[order])
+    keep = order[: int(np.searchsorted(cumulative, top_p) + 1)]
+    kept = probs[keep] / probs[keep].sum()
+    return int(rng.choice(keep, p=kept))
+
+
+def generate(model: Model, prompt_ids: list[int], max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             eos_ids: tuple = ()):
+    """Yields new token ids one at a time (stops at an id in eos_ids or the length limit)."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    total = len(prompt_ids) + max_new_tokens
+    limit = model.cfg.max_position_embeddings
+    if len(prompt_ids) > limit:
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model allows {limit}")
+    total = min(total, limit)
+    check_inputs(model.cfg, np.array([prompt_ids]))
+    rng = np.random.default_rng(seed)
+    cache = KVCache.empty(model, 1, total)
+    logits = forward_cached(model, np.array([prompt_ids]), cache)[0]
+    for _ in range(total - len(prompt_ids)):
+        token = sample_next(logits, temperature, top_p, rng)
+        yield token
+        if token in eos_ids or cache.length >= total:
+            return
+        logits = forward_cached(model, np.array([[token]]), cache)[0]

@@ -1,0 +1,281 @@
+"""Fine-tuning: the training step and the loop around it.
+
+One step: forward + backward (model.forward_backward) -> clip the gradient norm -> AdamW.
+The loop adds what a run needs: seeded data order, a warmup+cosine learning rate, a step
+line with loss, tokens/s and memory, periodic evaluation, atomic checkpoints, an exact
+--resume, and a clean stop on a NaN/Inf loss that leaves the last good checkpoint intact.
+
+RUN_DIR/
+  run.json                 the options the run was started with
+  log.jsonl                one line per step (loss, lr, tok/s, memory)
+  checkpoint/              the last good state, replaced atomically as a whole:
+    adapter_config.json, adapter_model.safetensors    (adapters; PEFT layout)
+    model.safetensors + config.json                   (full fine-tuning)
+    optimizer.safetensors, state.json
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from minilars.examples import batch_indices, encode_rows, make_batch, read_jsonl
+from minilars.io.atomic import atomic_dir, save_safetensors, write_json, write_text
+from minilars.memory import Ledger, mib
+from minilars.memory_curve import peak_rss_bytes, register_params
+from minilars.model import Model, StepOptions, forward_backward, forward_loss, zero_grads
+from minilars.optim import AdamW, clip_grad_norm
+
+
+@dataclass
+class TrainOptions:
+    model: str                              # HF folder (config.json, model.safetensors, tokenizer.json)
+    method: str = "lora"                    # full | lora | ia3 | lars
+    task: str | None = None                 # a task from `minilars data fetch`
+    data: str | None = None                 # or a JSONL file (text / prompt+completion / MC rows)
+    seq: int = 512
+    steps: int = 100
+    batch: int = 4
+    lr: float = 1e-4
+    warmup: int = 10
+    min_lr_ratio: float = 0.1               # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    policy: str = "layer"
+    attention: str = "tiled"
+    seed: int = 0
+    out: str = "runs/run"
+    eval_every: int = 0                     # 0: only at the end
+    eval_examples: int = 32
+    save_every: int = 50
+    max_examples: int | None = None         # cap on training rows (after a seeded shuffle)
+    frozen_dtype: str | None = None         # "float16" to halve frozen weight memory
+    data_dir: str = "data"
+    adapter: dict = field(default_factory=dict)   # options for adapters.attach
+
+    def validate(self):
+        if self.method not in ("full", "lora", "ia3", "lars"):
+            raise ValueError(f"--method must be full, lora, ia3 or lars, got {self.method!r}")
+        if (self.task is None) == (self.data is None):
+            raise ValueError("give exactly one of --task NAME or --data FILE.jsonl")
+        for name in ("seq", "steps", "batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        StepOptions(policy=self.policy, attention=self.attention)
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def learning_rate(opts: TrainOptions, step: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine down to lr * min_lr_ratio."""
+    if step < opts.warmup:
+        return opts.lr * (step + 1) / opts.warmup
+    span = max(1, opts.steps - opts.warmup)
+    progress = min(1.0, (step - opts.warmup) / span)
+    return opts.lr * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ------------------------------------------------------------------ model and data
+
+def load_base(folder: str, frozen_dtype=None, dtype=np.float32):
+    """(Model, Tokenizer) from an HF folder."""
+    from minilars.io.safetensors_io import load_model
+    from minilars.io.tokenizer import Tokenizer
+    cfg, params = load_model(folder, dtype=dtype, frozen_dtype=frozen_dtype)
+    return Model(cfg, params, dtype=dtype), Tokenizer.from_folder(folder)
+
+
+def training_rows(opts: TrainOptions) -> list[dict]:
+    if opts.data:
+        rows = read_jsonl(opts.data)
+    else:
+        from minilars.data.fetch import load_task
+        rows = load_task(opts.task, "train", opts.data_dir)
+    if opts.max_examples is not None and len(rows) > opts.max_examples:
+        keep = np.random.default_rng([opts.seed, 7]).permutation(len(rows))[: opts.max_examples]
+        rows = [rows[i] for i in sorted(keep)]
+    return rows
+
+
+def eval_rows(opts: TrainOptions) -> list[dict]:
+    """Held-out rows for the periodic loss: the task's evaluation split, or the tail of
+    the data file (which is then not trained on)."""
+    if opts.task:
+        from minilars.data.fetch import load_task
+        from minilars.evaluate import eval_split
+        rows = load_task(opts.task, eval_split(opts.task, opts.data_dir), opts.data_dir)
+        return rows[: opts.eval_examples]
+    return []
+
+
+def attach_method(model: Model, opts: TrainOptions) -> None:
+    if opts.method == "full":
+        model.train_all()
+    else:
+        from minilars.adapters import attach
+        attach(model, opts.method, seed=opts.seed, **opts.adapter)
+
+
+# ------------------------------------------------------------------ checkpoints
+
+def save_checkpoint(run_dir: str, model: Model, opt: AdamW, step: int, losses: list) -> None:
+    """Replace RUN_DIR/checkpoint as a whole: an interrupted save leaves the old one."""
+    from minilars.io.peft import save_adapter
+    with atomic_dir(os.path.join(run_dir, "checkpoint"), replace=True) as tmp:
+        if model.adapters:
+            save_adapter(tmp, model)
+        else:
+            from minilars.io.safetensors_io import save_model
+            save_model(tmp, model.cfg, model.params)
+        state = opt.state_dict()
+        save_safetensors(os.path.join(tmp, "optimizer.safetensors"), state["arrays"])
+        write_json(os.path.join(tmp, "state.json"),
+                   {"step": step, "adamw_step_count": state["step_count"], "losses": losses})
+
+
+def load_checkpoint(run_dir: str, model: Model, opt: AdamW) -> dict:
+    from safetensors.numpy import load_file
+    ckpt = os.path.join(run_dir, "checkpoint")
+    if not os.path.isdir(ckpt):
+        raise FileNotFoundError(f"{run_dir}: no checkpoint/ folder to resume from")
+    with open(os.path.join(ckpt, "state.json")) as f:
+        state = json.load(f)
+    if model.adapters:
+        from minilars.io.peft import PREFIX
+        tensors = load_file(os.path.join(ckpt, "adapter_model.safetensors"))
+        for name in model.trainable | {n for n in model.params if ".lars_alpha" in n}:
+            model.params[name] = tensors[PREFIX + name].copy()
+    else:
+        tensors = load_file(os.path.join(ckpt, "model.safetensors"))
+        for name in model.params:
+            model.params[name] = tensors[name].copy()
+    opt.load_state_dict({"arrays": load_file(os.path.join(ckpt, "optimizer.safetensors")),
+                         "step_count": state["adamw_step_count"]})
+    return state
+
+
+# ------------------------------------------------------------------ the loop
+
+def train(opts: TrainOptions, resume: bool = False, log=print) -> dict:
+    """Run (or continue) a training run; returns a summary dict."""
+    opts.validate()
+    run_dir = opts.out
+    frozen = {"float16": np.float16, None: None}[opts.frozen_dtype]
+    model, tok = load_base(opts.model, frozen_dtype=frozen if opts.method != "full" else None)
+    attach_method(model, opts)
+    step_opts = StepOptions(policy=opts.policy, attention=opts.attention)
+    examples = encode_rows(tok, training_rows(opts), opts.seq)
+    held_out = encode_rows(tok, eval_rows(opts), opts.seq)
+    if not examples:
+        raise ValueError("no training examples after tokenization")
+    pad_id = tok.eos_id if tok.eos_id is not None else 0
+
+    ledger = Ledger()
+    register_params(model, ledger)
+    grads = zero_grads(model, ledger)
+    opt = AdamW(lr=opts.lr, weight_decay=opts.weight_decay)
+    start, losses = 0, []
+    if resume:
+        state = load_checkpoint(run_dir, model, opt)
+        start, losses = state["step"], state["losses"]
+        log(f"resuming {run_dir} at step {start}")
+        _truncate_log(run_dir, start)
+    else:
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(os.path.join(run_dir, "run.json"), dataclasses.asdict(opts))
+    opt.init_state(model.params, grads, ledger)
+    from minilars.adapters import set_step, trainable_report
+    report = trainable_report(model) if model.adapters else {
+        "trainable": model.base_param_count(), "base": model.base_param_count(), "percent": 100.0}
+    log(f"{opts.method}: {report['trainable']:,} trainable parameters "
+        f"({report['percent']:.3f}% of {report['base']:,}); {len(examples)} training examples")
+
+    t_run = time.perf_counter()
+    tokens_seen = 0
+    last_saved = start
+    for step in range(start, opts.steps):
+        idx = batch_indices(len(examples), opts.batch, step, opts.seed)
+        tokens, targets = make_batch([examples[i] for i in idx], pad_id)
+        for g in grads.values():
+            g.fill(0)
+        set_step(model, step)
+        ledger.reset_peak()
+        lr = learning_rate(opts, step)
+        t0 = time.perf_counter()
+        try:
+            loss = forward_backward(model, tokens, targets, grads, step_opts, ledger)
+        except FloatingPointError:
+            loss = float("nan")
+        norm = clip_grad_norm(grads, opts.clip) if math.isfinite(loss) else float("nan")
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
+            raise NonFiniteLoss(
+                f"step {step}: {what}; stopping. The last good checkpoint (step {last_saved}) "
+                f"in {run_dir}/checkpoint is intact; lower --lr or check the data and "
+                f"resume with --resume {run_dir}")
+        opt.step(model.params, grads, lr=lr)
+        seconds = time.perf_counter() - t0
+        n_tok = int(tokens.size)
+        tokens_seen += n_tok
+        losses.append(loss)
+        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
+                  "tok_per_s": n_tok / seconds, "ledger_peak_mib": mib(ledger.peak_total),
+                  "rss_peak_mib": mib(peak_rss_bytes())}
+        _append_log(run_dir, record)
+        log(f"step {step + 1} | loss {loss:.4f} | {record['tok_per_s']:.0f} tok/s | "
+            f"ledger peak {record['ledger_peak_mib']:.0f} MiB | RSS peak {record['rss_peak_mib']:.0f} MiB"
+            + _bar(step + 1, opts.steps))
+        if opts.eval_every and (step + 1) % opts.eval_every == 0 and held_out:
+            log(f"  eval loss {held_out_loss(model, held_out, pad_id, step_opts):.4f}")
+        if (step + 1) % opts.save_every == 0 or step + 1 == opts.steps:
+            save_checkpoint(run_dir, model, opt, step + 1, losses)
+            last_saved = step + 1
+
+    summary = {"steps": opts.steps, "final_loss": losses[-1] if losses else None,
+               "losses": losses, "seconds": time.perf_counter() - t_run,
+               "tokens": tokens_seen, "trainable": report,
+               "ledger_peak_mib": mib(ledger.peak_total), "rss_peak_mib": mib(peak_rss_bytes())}
+    if held_out:
+        summary["eval_loss"] = held_out_loss(model, held_out, pad_id, step_opts)
+        log(f"eval loss {summary['eval_loss']:.4f}")
+    write_json(os.path.join(run_dir, "summary.json"), summary)
+    return summary
+
+
+def held_out_loss(model: Model, examples, pad_id: int, opts: StepOptions, batch: int = 4) -> float:
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch):
+        tokens, targets = make_batch(examples[i:i + batch], pad_id)
+        loss, n = forward_loss(model, tokens, targets, opts)
+        total += loss * n
+        count += n
+    return total / max(count, 1)
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    filled = int(width * done / total)
+    return f" | [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+
+
+def _append_log(run_dir: str, record: dict) -> None:
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(run_dir: str, step: int) -> None:
+    """Drop log lines after the checkpoint we resume from (they will be redone)."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
+        write_text(path, "".join(lines))
