@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 METHODS = ("full", "lora", "ia3", "lars")
+EXTRA_COMMANDS: list = []   # parsers of the commands defined further down
 
 
 class UsageError(Exception):
@@ -209,10 +210,182 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- model use
+
+def _load(args, frozen=None):
+    from minilars.train import load_base
+    model, tok = load_base(args.model, frozen_dtype=frozen)
+    if getattr(args, "adapter", None):
+        from minilars.io.peft import load_adapter
+        load_adapter(_adapter_dir(args.adapter), model)
+    return model, tok
+
+
+def _adapter_dir(path: str) -> str:
+    """A run folder's checkpoint, or an adapter folder itself."""
+    import os
+    ckpt = os.path.join(path, "checkpoint")
+    return ckpt if os.path.isdir(ckpt) and not os.path.exists(os.path.join(path, "adapter_config.json")) else path
+
+
+def cmd_generate(args) -> int:
+    from minilars.generate import generate
+    model, tok = _load(args)
+    prompt = args.prompt
+    if args.chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                         add_generation_prompt=True)
+    ids = tok.encode(prompt)
+    import time
+    t0, n, shown = time.perf_counter(), 0, ""
+    out_ids = []
+    eos = tuple(i for i in (tok.eos_id, getattr(tok, "im_end_id", None)) if i is not None)
+    for token in generate(model, ids, args.max_new_tokens, args.temperature, args.top_p,
+                          args.seed, eos_ids=eos):
+        n += 1
+        if token in eos:
+            break
+        out_ids.append(token)
+        text = tok.decode(out_ids)
+        if not text.endswith("\ufffd"):           # wait for a whole UTF-8 character
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    seconds = time.perf_counter() - t0
+    print()
+    print(f"[{n} tokens in {seconds:.2f}s, {n / seconds:.1f} tok/s, prompt {len(ids)} tokens]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import os
+    from minilars import evaluate
+    from minilars.io.atomic import write_json
+    if args.what == "ppl":
+        if not args.text:
+            raise UsageError("eval ppl needs --text FILE")
+        model, tok = _load(args)
+        try:
+            with open(args.text, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise UsageError(f"--text {args.text}: no such file") from None
+        res = evaluate.perplexity(model, tok, text, args.seq,
+                                  progress=lambda d, t: evaluate.print_progress(d, t, "ppl "))
+        print(f"perplexity {res['ppl']:.3f} (mean NLL {res['nll']:.4f} over {res['tokens']} tokens, T={args.seq})")
+        result = res
+    else:
+        if not args.task:
+            raise UsageError("eval needs --task NAME (or `eval ppl --text FILE`)")
+        rows = evaluate.load_eval_rows(args.task, args.data_dir, args.limit, args.seed, args.split)
+        model, tok = _load(args)
+        res = evaluate.score_multiple_choice(
+            model, tok, rows, max_len=args.seq, batch=args.batch,
+            progress=lambda d, t: evaluate.print_progress(d, t, f"{args.task} "))
+        print(f"{args.task}: acc {res['acc']:.4f}  acc_norm {res['acc_norm']:.4f}  (n={res['n']})")
+        result = {"task": args.task, "model": args.model, "adapter": args.adapter, **res}
+    out = args.out or (os.path.join(args.adapter, f"eval_{args.task or 'ppl'}.json") if args.adapter
+                       else None)
+    if out:
+        write_json(out, result)
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args) -> int:
+    import json
+    import os
+    from minilars.train import TrainOptions, train
+    if args.resume:
+        path = os.path.join(args.resume, "run.json")
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except FileNotFoundError:
+            raise UsageError(f"--resume {args.resume}: no run.json there") from None
+        opts = TrainOptions(**saved)
+        if args.steps is not None:
+            opts.steps = args.steps
+        opts.out = args.resume
+        train(opts, resume=True)
+        return 0
+    if not args.model:
+        raise UsageError("train needs --model DIR (or --resume RUN_DIR)")
+    opts = TrainOptions(model=args.model, method=args.method, task=args.task, data=args.data,
+                        seq=args.seq, steps=args.steps or 100, batch=args.batch,
+                        lr=args.lr if args.lr is not None else (1e-5 if args.method == "full" else 1e-4),
+                        warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
+                        policy=args.policy, attention=args.attention, seed=args.seed,
+                        out=args.out, eval_every=args.eval_every, save_every=args.save_every,
+                        max_examples=args.max_examples, frozen_dtype=args.frozen_dtype,
+                        data_dir=args.data_dir, adapter=adapter_options(args, args.method))
+    if os.path.exists(os.path.join(opts.out, "checkpoint")):
+        raise UsageError(f"{opts.out} already holds a run; use --resume {opts.out} or another --out")
+    train(opts)
+    return 0
+
+
+def _add_model_commands(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with a KV cache, streaming")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", default=None, help="adapter folder or run folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="multiple-choice accuracy (--task) or `eval ppl --text FILE`")
+    p.add_argument("what", nargs="?", choices=("mc", "ppl"), default="mc")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", default=None, help="adapter folder or run folder")
+    p.add_argument("--task", default=None)
+    p.add_argument("--split", default=None, help="default: validation, else test")
+    p.add_argument("--text", default=None, help="text file for perplexity")
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="a seeded subset of N questions")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--out", default=None, help="JSON result file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="fine-tune with LoRA, IA3, LARS or all weights")
+    p.add_argument("--model", default=None)
+    p.add_argument("--method", choices=METHODS, default="lora")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--task", default=None)
+    src.add_argument("--data", default=None, help="JSONL: text, prompt/completion or MC rows")
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-4 (adapters), 1e-5 (full)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--policy", choices=("none", "layer"), default="layer")
+    p.add_argument("--attention", choices=("plain", "tiled"), default="tiled")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/run")
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--frozen-dtype", choices=("float16",), default=None)
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR")
+    add_adapter_options(p)
+    p.set_defaults(func=cmd_train)
+
+
+EXTRA_COMMANDS.append(_add_model_commands)
+
+
 # ---------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minilars", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="minilars", description="Memory-lean LLM fine-tuning in NumPy, every saved byte counted.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("memory", help="memory curve: peak by category per sequence length")
@@ -270,9 +443,6 @@ def build_parser() -> argparse.ArgumentParser:
     for extra in EXTRA_COMMANDS:
         extra(sub)
     return parser
-
-
-EXTRA_COMMANDS: list = []   # filled below by the commands defined in later sections
 
 
 def main(argv=None) -> int:

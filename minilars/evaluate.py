@@ -130,3 +130,18 @@ def print_progress(done: int, total: int, label: str = "") -> None:
     end = "\n" if done >= total else ""
     print(f"\r{label}[{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end,
           file=sys.stderr, flush=True)
+
+
+def load_eval_rows(task: str, data_dir: str = "data", limit: int | None = None, seed: int = 0,
+                   split: str | None = None) -> list[dict]:
+    """A task's scored split (or an MMLU group, "mmlu_<group>"), optionally a seeded subset."""
+    if task.startswith("mmlu_"):
+        from minilars.data.mmlu import load_mmlu
+        rows = load_mmlu(task[len("mmlu_"):], split or "test")
+    else:
+        from minilars.data.fetch import load_task
+        rows = load_task(task, split or eval_split(task, data_dir), data_dir)
+    if limit is not None and limit < len(rows):
+        keep = np.random.default_rng([seed, 11]).permutation(len(rows))[:limit]
+        rows = [rows[i] for i in sorted(keep)]
+    return rows
