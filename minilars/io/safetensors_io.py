@@ -1,0 +1,345 @@
+"""Loading and saving Hugging Face model folders in the safetensors format.
+
+A model folder, as Hugging Face writes it:
+
+    FOLDER/config.json                      architecture and sizes (see minilars.config)
+    FOLDER/model.safetensors                every tensor, or, for big models,
+    FOLDER/model.safetensors.index.json     {"weight_map": {tensor name: shard file}}
+    FOLDER/model-00001-of-00002.safetensors ...
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
+{name: {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, "__metadata__": {..}},
+then the raw little-endian tensor bytes, offsets counted from the end of the header.
+
+We parse and check the header ourselves (so that a truncated or corrupt file names the
+file and the tensor), then read tensors memory-mapped: F32/F16/F64 through
+`safetensors.safe_open(..., framework="numpy")`, BF16 through np.memmap as uint16,
+because NumPy has no bfloat16 dtype and safetensors' numpy framework refuses it
+(TypeError: data type 'bfloat16' not understood). A bfloat16 is the upper half of a
+float32, so `(u16.astype(uint32) << 16).view(float32)` converts it exactly.
+
+Writes are atomic: temp file in the same directory, fsync, os.replace.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+
+import numpy as np
+
+from minilars.config import ModelConfig
+from minilars.params import param_shapes
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+
+# stored dtype name -> (NumPy dtype it is read as, bytes per element)
+STORED_DTYPES = {
+    "F64": (np.float64, 8),
+    "F32": (np.float32, 4),
+    "F16": (np.float16, 2),
+    "BF16": (np.uint16, 2),    # raw bits; converted to float32 on load
+}
+NUMPY_TO_STORED = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32",
+                   np.dtype(np.float16): "F16"}
+MAX_HEADER_BYTES = 100 * 1024 * 1024   # the reference implementation's own limit
+
+# buffers some checkpoints carry that are not parameters: skipped silently
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or folder that cannot be loaded: the message names file and tensor."""
+
+
+class CheckpointWarning(UserWarning):
+    """Something in a checkpoint was skipped on purpose (e.g. a redundant tied lm_head)."""
+
+
+# ----------------------------------------------------------------------------------------
+# atomic writes
+# ----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """Yields a temp path next to `path`; on success it is fsynced and renamed to `path`.
+    On any error (or Ctrl-C) the temp file is removed and `path` is untouched."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str):
+    """Yields a temp sibling folder to fill; on success it is renamed to `path`, which
+    must not exist yet. On any error the temp folder is deleted: an interrupted run leaves
+    no half-written `path`."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    try:
+        yield tmp
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        os.rename(tmp, path)   # fails (rather than merging) if `path` appeared meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------
+# single safetensors files
+# ----------------------------------------------------------------------------------------
+
+def save_safetensors_atomic(path: str, tensors: dict[str, np.ndarray],
+                            metadata: dict[str, str] | None = None) -> None:
+    """Writes `tensors` (float64/32/16 arrays) to a safetensors file, atomically.
+    metadata defaults to {"format": "pt"}, which transformers requires to load the file."""
+    from safetensors.numpy import save_file
+    arrays = {}
+    for name, array in tensors.items():
+        array = np.asarray(array)
+        if array.dtype not in NUMPY_TO_STORED:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {array.dtype}; "
+                                  f"expected one of float64, float32, float16")
+        arrays[name] = np.ascontiguousarray(array)
+    meta = {"format": "pt"} if metadata is None else {str(k): str(v) for k, v in metadata.items()}
+    with atomic_file(path) as tmp:
+        save_file(arrays, tmp, metadata=meta)
+
+
+def read_safetensors_header(path: str) -> tuple[dict[str, dict], dict[str, str], int]:
+    """Parses and checks a safetensors header without reading tensor data.
+
+    Returns (entries, metadata, data_start): entries[name] = {"dtype", "shape", "begin",
+    "end"} with offsets relative to data_start, the byte where tensor data begins.
+    Raises CheckpointError for a truncated file, a bad header, an unknown dtype, or a
+    tensor whose bytes do not match its shape or lie past the end of the file."""
+    try:
+        file_size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: file is {file_size} bytes, too short for a "
+                                      f"safetensors header (truncated or not safetensors)")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
+                raise CheckpointError(f"{path}: header claims {header_len} bytes but the file "
+                                      f"has {file_size} (truncated or not safetensors)")
+            raw = f.read(header_len)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    data_size = file_size - data_start
+    entries = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+            shape = tuple(int(s) for s in shape)
+            begin, end = int(begin), int(end)
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry "
+                                  f"{info!r}; expected dtype, shape and data_offsets") from None
+        if dtype not in STORED_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} is stored as {dtype}; minilars "
+                                  f"reads {', '.join(STORED_DTYPES)}")
+        if any(s < 0 for s in shape) or begin < 0 or end < begin:
+            raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape} "
+                                  f"or offsets [{begin}, {end}]")
+        expected = int(np.prod(shape, dtype=np.int64)) * STORED_DTYPES[dtype][1]
+        if end - begin != expected:
+            raise CheckpointError(f"{path}: tensor {name!r} declares {end - begin} bytes but "
+                                  f"its shape {shape} of {dtype} needs {expected}")
+        if end > data_size:
+            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {end} of the data but "
+                                  f"the file holds only {data_size} data bytes (truncated)")
+        entries[name] = {"dtype": dtype, "shape": shape, "begin": begin, "end": end}
+    return entries, metadata, data_start
+
+
+def _read_tensor(path: str, name: str, entry: dict, data_start: int, handle) -> np.ndarray:
+    """One tensor as a NumPy array: BF16 becomes float32, others keep their stored dtype."""
+    shape = entry["shape"]
+    if entry["dtype"] == "BF16":
+        bits = np.memmap(path, dtype="<u2", mode="r", offset=data_start + entry["begin"],
+                         shape=shape) if entry["end"] > entry["begin"] else np.zeros(shape, "<u2")
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return handle.get_tensor(name)
+
+
+def load_safetensors(path: str, names=None) -> dict[str, np.ndarray]:
+    """All (or the named) tensors of one safetensors file, after checking its header.
+    F64/F32/F16 keep their dtype; BF16 is returned as float32 (exact)."""
+    from safetensors import safe_open
+    entries, _, data_start = read_safetensors_header(path)
+    wanted = list(entries) if names is None else list(names)
+    out = {}
+    try:
+        with safe_open(path, framework="numpy") as handle:
+            for name in wanted:
+                if name not in entries:
+                    raise CheckpointError(f"{path}: no tensor named {name!r}")
+                out[name] = _read_tensor(path, name, entries[name], data_start, handle)
+    except CheckpointError:
+        raise
+    except Exception as e:   # safetensors' own checks (SafetensorError) or OS errors
+        raise CheckpointError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from None
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# model folders
+# ----------------------------------------------------------------------------------------
+
+def _weight_files(folder: str) -> dict[str, list[str]]:
+    """{file path: [tensor names the index assigns to it]} ([] = whatever the file holds)."""
+    index_path = os.path.join(folder, INDEX_FILE)
+    single_path = os.path.join(folder, SINGLE_FILE)
+    if os.path.exists(single_path):     # as transformers: the single file wins over an index
+        return {single_path: []}
+    if os.path.exists(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (json.JSONDecodeError, KeyError, AssertionError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index_path}: expected JSON with a 'weight_map' object "
+                                  f"of tensor name -> shard file ({e})") from None
+        files: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            files.setdefault(os.path.join(folder, shard), []).append(name)
+        return files
+    raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+
+def load_model(folder: str, dtype=np.float32, frozen_dtype=None
+               ) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Config and parameters of a Hugging Face model folder (one file or sharded).
+
+    dtype: compute dtype of every parameter (float32, or float64 for gradient checks).
+    frozen_dtype: if given (e.g. np.float16), the 2-D weight matrices (embeddings and the
+    linears' weights; not norms or biases) are kept in that dtype to halve their memory.
+    Names and shapes are checked against param_shapes(cfg); every failure raises
+    CheckpointError naming the file and tensor."""
+    cfg = ModelConfig.from_json(os.path.join(folder, CONFIG_FILE))
+    expected = param_shapes(cfg)
+    # pass 1: headers only; find where each tensor lives and check it
+    located: dict[str, tuple[str, dict, int]] = {}   # name -> (file, entry, data_start)
+    for path, indexed_names in _weight_files(folder).items():
+        entries, _, data_start = read_safetensors_header(path)
+        for name in indexed_names:
+            if name not in entries:
+                raise CheckpointError(f"{os.path.join(folder, INDEX_FILE)} maps tensor {name!r} "
+                                      f"to {path}, which does not contain it")
+        for name, entry in entries.items():
+            if name in located:
+                raise CheckpointError(f"{path}: tensor {name!r} also appears in {located[name][0]}")
+            located[name] = (path, entry, data_start)
+    skipped = []
+    for name in list(located):
+        if name.endswith(IGNORED_SUFFIXES):
+            del located[name]
+        elif name == "lm_head.weight" and cfg.tie_word_embeddings:
+            skipped.append(name)
+            del located[name]
+    if skipped:
+        warnings.warn(f"{folder}: ignoring lm_head.weight because config.json ties the output "
+                      f"head to model.embed_tokens.weight", CheckpointWarning, stacklevel=2)
+    missing = [n for n in expected if n not in located]
+    if missing:
+        raise CheckpointError(f"{folder}: {len(missing)} tensor(s) that config.json implies are "
+                              f"missing from the checkpoint, e.g. {missing[:3]}")
+    unexpected = [n for n in located if n not in expected]
+    if unexpected:
+        raise CheckpointError(f"{located[unexpected[0]][0]}: {len(unexpected)} unexpected "
+                              f"tensor(s) for this config, e.g. {unexpected[:3]}")
+    for name, shape in expected.items():
+        path, entry, _ = located[name]
+        if entry["shape"] != tuple(shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(entry['shape'])}, "
+                                  f"expected {list(shape)} from config.json")
+    # pass 2: read, converting each tensor as soon as it is read (one extra copy at a time)
+    from safetensors import safe_open
+    params: dict[str, np.ndarray] = {}
+    by_file: dict[str, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(located[name][0], []).append(name)
+    for path, names in by_file.items():
+        try:
+            with safe_open(path, framework="numpy") as handle:
+                for name in names:
+                    _, entry, data_start = located[name]
+                    raw = _read_tensor(path, name, entry, data_start, handle)
+                    target = frozen_dtype if (frozen_dtype is not None and raw.ndim == 2) else dtype
+                    params[name] = np.ascontiguousarray(raw, dtype=target)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from None
+    return cfg, {name: params[name] for name in expected}
+
+
+def save_model(folder: str, cfg: ModelConfig, params: dict[str, np.ndarray],
+               extra_files: dict[str, str] | None = None) -> None:
+    """Writes config.json + model.safetensors (+ extra text files, e.g. tokenizer.json).
+
+    A new folder is built as a temp sibling and renamed into place; into an existing
+    folder each file is replaced atomically (other files there are kept). Tensors are
+    stored in the dtype they have (float32, float16, float64)."""
+    expected = param_shapes(cfg)
+    missing = [n for n in expected if n not in params]
+    unexpected = [n for n in params if n not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"save_model({folder!r}): params do not match the config: "
+                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, shape in expected.items():
+        if tuple(params[name].shape) != tuple(shape):
+            raise CheckpointError(f"save_model({folder!r}): tensor {name!r} has shape "
+                                  f"{list(params[name].shape)}, expected {list(shape)}")
+    config_text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+    files = {CONFIG_FILE: config_text, **(extra_files or {})}
+
+    def write_all(into: str) -> None:
+        save_safetensors_atomic(os.path.join(into, SINGLE_FILE), params)
+        for name, text in files.items():
+            write_text_atomic(os.path.join(into, name), text)
+
+    if os.path.isdir(folder):
+        write_all(folder)
+    else:
+        with atomic_folder(folder) as tmp:
+            write_all(tmp)
