@@ -1,0 +1,276 @@
+"""Model folders in safetensors: round trips, stored dtypes, sharding, and one test per
+kind of malformed input, each checking that its own specific error is raised."""
+import json
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from minilars.config import named_config
+from minilars.io import safetensors_io
+from minilars.io.safetensors_io import (CheckpointError, CheckpointWarning, load_model,
+                                        load_safetensors, read_safetensors_header,
+                                        save_model, save_safetensors_atomic)
+from minilars.params import init_params, param_shapes
+
+
+def write_raw_safetensors(path, tensors, header_override=None):
+    """Hand-written safetensors file: tensors = {name: (dtype string, shape, raw bytes)}."""
+    header, chunks, offset = {}, [], 0
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(header_override if header_override is not None else header).encode()
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + b"".join(chunks))
+
+
+def saved_tiny(tmp_path, name="tiny", seed=0):
+    cfg = named_config(name)
+    params = init_params(cfg, seed)
+    folder = str(tmp_path / name)
+    save_model(folder, cfg, params)
+    return folder, cfg, params
+
+
+def rewrite_weights(folder, change):
+    """Loads model.safetensors as a dict, applies change(dict), writes it back."""
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_safetensors(path)
+    change(tensors)
+    save_safetensors_atomic(path, tensors)
+
+
+# ---------------------------------------------------------------- round trips
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen2"])
+def test_round_trip_is_exact(tmp_path, name):
+    folder, cfg, params = saved_tiny(tmp_path, name)
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+    cfg2, params2 = load_model(folder)
+    assert cfg2 == cfg
+    assert list(params2) == list(param_shapes(cfg))
+    for k in params:
+        assert params2[k].dtype == np.float32
+        np.testing.assert_array_equal(params2[k], params[k])
+    if name == "tiny-qwen2":
+        assert "model.layers.0.self_attn.q_proj.bias" in params2 and "lm_head.weight" in params2
+
+
+def test_float64_compute_dtype_and_float16_frozen_storage(tmp_path):
+    folder, cfg, params = saved_tiny(tmp_path, "tiny-qwen2")
+    _, p64 = load_model(folder, dtype=np.float64)
+    assert all(v.dtype == np.float64 for v in p64.values())
+    _, p16 = load_model(folder, dtype=np.float32, frozen_dtype=np.float16)
+    for k, v in p16.items():
+        expected = np.float16 if params[k].ndim == 2 else np.float32
+        assert v.dtype == expected, k
+        np.testing.assert_allclose(v.astype(np.float32), params[k], rtol=1e-3, atol=1e-6)
+    assert p16["model.layers.0.self_attn.q_proj.bias"].dtype == np.float32
+    assert p16["model.norm.weight"].dtype == np.float32
+    assert p16["model.embed_tokens.weight"].dtype == np.float16
+
+
+def test_f16_stored_file_loads_as_compute_dtype(tmp_path):
+    folder, cfg, params = saved_tiny(tmp_path)
+    rewrite_weights(folder, lambda t: t.update({k: v.astype(np.float16) for k, v in t.items()}))
+    assert {e["dtype"] for e in read_safetensors_header(
+        os.path.join(folder, "model.safetensors"))[0].values()} == {"F16"}
+    _, loaded = load_model(folder)
+    for k in params:
+        assert loaded[k].dtype == np.float32
+        np.testing.assert_array_equal(loaded[k], params[k].astype(np.float16).astype(np.float32))
+
+
+def to_bf16_bits(x):
+    """float32 -> bfloat16 bits by truncation (exact for values with zero low 16 bits)."""
+    return (np.ascontiguousarray(x, np.float32).view(np.uint32) >> 16).astype("<u2")
+
+
+def test_bf16_stored_file_loads_exactly(tmp_path):
+    folder, cfg, params = saved_tiny(tmp_path)
+    entries = {k: ("BF16", v.shape, to_bf16_bits(v).tobytes()) for k, v in params.items()}
+    write_raw_safetensors(os.path.join(folder, "model.safetensors"), entries)
+    _, loaded = load_model(folder, dtype=np.float64)
+    for k, v in params.items():
+        expected = (to_bf16_bits(v).astype(np.uint32) << 16).view(np.float32)
+        assert loaded[k].dtype == np.float64
+        np.testing.assert_array_equal(loaded[k], expected.astype(np.float64))
+        np.testing.assert_allclose(loaded[k], v, rtol=2 ** -7)
+
+
+@given(st.lists(st.floats(-2.0 ** 100, 2.0 ** 100, width=32), min_size=1, max_size=40))
+def test_bf16_conversion_is_the_upper_half_of_float32(tmp_path_factory, values):
+    exact = (np.array(values, np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
+    path = str(tmp_path_factory.mktemp("bf16") / "t.safetensors")
+    write_raw_safetensors(path, {"x": ("BF16", exact.shape, to_bf16_bits(exact).tobytes())})
+    np.testing.assert_array_equal(load_safetensors(path)["x"], exact)
+
+
+def test_sharded_folder_loads_like_single_file(tmp_path):
+    folder, cfg, params = saved_tiny(tmp_path, "tiny-qwen2")
+    os.remove(os.path.join(folder, "model.safetensors"))
+    names = list(params)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for shard, shard_names in shards.items():
+        save_safetensors_atomic(os.path.join(folder, shard), {n: params[n] for n in shard_names})
+    weight_map = {n: shard for shard, ns in shards.items() for n in ns}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    _, loaded = load_model(folder)
+    for k in params:
+        np.testing.assert_array_equal(loaded[k], params[k])
+    # an index that points a tensor at the wrong shard
+    weight_map[names[0]] = "model-00002-of-00002.safetensors"
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": weight_map}, f)
+    with pytest.raises(CheckpointError, match=r"maps tensor 'model.embed_tokens.weight'.*00002"):
+        load_model(folder)
+
+
+def test_save_into_existing_folder_keeps_other_files(tmp_path):
+    folder, cfg, params = saved_tiny(tmp_path)
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        f.write("{}")
+    params2 = init_params(cfg, seed=1)
+    save_model(folder, cfg, params2, extra_files={"notes.txt": "hello"})
+    assert open(os.path.join(folder, "tokenizer.json")).read() == "{}"
+    assert open(os.path.join(folder, "notes.txt")).read() == "hello"
+    np.testing.assert_array_equal(load_model(folder)[1]["model.norm.weight"], params2["model.norm.weight"])
+    assert not [n for n in os.listdir(folder) if n.endswith(".tmp")]
+
+
+def test_interrupted_save_leaves_no_folder(tmp_path, monkeypatch):
+    cfg = named_config("tiny")
+    params = init_params(cfg)
+
+    def failing_save_file(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("safetensors.numpy.save_file", failing_save_file)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(str(tmp_path / "m"), cfg, params)
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_rejects_params_that_do_not_match_the_config(tmp_path):
+    cfg = named_config("tiny")
+    params = init_params(cfg)
+    params["model.norm.weight"] = np.ones(3, np.float32)
+    with pytest.raises(CheckpointError, match=r"'model.norm.weight' has shape \[3\], expected \[64\]"):
+        save_model(str(tmp_path / "m"), cfg, params)
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- malformed inputs
+
+def test_ignored_buffers_and_redundant_tied_lm_head(tmp_path):
+    folder, cfg, params = saved_tiny(tmp_path)
+    assert cfg.tie_word_embeddings
+
+    def add(t):
+        t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
+        t["lm_head.weight"] = t["model.embed_tokens.weight"].copy()
+    rewrite_weights(folder, add)
+    with pytest.warns(CheckpointWarning, match="ignoring lm_head.weight"):
+        _, loaded = load_model(folder)
+    assert "lm_head.weight" not in loaded and not any("inv_freq" in k for k in loaded)
+
+
+def test_missing_tensor(tmp_path):
+    folder, _, _ = saved_tiny(tmp_path)
+    rewrite_weights(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"1 tensor\(s\).*missing.*model.layers.1.mlp.up_proj.weight"):
+        load_model(folder)
+
+
+def test_unexpected_tensor(tmp_path):
+    folder, _, _ = saved_tiny(tmp_path)
+    rewrite_weights(folder, lambda t: t.update({"model.layers.0.extra.weight": np.ones(2, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: 1 unexpected.*model.layers.0.extra.weight"):
+        load_model(folder)
+
+
+def test_misshapen_tensor(tmp_path):
+    folder, _, _ = saved_tiny(tmp_path)
+    rewrite_weights(folder, lambda t: t.update(
+        {"model.layers.0.self_attn.k_proj.weight": np.zeros((64, 64), np.float32)}))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.0.self_attn."
+                                              r"k_proj.weight' has shape \[64, 64\], expected \[32, 64\]"):
+        load_model(folder)
+
+
+def test_truncated_data(tmp_path):
+    folder, _, _ = saved_tiny(tmp_path)
+    path = os.path.join(folder, "model.safetensors")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 10)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor '.*' ends at byte .*truncated"):
+        load_model(folder)
+
+
+def test_truncated_header(tmp_path):
+    folder, _, _ = saved_tiny(tmp_path)
+    path = os.path.join(folder, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: header claims \d+ bytes but the file has 100"):
+        load_model(folder)
+    with open(path, "wb") as f:
+        f.write(b"abc")
+    with pytest.raises(CheckpointError, match="too short for a safetensors header"):
+        load_model(folder)
+
+
+def test_header_not_json(tmp_path):
+    path = str(tmp_path / "bad.safetensors")
+    with open(path, "wb") as f:
+        f.write((5).to_bytes(8, "little") + b"{nope")
+    with pytest.raises(CheckpointError, match=r"bad.safetensors: header is not valid JSON"):
+        load_safetensors(path)
+
+
+def test_declared_bytes_disagree_with_shape(tmp_path):
+    path = str(tmp_path / "bad.safetensors")
+    write_raw_safetensors(path, {}, header_override={
+        "w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}})
+    with pytest.raises(CheckpointError, match=r"tensor 'w' declares 20 bytes but its shape \(2, 3\) of F32 needs 24"):
+        load_safetensors(path)
+
+
+def test_unknown_dtype(tmp_path):
+    folder, _, params = saved_tiny(tmp_path)
+    entries = {k: ("F32", v.shape, v.tobytes()) for k, v in params.items()}
+    entries["model.norm.weight"] = ("F8_E4M3", (64,), bytes(64))
+    write_raw_safetensors(os.path.join(folder, "model.safetensors"), entries)
+    with pytest.raises(CheckpointError, match=r"tensor 'model.norm.weight' is stored as F8_E4M3"):
+        load_model(folder)
+
+
+def test_folder_without_weights_or_config(tmp_path):
+    folder, _, _ = saved_tiny(tmp_path)
+    os.remove(os.path.join(folder, "model.safetensors"))
+    with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
+        load_model(folder)
+    os.remove(os.path.join(folder, "config.json"))
+    with pytest.raises(ValueError, match="no config.json"):
+        load_model(folder)
+
+
+def test_save_safetensors_atomic_rejects_integer_arrays(tmp_path):
+    with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'ids' has dtype int64"):
+        save_safetensors_atomic(str(tmp_path / "x.safetensors"), {"ids": np.arange(3)})
+    assert os.listdir(tmp_path) == []
+
+
+def test_metadata_is_written(tmp_path):
+    path = str(tmp_path / "a.safetensors")
+    save_safetensors_atomic(path, {"a": np.ones(2, np.float32)})
+    assert read_safetensors_header(path)[1] == {"format": "pt"}
+    save_safetensors_atomic(path, {"a": np.ones(2, np.float32)}, metadata={"k": "v"})
+    assert read_safetensors_header(path)[1] == {"k": "v"}
+    assert safetensors_io.load_safetensors(path)["a"].tolist() == [1.0, 1.0]
