@@ -1,0 +1,134 @@
+"""Causal grouped-query attention, plain and tiled: forward against a naive reference
+(kv heads repeated as HF's repeat_kv does), backward of both forms vs finite differences,
+and the two forms agree to rounding. Tiny tiles (1, 2, 3, 5) make T span many tiles,
+including T that is not a multiple of the tile and T = 1."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from minilars.ops.attention import (attention_plain_backward, attention_plain_forward,
+                                    attention_tiled_backward, attention_tiled_forward)
+from tests.gradcheck import assert_grad_close, examples, numeric_grad, rel_err
+
+# (nh, nkv): GQA ratios 1 and 3 (and 2)
+HEADS = [(1, 1), (2, 2), (3, 1), (6, 2), (4, 2)]
+
+
+def _reference(q, k, v):
+    """(B, nh, T, hd) x 3 -> (B, T, nh, hd), with an explicit repeat of kv heads."""
+    B, nh, T, hd = q.shape
+    rep = nh // k.shape[1]
+    k = np.repeat(k, rep, axis=1)
+    v = np.repeat(v, rep, axis=1)
+    S = q @ k.swapaxes(-1, -2) / np.sqrt(hd)
+    S = np.where(np.tril(np.ones((T, T), dtype=bool)), S, -np.inf)
+    P = np.exp(S - S.max(-1, keepdims=True))
+    P /= P.sum(-1, keepdims=True)
+    return (P @ v).transpose(0, 2, 1, 3)
+
+
+def _inputs(B, nh, nkv, T, hd, seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    q = scale * rng.standard_normal((B, nh, T, hd))
+    k = scale * rng.standard_normal((B, nkv, T, hd))
+    v = rng.standard_normal((B, nkv, T, hd))
+    R = rng.standard_normal((B, T, nh, hd))
+    return q, k, v, R
+
+
+def _check_grads(loss, inputs, grads):
+    """Each of dq, dk, dv vs finite differences, relative to the largest gradient entry of
+    the three (at T = 1, dq and dk are exactly zero: the softmax over one key is constant)."""
+    floor = max(np.max(np.abs(g)) for g in grads)
+    for name, x, d in zip(("dq", "dk", "dv"), inputs, grads):
+        assert_grad_close(d, numeric_grad(loss, x), what=name, floor=floor)
+
+
+shapes = dict(B=st.integers(1, 2), heads=st.sampled_from(HEADS), T=st.integers(1, 9),
+              hd=st.sampled_from([2, 3, 4]), scale=st.sampled_from([0.5, 2.0]),
+              seed=st.integers(0, 2**32 - 1))
+
+
+@settings(max_examples=examples(15))
+@given(**shapes)
+def test_plain_attention_backward_matches_finite_differences(B, heads, T, hd, scale, seed):
+    nh, nkv = heads
+    q, k, v, R = _inputs(B, nh, nkv, T, hd, seed, scale)
+    out, P = attention_plain_forward(q, k, v)
+    assert out.shape == (B, T, nh, hd) and P.shape == (B, nh, T, T)
+    np.testing.assert_allclose(out, _reference(q, k, v), rtol=1e-12, atol=1e-12)
+    dq, dk, dv = attention_plain_backward(R, q, k, v, P)
+    loss = lambda: float(np.sum(attention_plain_forward(q, k, v)[0] * R))
+    _check_grads(loss, (q, k, v), (dq, dk, dv))
+
+
+@settings(max_examples=examples(15))
+@given(tile=st.sampled_from([1, 2, 3, 5, 64]), **shapes)
+def test_tiled_attention_backward_matches_finite_differences(tile, B, heads, T, hd, scale, seed):
+    nh, nkv = heads
+    q, k, v, R = _inputs(B, nh, nkv, T, hd, seed, scale)
+    out, lse = attention_tiled_forward(q, k, v, tile)
+    assert out.shape == (B, T, nh, hd) and lse.shape == (B, nh, T)
+    np.testing.assert_allclose(out, _reference(q, k, v), rtol=1e-12, atol=1e-12)
+    dq, dk, dv = attention_tiled_backward(R, q, k, v, out, lse, tile)
+    loss = lambda: float(np.sum(attention_tiled_forward(q, k, v, tile)[0] * R))
+    _check_grads(loss, (q, k, v), (dq, dk, dv))
+
+
+@settings(max_examples=examples(25))
+@given(tile=st.sampled_from([1, 2, 3, 5, 7]), B=st.integers(1, 2), heads=st.sampled_from(HEADS),
+       T=st.integers(1, 23), hd=st.sampled_from([2, 4, 8]), scale=st.sampled_from([0.5, 3.0]),
+       seed=st.integers(0, 2**32 - 1))
+def test_plain_and_tiled_attention_agree(tile, B, heads, T, hd, scale, seed):
+    nh, nkv = heads
+    q, k, v, R = _inputs(B, nh, nkv, T, hd, seed, scale)
+    out_p, P = attention_plain_forward(q, k, v)
+    out_t, lse = attention_tiled_forward(q, k, v, tile)
+    assert rel_err(out_p, out_t) < 1e-12
+    # lse is the log-sum-exp of each row's scaled, masked scores
+    rep = nh // nkv
+    S = q @ np.repeat(k, rep, axis=1).swapaxes(-1, -2) / np.sqrt(hd)
+    S = np.where(np.tril(np.ones((T, T), dtype=bool)), S, -np.inf)
+    m = S.max(-1)
+    assert rel_err(lse, m + np.log(np.exp(S - m[..., None]).sum(-1))) < 1e-12
+    grads_p = attention_plain_backward(R, q, k, v, P)
+    grads_t = attention_tiled_backward(R, q, k, v, out_t, lse, tile)
+    floor = max(np.max(np.abs(g)) for g in grads_p)
+    for name, a, b in zip(("dq", "dk", "dv"), grads_p, grads_t):
+        assert rel_err(a, b, floor) < 1e-12, name
+    if T == 1:                      # one key: the softmax is constant, q and k get nothing
+        assert np.max(np.abs(grads_t[0])) < 1e-12 * floor
+
+
+def test_tiled_backward_accepts_a_noncontiguous_dout():
+    """In the model dout arrives as a reshape of o_proj's dx; a transposed view must work too."""
+    q, k, v, R = _inputs(1, 3, 1, 7, 4, seed=3)
+    out, lse = attention_tiled_forward(q, k, v, 3)
+    dout_view = np.ascontiguousarray(R.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    assert not dout_view.flags.c_contiguous
+    a = attention_tiled_backward(R, q, k, v, out, lse, 3)
+    b = attention_tiled_backward(dout_view, q, k, v, out, lse, 3)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_attention_is_causal():
+    """Changing a later key/value must not change earlier outputs."""
+    q, k, v, _ = _inputs(1, 2, 2, 6, 4, seed=0)
+    out0, _ = attention_tiled_forward(q, k, v, 2)
+    k2, v2 = k.copy(), v.copy()
+    k2[:, :, 4:] += 1.0
+    v2[:, :, 4:] -= 1.0
+    out1, _ = attention_tiled_forward(q, k2, v2, 2)
+    np.testing.assert_array_equal(out0[:, :4], out1[:, :4])
+    assert not np.allclose(out0[:, 4:], out1[:, 4:])
+
+
+@pytest.mark.parametrize("fwd", [attention_plain_forward, attention_tiled_forward])
+def test_attention_rejects_bad_head_counts(fwd):
+    q = np.zeros((1, 3, 4, 2))
+    k = v = np.zeros((1, 2, 4, 2))
+    with pytest.raises(ValueError, match="not a multiple of 2 kv heads"):
+        fwd(q, k, v)
+    with pytest.raises(ValueError, match="do not agree"):
+        fwd(q, np.zeros((1, 1, 5, 2)), np.zeros((1, 1, 5, 2)))
