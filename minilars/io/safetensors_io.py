@@ -275,13 +275,15 @@ def load_model(folder: str, dtype=np.float32, frozen_dtype=None
     skipped = []
     for name in list(located):
         if name.endswith(IGNORED_SUFFIXES):
+            skipped.append(f"{name} (a buffer, not a parameter)")
             del located[name]
         elif name == "lm_head.weight" and cfg.tie_word_embeddings:
-            skipped.append(name)
+            skipped.append("lm_head.weight (config.json ties the output head to "
+                           "model.embed_tokens.weight)")
             del located[name]
     if skipped:
-        warnings.warn(f"{folder}: ignoring lm_head.weight because config.json ties the output "
-                      f"head to model.embed_tokens.weight", CheckpointWarning, stacklevel=2)
+        warnings.warn(f"{folder}: ignoring {len(skipped)} tensor(s): {'; '.join(skipped[:3])}"
+                      f"{' ...' if len(skipped) > 3 else ''}", CheckpointWarning, stacklevel=2)
     missing = [n for n in expected if n not in located]
     if missing:
         raise CheckpointError(f"{folder}: {len(missing)} tensor(s) that config.json implies are "

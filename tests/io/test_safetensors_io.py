@@ -175,8 +175,10 @@ def test_ignored_buffers_and_redundant_tied_lm_head(tmp_path):
         t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
         t["lm_head.weight"] = t["model.embed_tokens.weight"].copy()
     rewrite_weights(folder, add)
-    with pytest.warns(CheckpointWarning, match="ignoring lm_head.weight"):
+    with pytest.warns(CheckpointWarning, match=r"ignoring 2 tensor\(s\)") as record:
         _, loaded = load_model(folder)
+    message = str(record[0].message)
+    assert "rotary_emb.inv_freq (a buffer" in message and "lm_head.weight (config.json ties" in message
     assert "lm_head.weight" not in loaded and not any("inv_freq" in k for k in loaded)
 
 
