@@ -1,0 +1,537 @@
+/* minilars C core. See minilars_kernels.h for what each kernel reads and writes; the
+ * NumPy twins (minilars/adapters/lars.py, minilars/kernels.py) are the specification.
+ *
+ * Portable C99 plus, when the compiler is GCC or Clang, vector extensions for the
+ * matmul micro-kernel; OpenMP is optional (the build script tests for it).
+ */
+#include "minilars_kernels.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_ID() omp_get_thread_num()
+#else
+#define THREAD_ID() 0
+#endif
+
+int minilars_has_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int minilars_max_threads(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* ------------------------------------------------------------------ small helpers */
+
+#define CHUNK 16    /* floats per inner vector step (one AVX-512 or two AVX2 registers) */
+#define RGROUP 4    /* ranks handled together in the x U pass */
+
+/* sum_i a[i] * b[i] over n values: 4 x CHUNK partial sums (independent add chains). */
+static inline float dot_f32(const float *restrict a, const float *restrict b, int64_t n)
+{
+    float part[4][CHUNK] = {{0}};
+    int64_t i = 0;
+    for (; i + 4 * CHUNK <= n; i += 4 * CHUNK)
+        for (int c = 0; c < 4; c++)
+            for (int l = 0; l < CHUNK; l++)
+                part[c][l] += a[i + c * CHUNK + l] * b[i + c * CHUNK + l];
+    for (; i + CHUNK <= n; i += CHUNK)
+        for (int l = 0; l < CHUNK; l++)
+            part[0][l] += a[i + l] * b[i + l];
+    float total = 0.0f;
+    for (; i < n; i++)
+        total += a[i] * b[i];
+    for (int c = 0; c < 4; c++)
+        for (int l = 0; l < CHUNK; l++)
+            total += part[c][l];
+    return total;
+}
+
+/* Ut (rank_padded, in) = U^T, rows beyond rank zero; rank_padded = rank rounded up to
+ * RGROUP. The kernels work on U^T so every inner loop runs along `in`, contiguous. */
+static float *transpose_U(const float *U, int64_t in_features, int64_t rank, int64_t rank_padded)
+{
+    float *Ut = calloc((size_t)(rank_padded * in_features), sizeof(float));
+    if (!Ut)
+        return NULL;
+    for (int64_t i = 0; i < in_features; i++)
+        for (int64_t k = 0; k < rank; k++)
+            Ut[k * in_features + i] = U[i * rank + k];
+    return Ut;
+}
+
+/* xU[k] = sum_i x[i] Ut[k, i] for k < rank_padded: RGROUP ranks per pass over x. */
+static void row_times_U(const float *restrict x, const float *restrict Ut, int64_t n,
+                        int64_t rank_padded, float *restrict xU)
+{
+    for (int64_t k0 = 0; k0 < rank_padded; k0 += RGROUP) {
+        const float *restrict u = Ut + k0 * n;
+        float acc[RGROUP][CHUNK] = {{0}};
+        int64_t i = 0;
+        for (; i + CHUNK <= n; i += CHUNK)
+            for (int g = 0; g < RGROUP; g++)
+                for (int l = 0; l < CHUNK; l++)
+                    acc[g][l] += x[i + l] * u[g * n + i + l];
+        for (int g = 0; g < RGROUP; g++) {
+            float total = 0.0f;
+            for (int64_t t = i; t < n; t++)
+                total += x[t] * u[g * n + t];
+            for (int l = 0; l < CHUNK; l++)
+                total += acc[g][l];
+            xU[k0 + g] = total;
+        }
+    }
+}
+
+/* The gate of one row from its x: returns rstd; writes zU (rank_padded), s (g), gate (g). */
+static float lars_row_gate(const float *xr, const float *Ut, const float *V,
+                           float alpha, float eps, int64_t in_features, int64_t rank,
+                           int64_t rank_padded, int64_t groups,
+                           float *zU, float *s, float *gate)
+{
+    const float ms = dot_f32(xr, xr, in_features) / (float)in_features;
+    const float rstd = 1.0f / sqrtf(ms + eps);
+    row_times_U(xr, Ut, in_features, rank_padded, zU);
+    for (int64_t k = 0; k < rank_padded; k++)
+        zU[k] *= rstd;                                   /* zU = (x rstd) U */
+    for (int64_t j = 0; j < groups; j++)
+        s[j] = 0.0f;
+    for (int64_t k = 0; k < rank; k++) {                 /* s = zU V, V (rank, g) */
+        const float zk = zU[k];
+        const float *Vk = V + k * groups;
+        for (int64_t j = 0; j < groups; j++)
+            s[j] += zk * Vk[j];
+    }
+    for (int64_t j = 0; j < groups; j++)
+        gate[j] = 1.0f + alpha * s[j];
+    return rstd;
+}
+
+static int64_t round_up(int64_t n, int64_t multiple)
+{
+    return (n + multiple - 1) / multiple * multiple;
+}
+
+/* ---------------------------------------------------------------- LARS forward */
+
+int minilars_lars_forward(const float *x, const float *U, const float *V,
+                          float alpha, float eps,
+                          int64_t rows, int64_t in_features, int64_t rank, int64_t block,
+                          float *x_tilde)
+{
+    if (rows < 1 || in_features < 1 || rank < 1 || block < 1 || in_features % block)
+        return MINILARS_ERR_ARGS;
+    const int64_t groups = in_features / block;
+    const int64_t rank_padded = round_up(rank, RGROUP);
+    float *Ut = transpose_U(U, in_features, rank, rank_padded);
+    if (!Ut)
+        return MINILARS_ERR_NOMEM;
+    int failed = 0;
+
+#pragma omp parallel
+    {
+        /* per-thread scratch: zU (rank_padded), s (g), gate (g) */
+        float *scratch = malloc(sizeof(float) * (size_t)(rank_padded + 2 * groups));
+        if (!scratch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < rows; n++) {
+            if (!scratch)
+                continue;
+            float *zU = scratch, *s = zU + rank_padded, *gate = s + groups;
+            const float *xr = x + n * in_features;
+            float *out = x_tilde + n * in_features;
+            lars_row_gate(xr, Ut, V, alpha, eps, in_features, rank, rank_padded, groups,
+                          zU, s, gate);
+            for (int64_t j = 0; j < groups; j++) {
+                const float gj = gate[j];
+                const float *restrict xb = xr + j * block;
+                float *restrict ob = out + j * block;
+                for (int64_t t = 0; t < block; t++)
+                    ob[t] = xb[t] * gj;
+            }
+        }
+        free(scratch);
+    }
+    free(Ut);
+    return failed ? MINILARS_ERR_NOMEM : MINILARS_OK;
+}
+
+/* ---------------------------------------------------------------- LARS backward */
+
+int minilars_lars_backward(const float *dx_tilde, const float *x,
+                           const float *U, const float *V, float alpha, float eps,
+                           int64_t rows, int64_t in_features, int64_t rank, int64_t block,
+                           float *dx, float *dU, float *dV, float *dalpha)
+{
+    if (rows < 1 || in_features < 1 || rank < 1 || block < 1 || in_features % block)
+        return MINILARS_ERR_ARGS;
+    const int64_t groups = in_features / block;
+    const int64_t rank_padded = round_up(rank, RGROUP);
+    const int threads = minilars_max_threads();
+    /* per-thread accumulators [thread][dU^T (rank, in) | dV (rank, g)] and dalpha */
+    const int64_t n_dU = rank * in_features, n_dV = rank * groups, n_acc = n_dU + n_dV;
+    float *acc_all = calloc((size_t)threads * (size_t)n_acc, sizeof(float));
+    double *dalpha_all = calloc((size_t)threads, sizeof(double));
+    float *Ut = transpose_U(U, in_features, rank, rank_padded);
+    if (!acc_all || !dalpha_all || !Ut) {
+        free(acc_all);
+        free(dalpha_all);
+        free(Ut);
+        return MINILARS_ERR_NOMEM;
+    }
+    int failed = 0;
+
+#pragma omp parallel num_threads(threads)
+    {
+        const int tid = THREAD_ID();
+        float *dUt_t = acc_all + (size_t)tid * (size_t)n_acc;     /* (rank, in) */
+        float *dV_t = dUt_t + n_dU;                               /* (rank, g) */
+        double dalpha_t = 0.0;
+        /* per-row scratch: zU, dzU (rank_padded), s, gate, ds (g), dz (in) */
+        float *scratch = malloc(sizeof(float) *
+                                (size_t)(2 * rank_padded + 3 * groups + in_features));
+        if (!scratch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < rows; n++) {
+            if (!scratch)
+                continue;
+            float *zU = scratch, *dzU = zU + rank_padded;
+            float *s = dzU + rank_padded, *gate = s + groups, *ds = gate + groups;
+            float *restrict dz = ds + groups;
+            const float *restrict xr = x + n * in_features;
+            const float *restrict dxt = dx_tilde + n * in_features;
+            const float rstd = lars_row_gate(xr, Ut, V, alpha, eps, in_features, rank,
+                                             rank_padded, groups, zU, s, gate);
+            /* dgate[j] = sum_t dxt * x over block j; ds = alpha dgate; dalpha += dgate.s */
+            double dalpha_row = 0.0;
+            for (int64_t j = 0; j < groups; j++) {
+                const float dgate = dot_f32(dxt + j * block, xr + j * block, block);
+                dalpha_row += (double)dgate * (double)s[j];
+                ds[j] = alpha * dgate;
+            }
+            dalpha_t += dalpha_row;
+            /* dV += outer(zU, ds);  dzU = V ds;  (dzU . zU) */
+            float dzU_dot_zU = 0.0f;
+            for (int64_t k = 0; k < rank; k++) {
+                const float *Vk = V + k * groups;
+                float *dVk = dV_t + k * groups;
+                const float zk = zU[k];
+                float dzk = 0.0f;
+                for (int64_t j = 0; j < groups; j++) {
+                    dVk[j] += zk * ds[j];
+                    dzk += Vk[j] * ds[j];
+                }
+                dzU[k] = dzk;
+                dzU_dot_zU += dzk * zk;
+            }
+            /* dU^T[k, :] += (rstd dzU[k]) x, i.e. dU += outer(z, dzU) */
+            for (int64_t k = 0; k < rank; k++) {
+                const float c = rstd * dzU[k];
+                float *restrict dUk = dUt_t + k * in_features;
+                for (int64_t i = 0; i < in_features; i++)
+                    dUk[i] += c * xr[i];
+            }
+            if (!dx)
+                continue;
+            /* dz = U dzU (one row, kept in scratch); mean(dz z) = (dzU . zU) / in */
+            const float mean_dz_z = dzU_dot_zU / (float)in_features;
+            for (int64_t i = 0; i < in_features; i++)
+                dz[i] = 0.0f;
+            for (int64_t k = 0; k < rank; k++) {
+                const float c = dzU[k];
+                const float *restrict Uk = Ut + k * in_features;
+                for (int64_t i = 0; i < in_features; i++)
+                    dz[i] += c * Uk[i];
+            }
+            /* dx = gate dxt + rstd (dz - z mean_dz_z), z = x rstd */
+            float *restrict dxr = dx + n * in_features;
+            const float x_coef = rstd * rstd * mean_dz_z;
+            for (int64_t j = 0; j < groups; j++) {
+                const float gj = gate[j];
+                for (int64_t t = j * block; t < (j + 1) * block; t++)
+                    dxr[t] = gj * dxt[t] + rstd * dz[t] - x_coef * xr[t];
+            }
+        }
+        dalpha_all[tid] = dalpha_t;
+        free(scratch);
+    }
+
+    if (!failed) {
+        /* reduce the per-thread accumulators in thread order (deterministic);
+         * dU (in, rank) is written from the transposed accumulators. */
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < in_features; i++)
+            for (int64_t k = 0; k < rank; k++) {
+                float total = 0.0f;
+                for (int t = 0; t < threads; t++)
+                    total += acc_all[(size_t)t * (size_t)n_acc + (size_t)(k * in_features + i)];
+                dU[i * rank + k] = total;
+            }
+        for (int64_t e = 0; e < n_dV; e++) {
+            float total = 0.0f;
+            for (int t = 0; t < threads; t++)
+                total += acc_all[(size_t)t * (size_t)n_acc + (size_t)(n_dU + e)];
+            dV[e] = total;
+        }
+        double total = 0.0;
+        for (int t = 0; t < threads; t++)
+            total += dalpha_all[t];
+        dalpha[0] = (float)total;
+    }
+    free(acc_all);
+    free(dalpha_all);
+    free(Ut);
+    return failed ? MINILARS_ERR_NOMEM : MINILARS_OK;
+}
+
+/* ------------------------------------------------------------- half precision */
+
+/* IEEE binary16 bits -> float32 (exact: every half is a float). */
+static inline float f16_bits_to_f32(uint16_t h)
+{
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    const uint32_t exponent = (h >> 10) & 0x1fu;
+    const uint32_t mantissa = h & 0x3ffu;
+    uint32_t bits;
+    if (exponent == 0) {
+        if (mantissa == 0) {
+            bits = sign;                                   /* +-0 */
+        } else {                                           /* subnormal: m * 2^-24 */
+            float value = (float)mantissa * 5.9604644775390625e-8f;
+            memcpy(&bits, &value, 4);
+            bits |= sign;
+        }
+    } else if (exponent == 31) {
+        bits = sign | 0x7f800000u | (mantissa << 13);      /* inf, nan */
+    } else {
+        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    }
+    float out;
+    memcpy(&out, &bits, 4);
+    return out;
+}
+
+static inline float bf16_bits_to_f32(uint16_t h)
+{
+    const uint32_t bits = (uint32_t)h << 16;
+    float out;
+    memcpy(&out, &bits, 4);
+    return out;
+}
+
+static inline float half_to_f32(uint16_t h, int weight_format)
+{
+    return weight_format == MINILARS_WEIGHT_BF16 ? bf16_bits_to_f32(h) : f16_bits_to_f32(h);
+}
+
+int minilars_half_to_f32(const uint16_t *src, int weight_format, int64_t n, float *dst)
+{
+    if (n < 0 || (weight_format != MINILARS_WEIGHT_F16 && weight_format != MINILARS_WEIGHT_BF16))
+        return MINILARS_ERR_ARGS;
+    for (int64_t i = 0; i < n; i++)
+        dst[i] = half_to_f32(src[i], weight_format);
+    return MINILARS_OK;
+}
+
+/* ---------------------------------------------------------------- matmuls
+ *
+ * Both products are C (rows, cols) = A (rows, depth) B (depth, cols) with B read from
+ * the half-precision W:
+ *   xW^T:  A = x (rows, in),  B[k, c] = W[c, k]   (depth = in,  cols = out)
+ *   dyW:   A = dy (rows, out), B[k, c] = W[k, c]  (depth = out, cols = in)
+ * Each thread takes column panels of C (PANEL_COLS wide at most); for every DEPTH_TILE
+ * slice of the depth it converts the matching B tile to float32 into its own packed
+ * buffer (micro-panels of NR columns, zero padded), then runs an MR x NR register-tile
+ * kernel over all rows of A. The packed tile is reused by all rows, so the conversion
+ * costs 1/rows of the arithmetic.
+ */
+
+#if defined(__AVX512F__)
+#define VEC_FLOATS 16
+#define MR 8
+#define NV 2
+#elif defined(__AVX__)
+#define VEC_FLOATS 8
+#define MR 6
+#define NV 2
+#else
+#define VEC_FLOATS 4
+#define MR 6
+#define NV 4
+#endif
+#define NR (VEC_FLOATS * NV)        /* columns of a register tile */
+#define DEPTH_TILE 256
+#define PANEL_COLS_MAX 256
+
+#if defined(__GNUC__) || defined(__clang__)
+#define HAVE_VECTOR_EXT 1
+typedef float vecf __attribute__((vector_size(VEC_FLOATS * 4)));
+#endif
+
+/* C[i, c] += sum_k A[i, k] * Bp[k, c] for the valid mr x nc corner of an MR x NR tile.
+ * A rows are lda apart (MR rows must be readable: callers pad short tiles);
+ * Bp is a packed micro-panel (depth, NR). */
+static void micro_kernel(int64_t depth, const float *A, int64_t lda, const float *Bp,
+                         float *C, int64_t ldc, int64_t mr, int64_t nc)
+{
+#ifdef HAVE_VECTOR_EXT
+    vecf acc[MR][NV];
+    memset(acc, 0, sizeof(acc));
+    for (int64_t k = 0; k < depth; k++) {
+        vecf b[NV];
+        for (int v = 0; v < NV; v++)
+            memcpy(&b[v], Bp + k * NR + v * VEC_FLOATS, sizeof(vecf));
+        for (int i = 0; i < MR; i++) {
+            const float a = A[i * lda + k];
+            for (int v = 0; v < NV; v++)
+                acc[i][v] += a * b[v];
+        }
+    }
+    if (mr == MR && nc == NR) {
+        for (int i = 0; i < MR; i++)
+            for (int v = 0; v < NV; v++) {
+                vecf c;
+                memcpy(&c, C + i * ldc + v * VEC_FLOATS, sizeof(vecf));
+                c += acc[i][v];
+                memcpy(C + i * ldc + v * VEC_FLOATS, &c, sizeof(vecf));
+            }
+        return;
+    }
+    float tile[MR][NR];
+    memcpy(tile, acc, sizeof(tile));
+#else
+    float tile[MR][NR];
+    memset(tile, 0, sizeof(tile));
+    for (int64_t k = 0; k < depth; k++)
+        for (int i = 0; i < MR; i++) {
+            const float a = A[i * lda + k];
+            for (int c = 0; c < NR; c++)
+                tile[i][c] += a * Bp[k * NR + c];
+        }
+#endif
+    for (int64_t i = 0; i < mr; i++)
+        for (int64_t c = 0; c < nc; c++)
+            C[i * ldc + c] += tile[i][c];
+}
+
+/* Pack B[k0:k0+kd, c0:c0+nc] (converted to float32) into micro-panels of NR columns:
+ * packed[(p * kd + k) * NR + l] = B[k0 + k, c0 + p*NR + l], zero beyond nc. */
+static void pack_b_tile(const uint16_t *W, int weight_format, int transposed,
+                        int64_t ldw, int64_t k0, int64_t kd, int64_t c0, int64_t nc,
+                        float *packed)
+{
+    const int64_t panels = (nc + NR - 1) / NR;
+    memset(packed, 0, sizeof(float) * (size_t)(panels * kd * NR));
+    if (transposed) {            /* B[k, c] = W[c, k]: read W rows, contiguous in k */
+        for (int64_t c = 0; c < nc; c++) {
+            const uint16_t *Wrow = W + (c0 + c) * ldw + k0;
+            float *dst = packed + (c / NR) * kd * NR + (c % NR);
+            for (int64_t k = 0; k < kd; k++)
+                dst[k * NR] = half_to_f32(Wrow[k], weight_format);
+        }
+    } else {                     /* B[k, c] = W[k, c]: read W rows, contiguous in c */
+        for (int64_t k = 0; k < kd; k++) {
+            const uint16_t *Wrow = W + (k0 + k) * ldw + c0;
+            for (int64_t c = 0; c < nc; c++)
+                packed[(c / NR) * kd * NR + k * NR + (c % NR)] =
+                    half_to_f32(Wrow[c], weight_format);
+        }
+    }
+}
+
+static int matmul_half(const float *A, const uint16_t *W, int weight_format, int transposed,
+                       int64_t rows, int64_t depth, int64_t cols, float *C)
+{
+    if (rows < 1 || depth < 1 || cols < 1)
+        return MINILARS_ERR_ARGS;
+    if (weight_format != MINILARS_WEIGHT_F16 && weight_format != MINILARS_WEIGHT_BF16)
+        return MINILARS_ERR_ARGS;
+    const int64_t ldw = transposed ? depth : cols;
+    /* panel width: enough panels to keep every thread busy, a multiple of NR */
+    const int threads = minilars_max_threads();
+    int64_t panel = (cols + 4 * threads - 1) / (4 * threads);
+    panel = ((panel + NR - 1) / NR) * NR;
+    if (panel > PANEL_COLS_MAX)
+        panel = PANEL_COLS_MAX;
+    const int64_t n_panels = (cols + panel - 1) / panel;
+    int failed = 0;
+
+#pragma omp parallel
+    {
+        float *packed = malloc(sizeof(float) * (size_t)(DEPTH_TILE * panel));
+        float *a_pad = malloc(sizeof(float) * (size_t)(DEPTH_TILE * MR));
+        if (!packed || !a_pad) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t p = 0; p < n_panels; p++) {
+            if (!packed || !a_pad)
+                continue;
+            const int64_t c0 = p * panel;
+            const int64_t nc = cols - c0 < panel ? cols - c0 : panel;
+            for (int64_t r = 0; r < rows; r++)
+                memset(C + r * cols + c0, 0, sizeof(float) * (size_t)nc);
+            for (int64_t k0 = 0; k0 < depth; k0 += DEPTH_TILE) {
+                const int64_t kd = depth - k0 < DEPTH_TILE ? depth - k0 : DEPTH_TILE;
+                pack_b_tile(W, weight_format, transposed, ldw, k0, kd, c0, nc, packed);
+                const int64_t full_rows = rows - rows % MR;
+                const int64_t rest = rows - full_rows;
+                if (rest) {       /* the last rows, zero padded to MR */
+                    memset(a_pad, 0, sizeof(float) * (size_t)(DEPTH_TILE * MR));
+                    for (int64_t i = 0; i < rest; i++)
+                        memcpy(a_pad + i * kd, A + (full_rows + i) * depth + k0,
+                               sizeof(float) * (size_t)kd);
+                }
+                for (int64_t q = 0; q * NR < nc; q++) {
+                    const float *Bp = packed + q * kd * NR;
+                    const int64_t cq = c0 + q * NR;
+                    const int64_t ncq = nc - q * NR < NR ? nc - q * NR : NR;
+                    for (int64_t r0 = 0; r0 < full_rows; r0 += MR)
+                        micro_kernel(kd, A + r0 * depth + k0, depth, Bp,
+                                     C + r0 * cols + cq, cols, MR, ncq);
+                    if (rest)
+                        micro_kernel(kd, a_pad, kd, Bp, C + full_rows * cols + cq, cols,
+                                     rest, ncq);
+                }
+            }
+        }
+        free(packed);
+        free(a_pad);
+    }
+    return failed ? MINILARS_ERR_NOMEM : MINILARS_OK;
+}
+
+int minilars_matmul_xwT(const float *x, const uint16_t *W, int weight_format,
+                        int64_t rows, int64_t in_features, int64_t out_features,
+                        float *y)
+{
+    return matmul_half(x, W, weight_format, 1, rows, in_features, out_features, y);
+}
+
+int minilars_matmul_dyW(const float *dy, const uint16_t *W, int weight_format,
+                        int64_t rows, int64_t out_features, int64_t in_features,
+                        float *dx)
+{
+    return matmul_half(dy, W, weight_format, 0, rows, out_features, in_features, dx);
+}

@@ -1,0 +1,120 @@
+"""Benchmarks of the C kernels against their NumPy twins on SmolLM2-135M shapes.
+
+`bench_kernels(seq)` returns one dict per kernel and shape: median time of the C kernel
+and of its twin, the speed-up, and the bytes of temporaries each allocates during the
+call (tracemalloc peak during the call minus the bytes of what it returns).
+`format_kernel_table(rows)` prints them. `minilars bench kernels` calls both.
+"""
+from __future__ import annotations
+
+import time
+import tracemalloc
+
+import numpy as np
+
+from minilars import kernels
+
+HIDDEN, MLP = 576, 1536          # SmolLM2-135M
+RANK, BLOCK = 8, 32
+
+
+def _median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _result_bytes(result) -> int:
+    if isinstance(result, np.ndarray):
+        return result.nbytes
+    if isinstance(result, (tuple, list)):
+        return sum(_result_bytes(r) for r in result)
+    return 0
+
+
+def _temporary_bytes(fn) -> int:
+    """tracemalloc peak during fn() minus the bytes of what fn returns."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        result = fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return max(0, peak - base - _result_bytes(result))
+
+
+def _measure(name: str, shape: str, fn, repeats: int) -> dict:
+    """Time and temporaries of fn on the C path and on the NumPy path."""
+    row = {"kernel": name, "shape": shape}
+    for path, enabled in (("c", True), ("numpy", False)):
+        if enabled and not kernels.c_available():
+            row[f"{path}_ms"], row[f"{path}_temp_bytes"] = float("nan"), -1
+            continue
+        with kernels.use_c(enabled):
+            row[f"{path}_ms"] = 1e3 * _median_seconds(fn, repeats)
+            row[f"{path}_temp_bytes"] = _temporary_bytes(fn)
+    row["speedup"] = row["numpy_ms"] / row["c_ms"] if row["c_ms"] == row["c_ms"] else float("nan")
+    row["temp_ratio"] = (row["numpy_temp_bytes"] / max(row["c_temp_bytes"], 1)
+                         if row["c_temp_bytes"] >= 0 else float("nan"))
+    return row
+
+
+def bench_kernels(seq: int = 512, repeats: int = 15, seed: int = 0) -> list[dict]:
+    """Each kernel vs its twin on SmolLM2-135M shapes at `seq` tokens (batch 1), float32
+    activations. Also the float32 BLAS reference x @ W32.T for the half-weight matmuls."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for width in (HIDDEN, MLP):                       # LARS on q/k/v/gate/up and on down
+        x = rng.normal(size=(seq, width)).astype(np.float32)
+        dxt = rng.normal(size=(seq, width)).astype(np.float32)
+        U = (rng.uniform(-1, 1, size=(width, RANK)) / np.sqrt(width)).astype(np.float32)
+        V = rng.normal(0, 0.1, size=(RANK, width // BLOCK)).astype(np.float32)
+        alpha = np.float32(0.1)
+        shape = f"x ({seq}, {width}) r={RANK} Bk={BLOCK}"
+        rows.append(_measure("lars_forward", shape,
+                             lambda: kernels.lars_gate_forward(x, U, V, alpha, BLOCK), repeats))
+        rows.append(_measure("lars_backward", shape,
+                             lambda: kernels.lars_gate_backward(dxt, x, U, V, alpha, BLOCK),
+                             repeats))
+    for out_f, in_f in ((MLP, HIDDEN), (HIDDEN, MLP)):    # up/gate and down projections
+        W32 = (rng.normal(size=(out_f, in_f)) / np.sqrt(in_f)).astype(np.float32)
+        x = rng.normal(size=(seq, in_f)).astype(np.float32)
+        dy = rng.normal(size=(seq, out_f)).astype(np.float32)
+        blas_xwT = 1e3 * _median_seconds(lambda: x @ W32.T, repeats)
+        blas_dyW = 1e3 * _median_seconds(lambda: dy @ W32, repeats)
+        for label, W in (("f16", W32.astype(np.float16)), ("bf16", kernels.f32_to_bf16(W32))):
+            shape = f"x ({seq}, {in_f}) W ({out_f}, {in_f}) {label}"
+            row = _measure(f"matmul_xwT", shape, lambda: kernels.matmul_xwT(x, W), repeats)
+            row["blas_f32_ms"] = blas_xwT
+            rows.append(row)
+            shape = f"dy ({seq}, {out_f}) W ({out_f}, {in_f}) {label}"
+            row = _measure(f"matmul_dyW", shape, lambda: kernels.matmul_dyW(dy, W), repeats)
+            row["blas_f32_ms"] = blas_dyW
+            rows.append(row)
+    return rows
+
+
+def format_kernel_table(rows: list[dict]) -> str:
+    """A plain-text table of bench_kernels rows."""
+    status = kernels.kernel_status()
+    lines = [f"kernel path: {'C' if kernels.c_available() else 'NumPy only'} "
+             f"(openmp={status['openmp']}, threads={status['threads']})",
+             f"{'kernel':<14} {'shape':<38} {'C ms':>8} {'NumPy ms':>9} {'speed-up':>8} "
+             f"{'C temp KiB':>10} {'NumPy temp KiB':>14} {'f32 BLAS ms':>11}"]
+    for r in rows:
+        blas = f"{r['blas_f32_ms']:11.3f}" if "blas_f32_ms" in r else f"{'':>11}"
+        lines.append(f"{r['kernel']:<14} {r['shape']:<38} {r['c_ms']:8.3f} {r['numpy_ms']:9.3f} "
+                     f"{r['speedup']:7.2f}x {r['c_temp_bytes'] / 1024:10.1f} "
+                     f"{r['numpy_temp_bytes'] / 1024:14.1f} {blas}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(format_kernel_table(bench_kernels()))
