@@ -16,6 +16,8 @@ tiled:  flash-style. The forward walks query tiles x key tiles with an online so
 Backward of softmax attention, for one row, with D = sum(dO * O) = sum(P * dP):
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - D),  dQ = dS K * scale,  dK = dS^T Q * scale
 """
+import math
+
 import numpy as np
 
 DEFAULT_TILE = 256
@@ -47,7 +49,7 @@ def attention_plain_forward(q, k, v):
     check_attention_shapes(q, k, v)
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
-    scale = 1.0 / np.sqrt(hd)
+    scale = 1.0 / math.sqrt(hd)    # a Python float: NumPy 2 would promote float32 by an np.float64
     qg = _grouped(q, nkv)                                              # (B, nkv, rep, T, hd)
     S = (qg @ k[:, :, None].swapaxes(-1, -2)) * scale                  # (B, nkv, rep, T, T)
     S[..., np.triu(np.ones((T, T), dtype=bool), k=1)] = -np.inf        # causal mask
@@ -63,7 +65,7 @@ def attention_plain_backward(dout, q, k, v, P):
     """dout (B, T, nh, hd) -> dq (B, nh, T, hd), dk, dv (B, nkv, T, hd)."""
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
-    scale = 1.0 / np.sqrt(hd)
+    scale = 1.0 / math.sqrt(hd)
     dO = _grouped(np.ascontiguousarray(_out_heads_first(dout)), nkv)   # (B, nkv, rep, T, hd)
     Pg = P.reshape(B, nkv, nh // nkv, T, T)
     dv = (Pg.swapaxes(-1, -2) @ dO).sum(axis=2)                        # (B, nkv, T, hd)
@@ -94,7 +96,7 @@ def attention_tiled_forward(q, k, v, tile: int = DEFAULT_TILE):
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
     rep = nh // nkv
-    scale = 1.0 / np.sqrt(hd)
+    scale = 1.0 / math.sqrt(hd)
     qg = _grouped(q, nkv)
     out = np.empty((B, T, nh, hd), dtype=q.dtype)
     og = _grouped(_out_heads_first(out), nkv)                          # (B, nkv, rep, T, hd) view
@@ -125,7 +127,7 @@ def attention_tiled_backward(dout, q, k, v, out, lse, tile: int = DEFAULT_TILE):
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
     rep = nh // nkv
-    scale = 1.0 / np.sqrt(hd)
+    scale = 1.0 / math.sqrt(hd)
     qg = _grouped(q, nkv)
     dOg = _grouped(_out_heads_first(dout), nkv)                        # views, no copies
     lse_g = lse.reshape(B, nkv, rep, T)
@@ -157,7 +159,7 @@ def attention_decode(q, k_cache, v_cache, start: int):
     out (B, t, nh, hd). Query j sees keys 0 .. start+j."""
     B, nh, t, hd = q.shape
     nkv, L = k_cache.shape[1], k_cache.shape[2]
-    scale = 1.0 / np.sqrt(hd)
+    scale = 1.0 / math.sqrt(hd)
     S = (_grouped(q, nkv) @ k_cache[:, :, None].swapaxes(-1, -2)) * scale   # (B, nkv, rep, t, L)
     future = np.arange(L)[None, :] > (start + np.arange(t))[:, None]       # (t, L)
     S[..., future] = -np.inf
