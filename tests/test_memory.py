@@ -3,6 +3,7 @@ release_op / release_category), no leaked activations across steps, the layer po
 checkpoints exactly n_layers x B x T x C x itemsize with the rest bounded by one block's
 working set, and the ledger's peak against tracemalloc's real peak on the SmolLM2-135M
 architecture (one ~20 s step, unloaded machine)."""
+import json
 import tracemalloc
 
 import numpy as np
@@ -243,3 +244,35 @@ def test_ledger_peak_matches_tracemalloc_smollm2(monkeypatch):
     assert cats["gradients"] == cats["trainable"] and cats["optimizer"] == 2 * cats["trainable"]
     led = RecordingLedger.instances[-1]
     _check_layer_policy(led, cfg, 1, T)
+
+
+# ------------------------------------------------------------------ the `minilars memory` command
+
+def test_cli_memory_json_on_tiny(capsys):
+    from minilars.cli import main
+    assert main(["memory", "--arch", "tiny", "--seq", "16,32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"config", "seq", "results"} <= set(out)
+    assert out["seq"] == [16, 32]
+    assert out["config"]["hidden_size"] == named_config("tiny").hidden_size
+    (res,) = out["results"]
+    assert res["method"] == "full" and res["policy"] == "none"
+    assert res["trainable_params"] == named_config("tiny").n_params
+    rows = res["rows"]
+    assert [r["seq"] for r in rows] == [16, 32]
+    for r in rows:
+        assert {"ledger_peak", "traced_peak", "peak_by_category", "activations_peak",
+                "leaked_activation_bytes", "per_op"} <= set(r)
+        assert r["leaked_activation_bytes"] == 0
+        assert r["traced_peak"] > 0 and r["ledger_peak"] > 0
+    assert rows[1]["activations_peak"] > rows[0]["activations_peak"]
+    assert rows[1]["ledger_peak"] > rows[0]["ledger_peak"]
+    assert res["activation_bytes_per_token"] > 0
+
+
+def test_cli_memory_rejects_a_too_long_sequence(capsys):
+    from minilars.cli import main
+    code = main(["memory", "--arch", "tiny", "--seq", "100000", "--json"])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "--seq 100000" in err and "max_position_embeddings (256)" in err
