@@ -13,6 +13,7 @@ warning, leaving minilars on its NumPy path.
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
 import sys
@@ -123,5 +124,7 @@ if __name__ == "__main__":
     os.makedirs(tmpdir, exist_ok=True)
     so_path = ffibuilder.compile(tmpdir=tmpdir, verbose="-v" in sys.argv)
     target = os.path.join(ROOT, "minilars", os.path.basename(so_path))
+    for old in glob.glob(os.path.join(ROOT, "minilars", "_cext*.so")):
+        os.remove(old)          # e.g. an _cext.abi3.so from pip install -e, which would win
     os.replace(so_path, target)
     print(target)
