@@ -124,7 +124,12 @@ class ModelConfig:
         except (TypeError, ValueError) as e:
             if isinstance(e, ConfigError):
                 raise
-            raise ConfigError(f"{source}: {e}") from None
+            bad = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads", "num_key_value_heads", "head_dim",
+                               "max_position_embeddings", "rope_theta", "rms_norm_eps")
+                   if k in d and not _is_number(d[k])]
+            where = f"field {bad[0]!r} = {d[bad[0]]!r} is not a number" if bad else str(e)
+            raise ConfigError(f"{source}: {where}") from None
 
     @classmethod
     def from_json(cls, path: str) -> "ModelConfig":
@@ -169,6 +174,10 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # Built-in named configs: `tiny` for tests, `smollm2-135m` for memory curves without weights.

@@ -34,7 +34,8 @@ from minilars.ops.attention import (DEFAULT_TILE, attention_plain_backward,
                                     attention_tiled_forward)
 from minilars.ops.embedding import check_tokens, embedding_backward, embedding_forward
 from minilars.ops.linear import _matmul_dyW, _matmul_xwT, linear_backward, linear_forward
-from minilars.ops.loss import DEFAULT_CHUNK, IGNORE, cross_entropy_chunked, cross_entropy_plain
+from minilars.ops.loss import (DEFAULT_CHUNK, IGNORE, count_targets, cross_entropy_chunked,
+                               cross_entropy_plain)
 from minilars.ops.mlp import swiglu_backward, swiglu_forward
 from minilars.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from minilars.ops.rope import rope_backward, rope_forward, rope_tables
@@ -141,8 +142,10 @@ def check_inputs(cfg: ModelConfig, tokens: np.ndarray, targets: np.ndarray | Non
         raise ValueError(f"sequence length {T} exceeds the model's max_position_embeddings "
                          f"({cfg.max_position_embeddings})")
     check_tokens(tokens, cfg.vocab_size)
-    if targets is not None and np.shape(targets) != tokens.shape:
-        raise ValueError(f"targets shape {np.shape(targets)} must equal tokens shape {tokens.shape}")
+    if targets is not None:
+        if np.shape(targets) != tokens.shape:
+            raise ValueError(f"targets shape {np.shape(targets)} must equal tokens shape {tokens.shape}")
+        count_targets(np.asarray(targets).reshape(-1), cfg.vocab_size)   # before any work
     return tokens
 
 
@@ -298,19 +301,20 @@ def block_backward(model: Model, i: int, dh_out: np.ndarray, rope: Rope, saved: 
     dq = _merge_heads(rope_backward(dq, rope.cos, rope.sin))            # (B, T, nh*hd)
     dk = _merge_heads(rope_backward(dk, rope.cos, rope.sin))            # (B, T, nkv*hd)
     dv = _merge_heads(dv)
-    da = project_backward(model, i, "q_proj", dq, saved, grads, need_dx)
-    del dq
-    dak = project_backward(model, i, "k_proj", dk, saved, grads, need_dx)
-    dav = project_backward(model, i, "v_proj", dv, saved, grads, need_dx)
-    del dk, dv
     wname = pre + "input_layernorm.weight"
-    if need_dx:
+    need_da = need_dx or wname in trainable      # the input norm's weight gradient needs da
+    da = project_backward(model, i, "q_proj", dq, saved, grads, need_da)
+    del dq
+    dak = project_backward(model, i, "k_proj", dk, saved, grads, need_da)
+    dav = project_backward(model, i, "v_proj", dv, saved, grads, need_da)
+    del dk, dv
+    dx = dw = None
+    if need_da:
         da += dak
         da += dav
-    del dak, dav
-    dx, dw = rmsnorm_backward(da, saved.get("attn_norm", "x"), saved.get("attn_norm", "rstd"),
-                              p[wname], need_dx=need_dx, need_dw=wname in trainable) \
-        if (need_dx or wname in trainable) else (None, None)
+        del dak, dav
+        dx, dw = rmsnorm_backward(da, saved.get("attn_norm", "x"), saved.get("attn_norm", "rstd"),
+                                  p[wname], need_dx=need_dx, need_dw=wname in trainable)
     saved.release("attn_norm")
     if dw is not None:
         grads[wname] += dw

@@ -167,10 +167,6 @@ def test_nan_loss_releases_activations():
         assert led.live["activations"] == 0 and not led.live_entries("activations")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug (model.py forward_backward): targets are validated inside the loss, after "
-    "the whole forward has saved its activations; the ValueError leaves them registered "
-    "(and alive) in the caller's ledger. Remove this marker when fixed."))
 def test_bad_targets_leave_no_activations_behind():
     cfg = named_config("tiny")
     model = Model.random(cfg, 0, np.float32).train_all()

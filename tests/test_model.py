@@ -192,10 +192,6 @@ def test_partial_training_gives_the_same_gradients(policy):
              or n in ("model.norm.weight", "lm_head.weight"))
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "engine bug (model.py block_backward): in the lowest trainable block, with need_dx=False, "
-    "q/k/v project_backward return da=None, yet input_layernorm.weight's gradient needs da; "
-    "rmsnorm_backward(None, ...) raises AttributeError. Remove this marker when fixed."))
 @pytest.mark.parametrize("policy", ["none", "layer"])
 def test_partial_training_with_the_lowest_blocks_input_norm_training(policy):
     """Full fine-tuning with frozen input embeddings: layer 0 is the lowest trainable block

@@ -77,14 +77,25 @@ def attention_plain_backward(dout, q, k, v, P):
 
 
 # ---------------------------------------------------------------- tiled (flash-style) form
+#
+# Inside a tile the rep query heads that share a kv head are stacked as rows:
+# q_tile (B, nkv, rep*tq, hd) against k_tile (B, nkv, tk, hd). One matmul per kv head, and
+# the sums over rep in dk and dv happen inside the matmul.
 
-def _tile_scores(q_tile, k_tile, i0, j0, scale):
+def _query_tile(qg, i0, i1):
+    """(B, nkv, rep, T, hd) -> rows i0..i1 of every head as (B, nkv, rep*tq, hd), a copy."""
+    B, nkv, rep, _, hd = qg.shape
+    return np.ascontiguousarray(qg[:, :, :, i0:i1]).reshape(B, nkv, rep * (i1 - i0), hd)
+
+
+def _tile_scores(q_tile, k_tile, i0, tq, j0, scale):
     """Scores of one (query tile, key tile) block with the causal mask applied.
-    q_tile (B, nkv, rep, tq, hd), k_tile (B, nkv, tk, hd) -> (B, nkv, rep, tq, tk)."""
-    S = (q_tile @ k_tile[:, :, None].swapaxes(-1, -2)) * scale
-    tq, tk = S.shape[-2], S.shape[-1]
+    q_tile (B, nkv, rep*tq, hd), k_tile (B, nkv, tk, hd) -> (B, nkv, rep*tq, tk)."""
+    S = q_tile @ k_tile.swapaxes(-1, -2)
+    S *= scale
+    tk = S.shape[-1]
     if j0 + tk - 1 > i0:                                   # the tile crosses the diagonal
-        rows = np.arange(i0, i0 + tq)[:, None]
+        rows = np.tile(np.arange(i0, i0 + tq), S.shape[-2] // tq)[:, None]
         cols = np.arange(j0, j0 + tk)[None, :]
         S[..., cols > rows] = -np.inf
     return S
@@ -103,22 +114,26 @@ def attention_tiled_forward(q, k, v, tile: int = DEFAULT_TILE):
     lse = np.empty((B, nkv, rep, T), dtype=q.dtype)
     for i0 in range(0, T, tile):
         i1 = min(i0 + tile, T)
-        q_tile = qg[:, :, :, i0:i1]                                    # (B, nkv, rep, tq, hd)
-        row_max = np.full((B, nkv, rep, i1 - i0), -np.inf, dtype=q.dtype)
+        tq = i1 - i0
+        q_tile = _query_tile(qg, i0, i1)                               # (B, nkv, rep*tq, hd)
+        row_max = np.full((B, nkv, rep * tq), -np.inf, dtype=q.dtype)
         row_sum = np.zeros_like(row_max)
-        acc = np.zeros((B, nkv, rep, i1 - i0, hd), dtype=q.dtype)
+        acc = np.zeros((B, nkv, rep * tq, hd), dtype=q.dtype)
         for j0 in range(0, i1, tile):                                  # causal: keys < i1
             j1 = min(j0 + tile, i1)
-            S = _tile_scores(q_tile, k[:, :, j0:j1], i0, j0, scale)
+            S = _tile_scores(q_tile, k[:, :, j0:j1], i0, tq, j0, scale)
             new_max = np.maximum(row_max, S.max(axis=-1))
             correction = np.exp(row_max - new_max)                     # rescale what we had
-            P = np.exp(S - new_max[..., None], out=S)
-            row_sum = row_sum * correction + P.sum(axis=-1)
+            S -= new_max[..., None]
+            P = np.exp(S, out=S)
+            row_sum *= correction
+            row_sum += P.sum(axis=-1)
             acc *= correction[..., None]
-            acc += P @ v[:, :, None, j0:j1]
+            acc += P @ v[:, :, j0:j1]
             row_max = new_max
-        og[:, :, :, i0:i1] = acc / row_sum[..., None]
-        lse[..., i0:i1] = row_max + np.log(row_sum)
+        acc /= row_sum[..., None]
+        og[:, :, :, i0:i1] = acc.reshape(B, nkv, rep, tq, hd)
+        lse[..., i0:i1] = (row_max + np.log(row_sum)).reshape(B, nkv, rep, tq)
     return out, lse.reshape(B, nh, T)
 
 
@@ -132,22 +147,30 @@ def attention_tiled_backward(dout, q, k, v, out, lse, tile: int = DEFAULT_TILE):
     dOg = _grouped(_out_heads_first(dout), nkv)                        # views, no copies
     lse_g = lse.reshape(B, nkv, rep, T)
     D = np.einsum("btnd,btnd->bnt", dout, out).reshape(B, nkv, rep, T)  # rowsum(dO * O)
-    dq = np.zeros((B, nkv, rep, T, hd), dtype=q.dtype)
+    dq = np.empty((B, nkv, rep, T, hd), dtype=q.dtype)
     dk = np.zeros_like(k)
     dv = np.zeros_like(v)
     for i0 in range(0, T, tile):
         i1 = min(i0 + tile, T)
-        q_tile = qg[:, :, :, i0:i1]
-        dO_tile = np.ascontiguousarray(dOg[:, :, :, i0:i1])            # (B, nkv, rep, tq, hd)
+        tq = i1 - i0
+        q_tile = _query_tile(qg, i0, i1)                               # (B, nkv, rep*tq, hd)
+        dO_tile = _query_tile(dOg, i0, i1)                             # (B, nkv, rep*tq, hd)
+        lse_tile = np.ascontiguousarray(lse_g[..., i0:i1]).reshape(B, nkv, rep * tq, 1)
+        D_tile = np.ascontiguousarray(D[..., i0:i1]).reshape(B, nkv, rep * tq, 1)
+        dq_tile = np.zeros_like(q_tile)
         for j0 in range(0, i1, tile):
             j1 = min(j0 + tile, i1)
-            S = _tile_scores(q_tile, k[:, :, j0:j1], i0, j0, scale)
-            P = np.exp(S - lse_g[..., i0:i1, None], out=S)             # (B, nkv, rep, tq, tk)
-            dv[:, :, j0:j1] += (P.swapaxes(-1, -2) @ dO_tile).sum(axis=2)
-            dP = dO_tile @ v[:, :, None, j0:j1].swapaxes(-1, -2)
-            dS = P * (dP - D[..., i0:i1, None])
-            dq[:, :, :, i0:i1] += (dS @ k[:, :, None, j0:j1]) * scale
-            dk[:, :, j0:j1] += (dS.swapaxes(-1, -2) @ q_tile).sum(axis=2) * scale
+            S = _tile_scores(q_tile, k[:, :, j0:j1], i0, tq, j0, scale)
+            S -= lse_tile
+            P = np.exp(S, out=S)                                       # (B, nkv, rep*tq, tk)
+            dv[:, :, j0:j1] += P.swapaxes(-1, -2) @ dO_tile            # sums over rep too
+            dP = dO_tile @ v[:, :, j0:j1].swapaxes(-1, -2)
+            dP -= D_tile
+            dS = np.multiply(P, dP, out=dP)
+            dS *= scale
+            dq_tile += dS @ k[:, :, j0:j1]
+            dk[:, :, j0:j1] += dS.swapaxes(-1, -2) @ q_tile
+        dq[:, :, :, i0:i1] = dq_tile.reshape(B, nkv, rep, tq, hd)
     return dq.reshape(B, nh, T, hd), dk, dv
 
 
