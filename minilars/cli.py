@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=_dtype, default=np.float32)
     p.add_argument("--frozen-dtype", type=_dtype, default=None,
                    help="store frozen matrices as float16 (adapter methods)")
-    p.add_argument("--tile", type=int, default=256, help="attention tile")
+    p.add_argument("--tile", type=int, default=128, help="attention tile")
     p.add_argument("--ce-chunk", type=int, default=128, help="rows of logits alive at once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare", action="store_true", help="one table with every method")

@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-DEFAULT_TILE = 256
+DEFAULT_TILE = 128
 
 
 def _grouped(q: np.ndarray, nkv: int) -> np.ndarray:
