@@ -7,7 +7,8 @@ Used by setup.py (`cffi_modules=["cext/build_cffi.py:ffibuilder"]`) and runnable
 Flags: -O3 always; -fopenmp when a tiny OpenMP program compiles and links with it;
 -march=native when the compiler accepts it (the module is built on the machine that
 runs it; set MINILARS_NATIVE=0 to leave it out). MINILARS_SANITIZE=address builds with
-AddressSanitizer (see cext/README.md). Nothing here fails when no compiler exists:
+AddressSanitizer (see cext/README.md); MINILARS_PORTABLE=1 builds the plain-C loops
+without GCC/Clang vector extensions (what other compilers get). Nothing here fails when no compiler exists:
 the probes then report False and setup.py's build_ext turns the failed build into a
 warning, leaving minilars on its NumPy path.
 """
@@ -92,6 +93,8 @@ def compile_flags() -> tuple[list[str], list[str], bool]:
     if openmp:
         cflags.append("-fopenmp")
         ldflags.append("-fopenmp")
+    if os.environ.get("MINILARS_PORTABLE") == "1":
+        cflags.append("-DMINILARS_PORTABLE_C")       # plain C loops, no vector extensions
     if os.environ.get("MINILARS_SANITIZE") == "address":
         cflags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
         ldflags += ["-fsanitize=address"]

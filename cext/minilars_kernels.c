@@ -40,24 +40,49 @@ int minilars_max_threads(void)
 #define CHUNK 16    /* floats per inner vector step (one AVX-512 or two AVX2 registers) */
 #define RGROUP 4    /* ranks handled together in the x U pass */
 
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(MINILARS_PORTABLE_C)
+#define HAVE_VECTOR_EXT 1
+/* CHUNK floats as one value; the compiler maps it onto the machine's registers (one
+ * AVX-512 register, two AVX ones, four SSE/NEON ones). Accumulators of this type stay in
+ * registers, where a float array would make every add wait on a store. */
+typedef float chunkf __attribute__((vector_size(CHUNK * 4)));
+
+static inline chunkf load_chunk(const float *p)
+{
+    chunkf v;
+    memcpy(&v, p, sizeof(v));          /* unaligned load */
+    return v;
+}
+
+/* Sum of the CHUNK lanes (a short scalar loop; this is once per row and rank). */
+static inline float chunk_sum(chunkf v)
+{
+    float total = 0.0f;
+    for (int l = 0; l < CHUNK; l++)
+        total += v[l];
+    return total;
+}
+#endif
+
 /* sum_i a[i] * b[i] over n values: 4 x CHUNK partial sums (independent add chains). */
 static inline float dot_f32(const float *restrict a, const float *restrict b, int64_t n)
 {
-    float part[4][CHUNK] = {{0}};
     int64_t i = 0;
-    for (; i + 4 * CHUNK <= n; i += 4 * CHUNK)
-        for (int c = 0; c < 4; c++)
-            for (int l = 0; l < CHUNK; l++)
-                part[c][l] += a[i + c * CHUNK + l] * b[i + c * CHUNK + l];
-    for (; i + CHUNK <= n; i += CHUNK)
-        for (int l = 0; l < CHUNK; l++)
-            part[0][l] += a[i + l] * b[i + l];
     float total = 0.0f;
+#ifdef HAVE_VECTOR_EXT
+    chunkf p0 = {0}, p1 = {0}, p2 = {0}, p3 = {0};
+    for (; i + 4 * CHUNK <= n; i += 4 * CHUNK) {
+        p0 += load_chunk(a + i) * load_chunk(b + i);
+        p1 += load_chunk(a + i + CHUNK) * load_chunk(b + i + CHUNK);
+        p2 += load_chunk(a + i + 2 * CHUNK) * load_chunk(b + i + 2 * CHUNK);
+        p3 += load_chunk(a + i + 3 * CHUNK) * load_chunk(b + i + 3 * CHUNK);
+    }
+    for (; i + CHUNK <= n; i += CHUNK)
+        p0 += load_chunk(a + i) * load_chunk(b + i);
+    total = chunk_sum((p0 + p1) + (p2 + p3));
+#endif
     for (; i < n; i++)
         total += a[i] * b[i];
-    for (int c = 0; c < 4; c++)
-        for (int l = 0; l < CHUNK; l++)
-            total += part[c][l];
     return total;
 }
 
@@ -80,19 +105,23 @@ static void row_times_U(const float *restrict x, const float *restrict Ut, int64
 {
     for (int64_t k0 = 0; k0 < rank_padded; k0 += RGROUP) {
         const float *restrict u = Ut + k0 * n;
-        float acc[RGROUP][CHUNK] = {{0}};
+        float total[RGROUP] = {0};
         int64_t i = 0;
-        for (; i + CHUNK <= n; i += CHUNK)
+#ifdef HAVE_VECTOR_EXT
+        chunkf acc[RGROUP];
+        memset(acc, 0, sizeof(acc));
+        for (; i + CHUNK <= n; i += CHUNK) {
+            const chunkf xc = load_chunk(x + i);
             for (int g = 0; g < RGROUP; g++)
-                for (int l = 0; l < CHUNK; l++)
-                    acc[g][l] += x[i + l] * u[g * n + i + l];
+                acc[g] += xc * load_chunk(u + g * n + i);
+        }
+        for (int g = 0; g < RGROUP; g++)
+            total[g] = chunk_sum(acc[g]);
+#endif
         for (int g = 0; g < RGROUP; g++) {
-            float total = 0.0f;
             for (int64_t t = i; t < n; t++)
-                total += x[t] * u[g * n + t];
-            for (int l = 0; l < CHUNK; l++)
-                total += acc[g][l];
-            xU[k0 + g] = total;
+                total[g] += x[t] * u[g * n + t];
+            xU[k0 + g] = total[g];
         }
     }
 }
@@ -175,6 +204,95 @@ int minilars_lars_forward(const float *x, const float *U, const float *V,
 
 /* ---------------------------------------------------------------- LARS backward */
 
+#define ROW_TILE 4   /* rows whose dU and dz updates share one pass over U and dU */
+
+/* Per-row part of the backward, all O(rank + g) work: recomputes the gate, then
+ * dgate, ds, dalpha (returned), dV_t += outer(zU, ds), dzU = V ds. Writes gate, dzU and
+ * the two scalars the row's dx needs: *rstd_out and *mean_dz_z_out = (dzU . zU) / in. */
+static double lars_row_small_backward(const float *xr, const float *dxt, const float *Ut,
+                                      const float *V, float alpha, float eps,
+                                      int64_t in_features, int64_t rank, int64_t rank_padded,
+                                      int64_t groups, int64_t block, float *zU, float *s,
+                                      float *gate, float *ds, float *dzU, float *dV_t,
+                                      float *rstd_out, float *mean_dz_z_out)
+{
+    const float rstd = lars_row_gate(xr, Ut, V, alpha, eps, in_features, rank,
+                                     rank_padded, groups, zU, s, gate);
+    /* dgate[j] = sum_t dxt * x over block j; ds = alpha dgate; dalpha += dgate . s */
+    double dalpha_row = 0.0;
+    for (int64_t j = 0; j < groups; j++) {
+        const float dgate = dot_f32(dxt + j * block, xr + j * block, block);
+        dalpha_row += (double)dgate * (double)s[j];
+        ds[j] = alpha * dgate;
+    }
+    /* dV += outer(zU, ds);  dzU = V ds;  (dzU . zU) */
+    float dzU_dot_zU = 0.0f;
+    for (int64_t k = 0; k < rank; k++) {
+        const float *Vk = V + k * groups;
+        float *dVk = dV_t + k * groups;
+        const float zk = zU[k];
+        float dzk = 0.0f;
+        for (int64_t j = 0; j < groups; j++) {
+            dVk[j] += zk * ds[j];
+            dzk += Vk[j] * ds[j];
+        }
+        dzU[k] = dzk;
+        dzU_dot_zU += dzk * zk;
+    }
+    *rstd_out = rstd;
+    /* mean(dz z) over the row = (dzU . zU) / in, since dz . z = (U dzU) . (x rstd) */
+    *mean_dz_z_out = dzU_dot_zU / (float)in_features;
+    return dalpha_row;
+}
+
+/* The (in)-long part for a tile of `tile_rows` rows (<= ROW_TILE), one pass over U and dU:
+ *   dU^T[k, i] += sum_rows coef[row][k] x[row][i]      coef = rstd dzU (so this is z^T dzU)
+ *   dz[row][i]  = sum_k dzU[row][k] U^T[k, i]          only when dz is not NULL
+ * x_rows[row] points at each row of x; dzU rows are rank_padded apart; dz rows in apart. */
+static void lars_tile_long_backward(const float *const *x_rows, int tile_rows,
+                                    const float *coef, const float *dzU, const float *Ut,
+                                    int64_t in_features, int64_t rank, int64_t rank_padded,
+                                    float *dUt_t, float *dz)
+{
+    int64_t i = 0;
+#ifdef HAVE_VECTOR_EXT
+    for (; i + CHUNK <= in_features; i += CHUNK) {
+        chunkf xc[ROW_TILE], dzc[ROW_TILE];
+        for (int r = 0; r < ROW_TILE; r++) {
+            xc[r] = r < tile_rows ? load_chunk(x_rows[r] + i) : (chunkf){0};
+            dzc[r] = (chunkf){0};
+        }
+        for (int64_t k = 0; k < rank; k++) {
+            const chunkf u = load_chunk(Ut + k * in_features + i);
+            chunkf d = load_chunk(dUt_t + k * in_features + i);
+            for (int r = 0; r < ROW_TILE; r++) {
+                d += coef[r * rank_padded + k] * xc[r];
+                dzc[r] += dzU[r * rank_padded + k] * u;
+            }
+            memcpy(dUt_t + k * in_features + i, &d, sizeof(d));
+        }
+        if (dz)
+            for (int r = 0; r < tile_rows; r++)
+                memcpy(dz + r * in_features + i, &dzc[r], sizeof(dzc[r]));
+    }
+#endif
+    for (; i < in_features; i++) {           /* the tail (or everything, without vectors) */
+        for (int r = 0; r < tile_rows; r++)
+            if (dz)
+                dz[r * in_features + i] = 0.0f;
+        for (int64_t k = 0; k < rank; k++) {
+            const float u = Ut[k * in_features + i];
+            float d = dUt_t[k * in_features + i];
+            for (int r = 0; r < tile_rows; r++) {
+                d += coef[r * rank_padded + k] * x_rows[r][i];
+                if (dz)
+                    dz[r * in_features + i] += dzU[r * rank_padded + k] * u;
+            }
+            dUt_t[k * in_features + i] = d;
+        }
+    }
+}
+
 int minilars_lars_backward(const float *dx_tilde, const float *x,
                            const float *U, const float *V, float alpha, float eps,
                            int64_t rows, int64_t in_features, int64_t rank, int64_t block,
@@ -196,6 +314,7 @@ int minilars_lars_backward(const float *dx_tilde, const float *x,
         free(Ut);
         return MINILARS_ERR_NOMEM;
     }
+    const int64_t tiles = (rows + ROW_TILE - 1) / ROW_TILE;
     int failed = 0;
 
 #pragma omp parallel num_threads(threads)
@@ -204,72 +323,56 @@ int minilars_lars_backward(const float *dx_tilde, const float *x,
         float *dUt_t = acc_all + (size_t)tid * (size_t)n_acc;     /* (rank, in) */
         float *dV_t = dUt_t + n_dU;                               /* (rank, g) */
         double dalpha_t = 0.0;
-        /* per-row scratch: zU, dzU (rank_padded), s, gate, ds (g), dz (in) */
-        float *scratch = malloc(sizeof(float) *
-                                (size_t)(2 * rank_padded + 3 * groups + in_features));
+        /* per-tile scratch: zU, dzU, coef (ROW_TILE, rank_padded); s, gate, ds (g);
+         * gates (ROW_TILE, g); dz (ROW_TILE, in) */
+        const int64_t per_tile = 3 * ROW_TILE * rank_padded + 3 * groups
+                                 + ROW_TILE * groups + ROW_TILE * in_features;
+        float *scratch = malloc(sizeof(float) * (size_t)per_tile);
         if (!scratch) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int64_t n = 0; n < rows; n++) {
+        for (int64_t tile = 0; tile < tiles; tile++) {
             if (!scratch)
                 continue;
-            float *zU = scratch, *dzU = zU + rank_padded;
-            float *s = dzU + rank_padded, *gate = s + groups, *ds = gate + groups;
-            float *restrict dz = ds + groups;
-            const float *restrict xr = x + n * in_features;
-            const float *restrict dxt = dx_tilde + n * in_features;
-            const float rstd = lars_row_gate(xr, Ut, V, alpha, eps, in_features, rank,
-                                             rank_padded, groups, zU, s, gate);
-            /* dgate[j] = sum_t dxt * x over block j; ds = alpha dgate; dalpha += dgate.s */
-            double dalpha_row = 0.0;
-            for (int64_t j = 0; j < groups; j++) {
-                const float dgate = dot_f32(dxt + j * block, xr + j * block, block);
-                dalpha_row += (double)dgate * (double)s[j];
-                ds[j] = alpha * dgate;
+            float *zU = scratch, *dzU = zU + ROW_TILE * rank_padded;
+            float *coef = dzU + ROW_TILE * rank_padded;
+            float *s = coef + ROW_TILE * rank_padded, *gate_row = s + groups, *ds = gate_row + groups;
+            float *gates = ds + groups, *dz = gates + ROW_TILE * groups;
+            const int64_t n0 = tile * ROW_TILE;
+            const int tile_rows = (int)(rows - n0 < ROW_TILE ? rows - n0 : ROW_TILE);
+            const float *x_rows[ROW_TILE];
+            float rstd[ROW_TILE], mean_dz_z[ROW_TILE];
+            memset(dzU, 0, sizeof(float) * (size_t)(2 * ROW_TILE * rank_padded));  /* dzU, coef */
+            for (int r = 0; r < tile_rows; r++) {
+                const float *xr = x + (n0 + r) * in_features;
+                const float *dxt = dx_tilde + (n0 + r) * in_features;
+                x_rows[r] = xr;
+                dalpha_t += lars_row_small_backward(
+                    xr, dxt, Ut, V, alpha, eps, in_features, rank, rank_padded, groups, block,
+                    zU + r * rank_padded, s, gate_row, ds, dzU + r * rank_padded, dV_t,
+                    &rstd[r], &mean_dz_z[r]);
+                memcpy(gates + r * groups, gate_row, sizeof(float) * (size_t)groups);
+                for (int64_t k = 0; k < rank; k++)
+                    coef[r * rank_padded + k] = rstd[r] * dzU[r * rank_padded + k];
             }
-            dalpha_t += dalpha_row;
-            /* dV += outer(zU, ds);  dzU = V ds;  (dzU . zU) */
-            float dzU_dot_zU = 0.0f;
-            for (int64_t k = 0; k < rank; k++) {
-                const float *Vk = V + k * groups;
-                float *dVk = dV_t + k * groups;
-                const float zk = zU[k];
-                float dzk = 0.0f;
-                for (int64_t j = 0; j < groups; j++) {
-                    dVk[j] += zk * ds[j];
-                    dzk += Vk[j] * ds[j];
-                }
-                dzU[k] = dzk;
-                dzU_dot_zU += dzk * zk;
-            }
-            /* dU^T[k, :] += (rstd dzU[k]) x, i.e. dU += outer(z, dzU) */
-            for (int64_t k = 0; k < rank; k++) {
-                const float c = rstd * dzU[k];
-                float *restrict dUk = dUt_t + k * in_features;
-                for (int64_t i = 0; i < in_features; i++)
-                    dUk[i] += c * xr[i];
-            }
+            lars_tile_long_backward(x_rows, tile_rows, coef, dzU, Ut, in_features, rank,
+                                    rank_padded, dUt_t, dx ? dz : NULL);
             if (!dx)
                 continue;
-            /* dz = U dzU (one row, kept in scratch); mean(dz z) = (dzU . zU) / in */
-            const float mean_dz_z = dzU_dot_zU / (float)in_features;
-            for (int64_t i = 0; i < in_features; i++)
-                dz[i] = 0.0f;
-            for (int64_t k = 0; k < rank; k++) {
-                const float c = dzU[k];
-                const float *restrict Uk = Ut + k * in_features;
-                for (int64_t i = 0; i < in_features; i++)
-                    dz[i] += c * Uk[i];
-            }
             /* dx = gate dxt + rstd (dz - z mean_dz_z), z = x rstd */
-            float *restrict dxr = dx + n * in_features;
-            const float x_coef = rstd * rstd * mean_dz_z;
-            for (int64_t j = 0; j < groups; j++) {
-                const float gj = gate[j];
-                for (int64_t t = j * block; t < (j + 1) * block; t++)
-                    dxr[t] = gj * dxt[t] + rstd * dz[t] - x_coef * xr[t];
+            for (int r = 0; r < tile_rows; r++) {
+                const float *restrict xr = x_rows[r];
+                const float *restrict dxt = dx_tilde + (n0 + r) * in_features;
+                const float *restrict dzr = dz + r * in_features;
+                float *restrict dxr = dx + (n0 + r) * in_features;
+                const float rs = rstd[r], x_coef = rstd[r] * rstd[r] * mean_dz_z[r];
+                for (int64_t j = 0; j < groups; j++) {
+                    const float gj = gates[r * groups + j];
+                    for (int64_t t = j * block; t < (j + 1) * block; t++)
+                        dxr[t] = gj * dxt[t] + rs * dzr[t] - x_coef * xr[t];
+                }
             }
         }
         dalpha_all[tid] = dalpha_t;
@@ -383,8 +486,7 @@ int minilars_half_to_f32(const uint16_t *src, int weight_format, int64_t n, floa
 #define DEPTH_TILE 256
 #define PANEL_COLS_MAX 256
 
-#if defined(__GNUC__) || defined(__clang__)
-#define HAVE_VECTOR_EXT 1
+#ifdef HAVE_VECTOR_EXT
 typedef float vecf __attribute__((vector_size(VEC_FLOATS * 4)));
 #endif
 
