@@ -13,6 +13,9 @@
 #endif
 
 #include <math.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -450,25 +453,39 @@ static inline float f16_bits_to_f32(uint16_t h)
     return out;
 }
 
-static inline float bf16_bits_to_f32(uint16_t h)
+/* dst[i] = the float32 value of half-precision bits src[i], for i < n: the conversion of
+ * every weight tile. bfloat16 is a shift (vectorised by the compiler); float16 uses the
+ * F16C instruction on x86 or __fp16 on ARM when available, else the bit manipulation. */
+static void convert_half_run(const uint16_t *restrict src, int weight_format, int64_t n,
+                             float *restrict dst)
 {
-    const uint32_t bits = (uint32_t)h << 16;
-    float out;
-    memcpy(&out, &bits, 4);
-    return out;
-}
-
-static inline float half_to_f32(uint16_t h, int weight_format)
-{
-    return weight_format == MINILARS_WEIGHT_BF16 ? bf16_bits_to_f32(h) : f16_bits_to_f32(h);
+    int64_t i = 0;
+    if (weight_format == MINILARS_WEIGHT_BF16) {
+        for (; i < n; i++) {
+            const uint32_t bits = (uint32_t)src[i] << 16;
+            memcpy(dst + i, &bits, 4);
+        }
+        return;
+    }
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#elif defined(__ARM_FP16_FORMAT_IEEE)
+    for (; i < n; i++) {
+        __fp16 h;
+        memcpy(&h, src + i, 2);
+        dst[i] = (float)h;
+    }
+#endif
+    for (; i < n; i++)
+        dst[i] = f16_bits_to_f32(src[i]);
 }
 
 int minilars_half_to_f32(const uint16_t *src, int weight_format, int64_t n, float *dst)
 {
     if (n < 0 || (weight_format != MINILARS_WEIGHT_F16 && weight_format != MINILARS_WEIGHT_BF16))
         return MINILARS_ERR_ARGS;
-    for (int64_t i = 0; i < n; i++)
-        dst[i] = half_to_f32(src[i], weight_format);
+    convert_half_run(src, weight_format, n, dst);
     return MINILARS_OK;
 }
 
@@ -553,28 +570,82 @@ static void micro_kernel(int64_t depth, const float *A, int64_t lda, const float
 }
 
 /* Pack B[k0:k0+kd, c0:c0+nc] (converted to float32) into micro-panels of NR columns:
- * packed[(p * kd + k) * NR + l] = B[k0 + k, c0 + p*NR + l], zero beyond nc. */
+ * packed[(p * kd + k) * NR + l] = B[k0 + k, c0 + p*NR + l], zero beyond nc.
+ * row: scratch of DEPTH_TILE floats. */
 static void pack_b_tile(const uint16_t *W, int weight_format, int transposed,
                         int64_t ldw, int64_t k0, int64_t kd, int64_t c0, int64_t nc,
-                        float *packed)
+                        float *packed, float *row)
 {
     const int64_t panels = (nc + NR - 1) / NR;
-    memset(packed, 0, sizeof(float) * (size_t)(panels * kd * NR));
-    if (transposed) {            /* B[k, c] = W[c, k]: read W rows, contiguous in k */
+    if (nc % NR)
+        memset(packed + (panels - 1) * kd * NR, 0, sizeof(float) * (size_t)(kd * NR));
+    if (transposed) {            /* B[k, c] = W[c, k]: convert a W row, scatter it down */
         for (int64_t c = 0; c < nc; c++) {
-            const uint16_t *Wrow = W + (c0 + c) * ldw + k0;
+            convert_half_run(W + (c0 + c) * ldw + k0, weight_format, kd, row);
             float *dst = packed + (c / NR) * kd * NR + (c % NR);
             for (int64_t k = 0; k < kd; k++)
-                dst[k * NR] = half_to_f32(Wrow[k], weight_format);
+                dst[k * NR] = row[k];
         }
-    } else {                     /* B[k, c] = W[k, c]: read W rows, contiguous in c */
+    } else {                     /* B[k, c] = W[k, c]: runs of NR columns are contiguous */
         for (int64_t k = 0; k < kd; k++) {
             const uint16_t *Wrow = W + (k0 + k) * ldw + c0;
-            for (int64_t c = 0; c < nc; c++)
-                packed[(c / NR) * kd * NR + k * NR + (c % NR)] =
-                    half_to_f32(Wrow[c], weight_format);
+            for (int64_t p = 0; p < panels; p++) {
+                const int64_t width = nc - p * NR < NR ? nc - p * NR : NR;
+                convert_half_run(Wrow + p * NR, weight_format, width,
+                                 packed + (p * kd + k) * NR);
+            }
         }
     }
+}
+
+/* Few rows (fewer than a register tile: token-by-token generation): stream W once,
+ * converting one W row (or row segment) at a time into a per-thread buffer.
+ *   transposed (x W^T):  C[n, c] = A[n, :] . W[c, :]       parallel over c
+ *   otherwise  (dy W):   C[n, c0:c1] += A[n, m] W[m, c0:c1] parallel over column blocks */
+static int matmul_half_few_rows(const float *A, const uint16_t *W, int weight_format,
+                                int transposed, int64_t rows, int64_t depth, int64_t cols,
+                                float *C)
+{
+    int failed = 0;
+    const int64_t block_cols = 512;
+#pragma omp parallel
+    {
+        float *row = malloc(sizeof(float) * (size_t)(transposed ? depth : block_cols));
+        if (!row) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        if (transposed) {
+#pragma omp for schedule(static)
+            for (int64_t c = 0; c < cols; c++) {
+                if (!row)
+                    continue;
+                convert_half_run(W + c * depth, weight_format, depth, row);
+                for (int64_t n = 0; n < rows; n++)
+                    C[n * cols + c] = dot_f32(A + n * depth, row, depth);
+            }
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t c0 = 0; c0 < cols; c0 += block_cols) {
+                if (!row)
+                    continue;
+                const int64_t width = cols - c0 < block_cols ? cols - c0 : block_cols;
+                for (int64_t n = 0; n < rows; n++)
+                    memset(C + n * cols + c0, 0, sizeof(float) * (size_t)width);
+                for (int64_t m = 0; m < depth; m++) {
+                    convert_half_run(W + m * cols + c0, weight_format, width, row);
+                    for (int64_t n = 0; n < rows; n++) {
+                        const float a = A[n * depth + m];
+                        float *restrict out = C + n * cols + c0;
+                        for (int64_t c = 0; c < width; c++)
+                            out[c] += a * row[c];
+                    }
+                }
+            }
+        }
+        free(row);
+    }
+    return failed ? MINILARS_ERR_NOMEM : MINILARS_OK;
 }
 
 static int matmul_half(const float *A, const uint16_t *W, int weight_format, int transposed,
@@ -584,6 +655,8 @@ static int matmul_half(const float *A, const uint16_t *W, int weight_format, int
         return MINILARS_ERR_ARGS;
     if (weight_format != MINILARS_WEIGHT_F16 && weight_format != MINILARS_WEIGHT_BF16)
         return MINILARS_ERR_ARGS;
+    if (rows < MR)
+        return matmul_half_few_rows(A, W, weight_format, transposed, rows, depth, cols, C);
     const int64_t ldw = transposed ? depth : cols;
     /* panel width: enough panels to keep every thread busy, a multiple of NR */
     const int threads = minilars_max_threads();
@@ -598,13 +671,14 @@ static int matmul_half(const float *A, const uint16_t *W, int weight_format, int
     {
         float *packed = malloc(sizeof(float) * (size_t)(DEPTH_TILE * panel));
         float *a_pad = malloc(sizeof(float) * (size_t)(DEPTH_TILE * MR));
-        if (!packed || !a_pad) {
+        float *row = malloc(sizeof(float) * DEPTH_TILE);
+        if (!packed || !a_pad || !row) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t p = 0; p < n_panels; p++) {
-            if (!packed || !a_pad)
+            if (!packed || !a_pad || !row)
                 continue;
             const int64_t c0 = p * panel;
             const int64_t nc = cols - c0 < panel ? cols - c0 : panel;
@@ -612,7 +686,7 @@ static int matmul_half(const float *A, const uint16_t *W, int weight_format, int
                 memset(C + r * cols + c0, 0, sizeof(float) * (size_t)nc);
             for (int64_t k0 = 0; k0 < depth; k0 += DEPTH_TILE) {
                 const int64_t kd = depth - k0 < DEPTH_TILE ? depth - k0 : DEPTH_TILE;
-                pack_b_tile(W, weight_format, transposed, ldw, k0, kd, c0, nc, packed);
+                pack_b_tile(W, weight_format, transposed, ldw, k0, kd, c0, nc, packed, row);
                 const int64_t full_rows = rows - rows % MR;
                 const int64_t rest = rows - full_rows;
                 if (rest) {       /* the last rows, zero padded to MR */
@@ -636,6 +710,7 @@ static int matmul_half(const float *A, const uint16_t *W, int weight_format, int
         }
         free(packed);
         free(a_pad);
+        free(row);
     }
     return failed ? MINILARS_ERR_NOMEM : MINILARS_OK;
 }

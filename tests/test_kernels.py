@@ -120,7 +120,7 @@ def test_lars_c_detects_a_wrong_result():
 def matmul_case(draw):
     rows = draw(st.sampled_from([1, 2, 5, 6, 7, 8, 9, 13, 31, 64, 100]))
     depth = draw(st.sampled_from([1, 3, 16, 17, 255, 256, 257, 576]))
-    cols = draw(st.sampled_from([1, 5, 15, 16, 31, 32, 33, 70, 300]))
+    cols = draw(st.sampled_from([1, 5, 15, 16, 31, 32, 33, 70, 300, 700]))
     fmt = draw(st.sampled_from(["f16", "bf16"]))
     seed = draw(st.integers(0, 2**31 - 1))
     return rows, depth, cols, fmt, seed
