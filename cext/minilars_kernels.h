@@ -65,7 +65,9 @@ int minilars_lars_backward(const float *dx_tilde, const float *x,
  *   reads   x (rows, in) float32, W (out, in) uint16 bits (weight_format F16 or BF16)
  *   writes  y (rows, out) float32
  * W is converted to float32 one packed tile (at most 256 x 256) at a time per thread;
- * no float32 copy of W is made. Output column panels are split over threads. */
+ * no float32 copy of W is made. Output column panels are split over threads. With fewer
+ * rows than a register tile (6 or 8; e.g. generation, one token), W is streamed once,
+ * one converted row per thread at a time, and output columns are split over threads. */
 int minilars_matmul_xwT(const float *x, const uint16_t *W, int weight_format,
                         int64_t rows, int64_t in_features, int64_t out_features,
                         float *y);
@@ -73,7 +75,7 @@ int minilars_matmul_xwT(const float *x, const uint16_t *W, int weight_format,
 /* dx = dy W with a half-precision frozen weight, float32 accumulation.
  *   reads   dy (rows, out) float32, W (out, in) uint16 bits (weight_format F16 or BF16)
  *   writes  dx (rows, in) float32
- * Same tiling as minilars_matmul_xwT. */
+ * Same tiling as minilars_matmul_xwT; the few-rows path splits dx's columns over threads. */
 int minilars_matmul_dyW(const float *dy, const uint16_t *W, int weight_format,
                         int64_t rows, int64_t out_features, int64_t in_features,
                         float *dx);
