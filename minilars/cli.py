@@ -382,6 +382,46 @@ def _add_model_commands(sub) -> None:
 EXTRA_COMMANDS.append(_add_model_commands)
 
 
+def cmd_experiment(args) -> int:
+    from minilars.experiment import ExperimentOptions, run_experiment, write_report
+    opts = ExperimentOptions(model=args.model, out=args.out, tasks=args.tasks,
+                             methods=args.methods, seeds=[int(s) for s in args.seeds],
+                             steps=args.steps, batch=args.batch, seq=args.seq,
+                             policy=args.policy, eval_limit=args.eval_limit, mmlu=args.mmlu,
+                             data_dir=args.data_dir)
+    for m in opts.methods:
+        if m not in METHODS:
+            raise UsageError(f"unknown method {m!r} in --methods; expected {METHODS}")
+    if args.report_only:
+        print(write_report(opts))
+    else:
+        run_experiment(opts)
+    return 0
+
+
+def _add_experiment_command(sub) -> None:
+    p = sub.add_parser("experiment", help="zero-shot vs LoRA vs IA3 vs LARS: accuracy, memory, speed")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", default="runs/experiment")
+    p.add_argument("--tasks", type=_str_list,
+                   default=["arc_easy", "piqa", "hellaswag", "winogrande", "boolq"],
+                   help="MC tasks, and/or kv_lookup (long-context, T=2048)")
+    p.add_argument("--methods", type=_str_list, default=["lora", "ia3", "lars"])
+    p.add_argument("--seeds", type=_str_list, default=["0", "1", "2"])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--policy", choices=("none", "layer"), default="layer")
+    p.add_argument("--eval-limit", type=int, default=500)
+    p.add_argument("--mmlu", type=_str_list, default=["economics"])
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--report-only", action="store_true", help="rewrite results.md from finished cells")
+    p.set_defaults(func=cmd_experiment)
+
+
+EXTRA_COMMANDS.append(_add_experiment_command)
+
+
 # ---------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:

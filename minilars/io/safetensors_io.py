@@ -204,6 +204,22 @@ def _read_tensor(path: str, name: str, entry: dict, data_start: int, handle) -> 
     return handle.get_tensor(name)
 
 
+def _copy_tensor(path: str, entry: dict, data_start: int, dtype) -> np.ndarray:
+    """One tensor read through a short-lived memory map into a new array of `dtype`."""
+    shape = tuple(entry["shape"])
+    stored = "<u2" if entry["dtype"] == "BF16" else np.dtype(STORED_DTYPES[entry["dtype"]][0]).newbyteorder("<")
+    out = np.empty(shape, dtype=dtype)
+    if out.size == 0:
+        return out
+    mapped = np.memmap(path, dtype=stored, mode="r", offset=data_start + entry["begin"], shape=shape)
+    if entry["dtype"] == "BF16":
+        out[...] = (mapped.astype(np.uint32) << 16).view(np.float32)
+    else:
+        out[...] = mapped
+    del mapped
+    return out
+
+
 def load_safetensors(path: str, names=None) -> dict[str, np.ndarray]:
     """All (or the named) tensors of one safetensors file, after checking its header.
     F64/F32/F16 keep their dtype; BF16 is returned as float32 (exact)."""
@@ -297,24 +313,17 @@ def load_model(folder: str, dtype=np.float32, frozen_dtype=None
         if entry["shape"] != tuple(shape):
             raise CheckpointError(f"{path}: tensor {name!r} has shape {list(entry['shape'])}, "
                                   f"expected {list(shape)} from config.json")
-    # pass 2: read, converting each tensor as soon as it is read (one extra copy at a time)
-    from safetensors import safe_open
+    # pass 2: map one tensor at a time, copy it into its own array in the target dtype and
+    # drop the mapping, so the process never holds the file's pages and the weights at once
+    # (peak RSS = the weights + one tensor, which matters on a Pi)
     params: dict[str, np.ndarray] = {}
-    by_file: dict[str, list[str]] = {}
     for name in expected:
-        by_file.setdefault(located[name][0], []).append(name)
-    for path, names in by_file.items():
+        path, entry, data_start = located[name]
+        target = frozen_dtype if (frozen_dtype is not None and len(entry["shape"]) == 2) else dtype
         try:
-            with safe_open(path, framework="numpy") as handle:
-                for name in names:
-                    _, entry, data_start = located[name]
-                    raw = _read_tensor(path, name, entry, data_start, handle)
-                    target = frozen_dtype if (frozen_dtype is not None and raw.ndim == 2) else dtype
-                    params[name] = np.ascontiguousarray(raw, dtype=target)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from None
+            params[name] = _copy_tensor(path, entry, data_start, target)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({type(e).__name__}: {e})") from None
     return cfg, {name: params[name] for name in expected}
 
 

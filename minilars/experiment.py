@@ -1,0 +1,304 @@
+"""The method comparison: zero-shot vs LoRA vs IA3 vs LARS (vs full) on the same model,
+data, sequence length and step budget, with accuracy, peak memory and tokens/s.
+
+Each cell (task, method, seed) is trained with `minilars.train`, then scored on a fixed
+seeded subset of the task's evaluation split (the same questions for every method and
+seed). Cells are written to OUT/cells/*.json as they finish, so an interrupted experiment
+continues where it stopped. At the end OUT/results.md holds the table (mean and std over
+seeds) and OUT/memory_vs_accuracy.svg the plot.
+
+Tasks: multiple-choice tasks from `minilars data fetch`; "mmlu_<group>" (evaluation only,
+zero- and 5-shot); "kv_lookup" (synthetic long-context key-value retrieval, exact match of
+the greedily decoded value; trained on keys from another alphabet and seed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from minilars.io.atomic import write_json, write_text
+
+
+@dataclass
+class ExperimentOptions:
+    model: str
+    out: str = "runs/experiment"
+    tasks: list = field(default_factory=lambda: ["arc_easy", "piqa", "hellaswag", "winogrande", "boolq"])
+    methods: list = field(default_factory=lambda: ["lora", "ia3", "lars"])
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 100
+    batch: int = 4
+    seq: int = 256
+    lr: dict = field(default_factory=lambda: {"lora": 2e-4, "ia3": 3e-3, "lars": 2e-3, "full": 1e-5})
+    policy: str = "layer"
+    eval_limit: int = 500
+    mmlu: list = field(default_factory=lambda: ["economics"])
+    longctx_seq: int = 2048
+    longctx_train_examples: int = 64
+    longctx_eval_examples: int = 50
+    data_dir: str = "data"
+
+
+def _cell_path(opts, task, method, seed):
+    return os.path.join(opts.out, "cells", f"{task}__{method}__{seed}.json")
+
+
+def _done(path):
+    return os.path.exists(path)
+
+
+def zero_shot_cell(opts, task, log):
+    from minilars.evaluate import load_eval_rows, score_multiple_choice
+    from minilars.train import load_base
+    path = _cell_path(opts, task, "zero-shot", 0)
+    if _done(path):
+        return
+    model, tok = load_base(opts.model)
+    t0 = time.perf_counter()
+    if task.startswith("mmlu_"):
+        for shots in (0, 5):
+            rows = mmlu_rows(task, shots, opts.eval_limit)
+            res = score_multiple_choice(model, tok, rows, max_len=1024)
+            write_json(_cell_path(opts, f"{task}_{shots}shot", "zero-shot", 0),
+                       {"task": f"{task}_{shots}shot", "method": "zero-shot", "seed": 0,
+                        "acc": res["acc"], "acc_norm": res["acc_norm"], "n": res["n"],
+                        "eval_seconds": time.perf_counter() - t0})
+            log(f"{task} {shots}-shot: acc {res['acc']:.3f}")
+        write_json(path, {"task": task, "method": "zero-shot", "seed": 0, "skip": True})
+        return
+    if task == "kv_lookup":
+        res = longctx_score(model, tok, opts)
+    else:
+        rows = load_eval_rows(task, opts.data_dir, opts.eval_limit, seed=0)
+        res = score_multiple_choice(model, tok, rows, max_len=opts.seq * 2)
+    write_json(path, {"task": task, "method": "zero-shot", "seed": 0, "acc": res["acc"],
+                      "acc_norm": res.get("acc_norm", res["acc"]), "n": res["n"],
+                      "eval_seconds": time.perf_counter() - t0})
+    log(f"{task} zero-shot: acc {res['acc']:.3f} acc_norm {res.get('acc_norm', res['acc']):.3f}")
+
+
+def mmlu_rows(task, shots, limit):
+    """MMLU test rows, with `shots` dev examples of the same subject in front."""
+    from minilars.data.mmlu import load_mmlu
+    group = task[len("mmlu_"):]
+    dev = load_mmlu(group, "dev")
+    rows = load_mmlu(group, "test")
+    if limit and limit < len(rows):
+        keep = np.random.default_rng([0, 11]).permutation(len(rows))[:limit]
+        rows = [rows[i] for i in sorted(keep)]
+    if shots:
+        by_subject = {}
+        for d in dev:
+            by_subject.setdefault(d["subject"], []).append(d)
+        out = []
+        for r in rows:
+            prefix = "".join(f"{d['query']} {d['choices'][d['gold']]}\n\n"
+                             for d in by_subject.get(r["subject"], [])[:shots])
+            out.append({**r, "query": prefix + r["query"]})
+        rows = out
+    return rows
+
+
+def longctx_rows(opts, tok, split):
+    from minilars.data.longctx import kv_lookup, split_defaults
+    seed, alphabet = split_defaults(split)
+    n = opts.longctx_train_examples if split == "train" else opts.longctx_eval_examples
+    depths = np.linspace(0.0, 1.0, 5)
+    rows = []
+    for k, depth in enumerate(depths):
+        rows += kv_lookup(max(1, n // len(depths)), target_tokens=opts.longctx_seq - 16,
+                          depth=float(depth), seed=seed + k, alphabet=alphabet, tokenizer=tok)
+    return [{**r, "prompt": r["query"], "completion": r["target"]} for r in rows]
+
+
+def longctx_score(model, tok, opts) -> dict:
+    """Exact match of the greedily decoded value."""
+    from minilars.generate import generate
+    rows = longctx_rows(opts, tok, "eval")
+    correct = 0
+    for r in rows:
+        ids = tok.encode(r["query"])
+        want = len(tok.encode(r["target"])) + 1
+        out = tok.decode(list(generate(model, ids, max_new_tokens=want)))
+        correct += out.strip().startswith(r["answer"])
+    return {"acc": correct / len(rows), "n": len(rows)}
+
+
+def method_cell(opts, task, method, seed, log):
+    from minilars.evaluate import load_eval_rows, score_multiple_choice
+    from minilars.io.peft import load_adapter
+    from minilars.train import TrainOptions, load_base
+    path = _cell_path(opts, task, method, seed)
+    if _done(path):
+        return
+    run_dir = os.path.join(opts.out, "runs", f"{task}__{method}__{seed}")
+    data = None
+    seq = opts.seq
+    if task == "kv_lookup":
+        _, tok = load_base(opts.model)
+        data = os.path.join(opts.out, "kv_lookup_train.jsonl")
+        if not os.path.exists(data):
+            write_text(data, "".join(json.dumps(r) + "\n" for r in longctx_rows(opts, tok, "train")))
+        seq = opts.longctx_seq
+    topts = TrainOptions(model=opts.model, method=method, task=None if data else task, data=data,
+                         seq=seq, steps=opts.steps, batch=opts.batch, lr=opts.lr[method],
+                         warmup=max(1, opts.steps // 10), policy=opts.policy, seed=seed,
+                         out=run_dir, save_every=opts.steps, data_dir=opts.data_dir)
+    summary = train_in_subprocess(topts)
+    model, tok = load_base(opts.model)
+    if method == "full":
+        from minilars.io.safetensors_io import load_model
+        model.params = load_model(os.path.join(run_dir, "checkpoint"))[1]
+    else:
+        load_adapter(os.path.join(run_dir, "checkpoint"), model)
+    t0 = time.perf_counter()
+    if task == "kv_lookup":
+        res = longctx_score(model, tok, opts)
+    else:
+        rows = load_eval_rows(task, opts.data_dir, opts.eval_limit, seed=0)
+        res = score_multiple_choice(model, tok, rows, max_len=opts.seq * 2)
+    cell = {"task": task, "method": method, "seed": seed, "acc": res["acc"],
+            "acc_norm": res.get("acc_norm", res["acc"]), "n": res["n"],
+            "final_loss": summary["final_loss"], "train_seconds": summary["seconds"],
+            "tok_per_s": summary["tokens"] / summary["seconds"],
+            "ledger_peak_mib": summary["ledger_peak_mib"], "rss_peak_mib": summary["rss_peak_mib"],
+            "trainable": summary["trainable"]["trainable"], "steps": opts.steps,
+            "eval_seconds": time.perf_counter() - t0}
+    write_json(path, cell)
+    log(f"{task} {method} seed {seed}: acc {cell['acc']:.3f} acc_norm {cell['acc_norm']:.3f} "
+        f"loss {cell['final_loss']:.3f} {cell['tok_per_s']:.0f} tok/s "
+        f"ledger {cell['ledger_peak_mib']:.0f} MiB RSS {cell['rss_peak_mib']:.0f} MiB")
+
+
+def train_in_subprocess(topts) -> dict:
+    """Train one cell in a fresh process, so its peak RSS is that run's alone."""
+    import dataclasses
+    import shutil
+    import subprocess
+    import sys
+    shutil.rmtree(topts.out, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "minilars.experiment", "train-cell",
+                    json.dumps(dataclasses.asdict(topts))], check=True,
+                   stdout=subprocess.DEVNULL)
+    with open(os.path.join(topts.out, "summary.json")) as f:
+        return json.load(f)
+
+
+def run_experiment(opts: ExperimentOptions, log=print) -> str:
+    t0 = time.perf_counter()
+    os.makedirs(os.path.join(opts.out, "cells"), exist_ok=True)
+    write_json(os.path.join(opts.out, "experiment.json"), opts.__dict__)
+    for task in opts.tasks:
+        zero_shot_cell(opts, task, log)
+        for method in opts.methods:
+            for seed in opts.seeds:
+                method_cell(opts, task, method, seed, log)
+    for group in opts.mmlu:
+        zero_shot_cell(opts, f"mmlu_{group}", log)
+    report = write_report(opts)
+    log(f"experiment done in {time.perf_counter() - t0:.0f} s; {report}")
+    return report
+
+
+# ------------------------------------------------------------------ the report
+
+def load_cells(out: str) -> list[dict]:
+    cells = []
+    folder = os.path.join(out, "cells")
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name)) as f:
+            cell = json.load(f)
+        if not cell.get("skip"):
+            cells.append(cell)
+    return cells
+
+
+def _mean_std(values):
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def write_report(opts: ExperimentOptions) -> str:
+    cells = load_cells(opts.out)
+    tasks = list(dict.fromkeys(c["task"] for c in cells))
+    methods = ["zero-shot"] + [m for m in opts.methods]
+    lines = [f"# minilars experiment: {os.path.basename(opts.model.rstrip('/'))}",
+             "",
+             f"{opts.steps} steps x batch {opts.batch} at seq {opts.seq}, recompute policy "
+             f"`{opts.policy}` for every method; accuracy on a fixed seeded subset of "
+             f"{opts.eval_limit} eval questions (acc_norm for HellaSwag, PIQA and ARC as in "
+             f"the paper's harness); mean ± std over seeds {opts.seeds}. Missing cells: `-`.",
+             "",
+             "| method | " + " | ".join(tasks) + " | avg | peak ledger MiB | peak RSS MiB | tok/s |",
+             "|---|" + "---|" * (len(tasks) + 4)]
+    points = []
+    for method in methods:
+        row, accs = [], []
+        mems, rss, tps = [], [], []
+        for task in tasks:
+            sel = [c for c in cells if c["task"] == task and c["method"] == method]
+            metric = "acc_norm" if task.split("_")[0] in ("hellaswag", "piqa", "arc") else "acc"
+            m, s = _mean_std([c[metric] for c in sel])
+            if m is None:
+                row.append("-")
+                continue
+            accs.append(m)
+            row.append(f"{100 * m:.1f} ± {100 * s:.1f}" if len(sel) > 1 else f"{100 * m:.1f}")
+            mems += [c["ledger_peak_mib"] for c in sel if "ledger_peak_mib" in c]
+            rss += [c["rss_peak_mib"] for c in sel if "rss_peak_mib" in c]
+            tps += [c["tok_per_s"] for c in sel if "tok_per_s" in c]
+        avg = statistics.fmean(accs) if accs else None
+        fmt = lambda v, f: "-" if not v else f.format(statistics.fmean(v))
+        lines.append(f"| {method} | " + " | ".join(row) + f" | {'-' if avg is None else f'{100 * avg:.1f}'} | "
+                     f"{fmt(mems, '{:.0f}')} | {fmt(rss, '{:.0f}')} | {fmt(tps, '{:.0f}')} |")
+        if mems and avg is not None:
+            points.append((method, statistics.fmean(mems), 100 * avg))
+    lines += ["", "Memory is the peak of a training step (ledger: named bytes; RSS: the "
+              "process's high-water mark, which includes the evaluation that followed in "
+              "other runs' processes only if they shared one)."]
+    report = os.path.join(opts.out, "results.md")
+    write_text(report, "\n".join(lines) + "\n")
+    if points:
+        write_text(os.path.join(opts.out, "memory_vs_accuracy.svg"), svg_scatter(points))
+    return report
+
+
+def svg_scatter(points, width=480, height=320) -> str:
+    """A dependency-free SVG scatter: x = peak MiB, y = mean accuracy %, one label each."""
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    x0, x1 = min(xs) * 0.9, max(xs) * 1.1 + 1
+    y0, y1 = min(ys) - 2, max(ys) + 2
+    X = lambda x: 60 + (x - x0) / (x1 - x0) * (width - 90)
+    Y = lambda y: height - 40 - (y - y0) / (y1 - y0) * (height - 70)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<line x1="60" y1="{height - 40}" x2="{width - 20}" y2="{height - 40}" stroke="black"/>',
+             f'<line x1="60" y1="30" x2="60" y2="{height - 40}" stroke="black"/>',
+             f'<text x="{width / 2}" y="{height - 8}" text-anchor="middle">peak training memory (ledger, MiB)</text>',
+             f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" '
+             f'text-anchor="middle">mean accuracy (%)</text>',
+             f'<text x="60" y="{height - 24}">{x0:.0f}</text>',
+             f'<text x="{width - 20}" y="{height - 24}" text-anchor="end">{x1:.0f}</text>',
+             f'<text x="56" y="{height - 40}" text-anchor="end">{y0:.1f}</text>',
+             f'<text x="56" y="34" text-anchor="end">{y1:.1f}</text>']
+    for name, x, y in points:
+        parts.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="5" fill="#3366cc"/>')
+        parts.append(f'<text x="{X(x) + 8:.1f}" y="{Y(y) + 4:.1f}">{name}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+if __name__ == "__main__":      # python -m minilars.experiment train-cell '<TrainOptions JSON>'
+    import sys
+    if len(sys.argv) == 3 and sys.argv[1] == "train-cell":
+        from minilars.train import TrainOptions, train
+        train(TrainOptions(**json.loads(sys.argv[2])))
+    else:
+        sys.exit("usage: python -m minilars.experiment train-cell '<TrainOptions JSON>'")
