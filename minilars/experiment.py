@@ -34,7 +34,7 @@ class ExperimentOptions:
     steps: int = 100
     batch: int = 4
     seq: int = 256
-    lr: dict = field(default_factory=lambda: {"lora": 2e-4, "ia3": 3e-3, "lars": 2e-3, "full": 1e-5})
+    lr: dict = field(default_factory=lambda: {"lora": 1e-3, "ia3": 3e-3, "lars": 2e-3, "full": 1e-5})
     policy: str = "layer"
     eval_limit: int = 500
     mmlu: list = field(default_factory=lambda: ["economics"])
