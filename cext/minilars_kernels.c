@@ -16,7 +16,6 @@
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
-#include <stdlib.h>
 #include <string.h>
 
 #ifdef _OPENMP
@@ -107,15 +106,13 @@ static inline float dot_f32(const float *restrict a, const float *restrict b, in
 
 /* Ut (rank_padded, in) = U^T, rows beyond rank zero; rank_padded = rank rounded up to
  * RGROUP. The kernels work on U^T so every inner loop runs along `in`, contiguous. */
-static float *transpose_U(const float *U, int64_t in_features, int64_t rank, int64_t rank_padded)
+static void transpose_U(const float *U, int64_t in_features, int64_t rank, int64_t rank_padded,
+                        float *Ut)
 {
-    float *Ut = calloc((size_t)(rank_padded * in_features), sizeof(float));
-    if (!Ut)
-        return NULL;
+    memset(Ut, 0, sizeof(float) * (size_t)(rank_padded * in_features));
     for (int64_t i = 0; i < in_features; i++)
         for (int64_t k = 0; k < rank; k++)
             Ut[k * in_features + i] = U[i * rank + k];
-    return Ut;
 }
 
 /* xU[k] = sum_i x[i] Ut[k, i] for k < rank_padded: RGROUP ranks per pass over x. */
@@ -176,33 +173,41 @@ static int64_t round_up(int64_t n, int64_t multiple)
 
 /* ---------------------------------------------------------------- LARS forward */
 
+static int lars_shape_ok(int64_t in_features, int64_t rank, int64_t block, int threads)
+{
+    return in_features >= 1 && rank >= 1 && block >= 1 && in_features % block == 0 && threads >= 1;
+}
+
+int64_t minilars_lars_forward_workspace(int64_t in_features, int64_t rank, int64_t block,
+                                        int threads)
+{
+    if (!lars_shape_ok(in_features, rank, block, threads))
+        return -1;
+    const int64_t groups = in_features / block, rank_padded = round_up(rank, RGROUP);
+    /* Ut (rank_padded, in) | per thread: zU (rank_padded), s (g), gate (g) */
+    return rank_padded * in_features + (int64_t)threads * (rank_padded + 2 * groups);
+}
+
 int minilars_lars_forward(const float *x, const float *U, const float *V,
                           float alpha, float eps,
                           int64_t rows, int64_t in_features, int64_t rank, int64_t block,
-                          float *x_tilde)
+                          float *x_tilde, int threads, float *workspace, int64_t workspace_floats)
 {
-    if (rows < 1 || in_features < 1 || rank < 1 || block < 1 || in_features % block)
+    if (rows < 1 || !lars_shape_ok(in_features, rank, block, threads)
+        || workspace_floats < minilars_lars_forward_workspace(in_features, rank, block, threads))
         return MINILARS_ERR_ARGS;
     const int64_t groups = in_features / block;
     const int64_t rank_padded = round_up(rank, RGROUP);
-    float *Ut = transpose_U(U, in_features, rank, rank_padded);
-    if (!Ut)
-        return MINILARS_ERR_NOMEM;
-    int failed = 0;
+    float *Ut = workspace;
+    transpose_U(U, in_features, rank, rank_padded, Ut);
+    float *per_thread = Ut + rank_padded * in_features;
 
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
-        /* per-thread scratch: zU (rank_padded), s (g), gate (g) */
-        float *scratch = malloc(sizeof(float) * (size_t)(rank_padded + 2 * groups));
-        if (!scratch) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *zU = per_thread + (int64_t)THREAD_ID() * (rank_padded + 2 * groups);
+        float *s = zU + rank_padded, *gate = s + groups;
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < rows; n++) {
-            if (!scratch)
-                continue;
-            float *zU = scratch, *s = zU + rank_padded, *gate = s + groups;
             const float *xr = x + n * in_features;
             float *out = x_tilde + n * in_features;
             lars_row_gate(xr, Ut, V, alpha, eps, in_features, rank, rank_padded, groups,
@@ -215,10 +220,8 @@ int minilars_lars_forward(const float *x, const float *U, const float *V,
                     ob[t] = xb[t] * gj;
             }
         }
-        free(scratch);
     }
-    free(Ut);
-    return failed ? MINILARS_ERR_NOMEM : MINILARS_OK;
+    return MINILARS_OK;
 }
 
 /* ---------------------------------------------------------------- LARS backward */
@@ -312,49 +315,56 @@ static void lars_tile_long_backward(const float *const *x_rows, int tile_rows,
     }
 }
 
+/* per-tile scratch of one thread: zU, dzU, coef (ROW_TILE, rank_padded); s, gate, ds (g);
+ * gates (ROW_TILE, g); dz (ROW_TILE, in) */
+static int64_t backward_tile_floats(int64_t in_features, int64_t rank_padded, int64_t groups)
+{
+    return 3 * ROW_TILE * rank_padded + 3 * groups + ROW_TILE * groups + ROW_TILE * in_features;
+}
+
+int64_t minilars_lars_backward_workspace(int64_t in_features, int64_t rank, int64_t block,
+                                         int threads)
+{
+    if (!lars_shape_ok(in_features, rank, block, threads))
+        return -1;
+    const int64_t groups = in_features / block, rank_padded = round_up(rank, RGROUP);
+    /* Ut | per thread: dU^T and dV accumulators, dalpha (a double = 2 floats), tile scratch */
+    return rank_padded * in_features
+           + (int64_t)threads * (rank * in_features + rank * groups + 2
+                                 + backward_tile_floats(in_features, rank_padded, groups));
+}
+
 int minilars_lars_backward(const float *dx_tilde, const float *x,
                            const float *U, const float *V, float alpha, float eps,
                            int64_t rows, int64_t in_features, int64_t rank, int64_t block,
-                           float *dx, float *dU, float *dV, float *dalpha)
+                           float *dx, float *dU, float *dV, float *dalpha,
+                           int threads, float *workspace, int64_t workspace_floats)
 {
-    if (rows < 1 || in_features < 1 || rank < 1 || block < 1 || in_features % block)
+    if (rows < 1 || !lars_shape_ok(in_features, rank, block, threads)
+        || workspace_floats < minilars_lars_backward_workspace(in_features, rank, block, threads))
         return MINILARS_ERR_ARGS;
     const int64_t groups = in_features / block;
     const int64_t rank_padded = round_up(rank, RGROUP);
-    const int threads = minilars_max_threads();
-    /* per-thread accumulators [thread][dU^T (rank, in) | dV (rank, g)] and dalpha */
     const int64_t n_dU = rank * in_features, n_dV = rank * groups, n_acc = n_dU + n_dV;
-    float *acc_all = calloc((size_t)threads * (size_t)n_acc, sizeof(float));
-    double *dalpha_all = calloc((size_t)threads, sizeof(double));
-    float *Ut = transpose_U(U, in_features, rank, rank_padded);
-    if (!acc_all || !dalpha_all || !Ut) {
-        free(acc_all);
-        free(dalpha_all);
-        free(Ut);
-        return MINILARS_ERR_NOMEM;
-    }
+    const int64_t per_tile = backward_tile_floats(in_features, rank_padded, groups);
+    float *Ut = workspace;
+    transpose_U(U, in_features, rank, rank_padded, Ut);
+    /* per-thread accumulators [thread][dU^T (rank, in) | dV (rank, g)], then dalpha */
+    float *acc_all = Ut + rank_padded * in_features;
+    float *dalpha_all = acc_all + (int64_t)threads * n_acc;          /* threads doubles */
+    float *tile_scratch = dalpha_all + 2 * (int64_t)threads;
+    memset(acc_all, 0, sizeof(float) * (size_t)(threads * n_acc + 2 * threads));
     const int64_t tiles = (rows + ROW_TILE - 1) / ROW_TILE;
-    int failed = 0;
 
 #pragma omp parallel num_threads(threads)
     {
         const int tid = THREAD_ID();
-        float *dUt_t = acc_all + (size_t)tid * (size_t)n_acc;     /* (rank, in) */
+        float *dUt_t = acc_all + (int64_t)tid * n_acc;            /* (rank, in) */
         float *dV_t = dUt_t + n_dU;                               /* (rank, g) */
         double dalpha_t = 0.0;
-        /* per-tile scratch: zU, dzU, coef (ROW_TILE, rank_padded); s, gate, ds (g);
-         * gates (ROW_TILE, g); dz (ROW_TILE, in) */
-        const int64_t per_tile = 3 * ROW_TILE * rank_padded + 3 * groups
-                                 + ROW_TILE * groups + ROW_TILE * in_features;
-        float *scratch = malloc(sizeof(float) * (size_t)per_tile);
-        if (!scratch) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *scratch = tile_scratch + (int64_t)tid * per_tile;
 #pragma omp for schedule(static)
         for (int64_t tile = 0; tile < tiles; tile++) {
-            if (!scratch)
-                continue;
             float *zU = scratch, *dzU = zU + ROW_TILE * rank_padded;
             float *coef = dzU + ROW_TILE * rank_padded;
             float *s = coef + ROW_TILE * rank_padded, *gate_row = s + groups, *ds = gate_row + groups;
@@ -394,14 +404,13 @@ int minilars_lars_backward(const float *dx_tilde, const float *x,
                 }
             }
         }
-        dalpha_all[tid] = dalpha_t;
-        free(scratch);
+        memcpy(dalpha_all + 2 * tid, &dalpha_t, sizeof(double));
     }
 
-    if (!failed) {
+    {
         /* reduce the per-thread accumulators in thread order (deterministic);
          * dU (in, rank) is written from the transposed accumulators. */
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t i = 0; i < in_features; i++)
             for (int64_t k = 0; k < rank; k++) {
                 float total = 0.0f;
@@ -416,14 +425,14 @@ int minilars_lars_backward(const float *dx_tilde, const float *x,
             dV[e] = total;
         }
         double total = 0.0;
-        for (int t = 0; t < threads; t++)
-            total += dalpha_all[t];
+        for (int t = 0; t < threads; t++) {
+            double part;
+            memcpy(&part, dalpha_all + 2 * t, sizeof(double));
+            total += part;
+        }
         dalpha[0] = (float)total;
     }
-    free(acc_all);
-    free(dalpha_all);
-    free(Ut);
-    return failed ? MINILARS_ERR_NOMEM : MINILARS_OK;
+    return MINILARS_OK;
 }
 
 /* ------------------------------------------------------------- half precision */
@@ -598,38 +607,31 @@ static void pack_b_tile(const uint16_t *W, int weight_format, int transposed,
     }
 }
 
+#define FEW_ROWS_BLOCK 512     /* columns of dx per thread step in the few-rows dy W */
+
 /* Few rows (fewer than a register tile: token-by-token generation): stream W once,
  * converting one W row (or row segment) at a time into a per-thread buffer.
  *   transposed (x W^T):  C[n, c] = A[n, :] . W[c, :]       parallel over c
  *   otherwise  (dy W):   C[n, c0:c1] += A[n, m] W[m, c0:c1] parallel over column blocks */
-static int matmul_half_few_rows(const float *A, const uint16_t *W, int weight_format,
-                                int transposed, int64_t rows, int64_t depth, int64_t cols,
-                                float *C)
+static void matmul_half_few_rows(const float *A, const uint16_t *W, int weight_format,
+                                 int transposed, int64_t rows, int64_t depth, int64_t cols,
+                                 float *C, int threads, float *workspace, int64_t per_thread)
 {
-    int failed = 0;
-    const int64_t block_cols = 512;
-#pragma omp parallel
+    (void)threads;              /* used by OpenMP only */
+#pragma omp parallel num_threads(threads)
     {
-        float *row = malloc(sizeof(float) * (size_t)(transposed ? depth : block_cols));
-        if (!row) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *row = workspace + (int64_t)THREAD_ID() * per_thread;
         if (transposed) {
 #pragma omp for schedule(static)
             for (int64_t c = 0; c < cols; c++) {
-                if (!row)
-                    continue;
                 convert_half_run(W + c * depth, weight_format, depth, row);
                 for (int64_t n = 0; n < rows; n++)
                     C[n * cols + c] = dot_f32(A + n * depth, row, depth);
             }
         } else {
 #pragma omp for schedule(static)
-            for (int64_t c0 = 0; c0 < cols; c0 += block_cols) {
-                if (!row)
-                    continue;
-                const int64_t width = cols - c0 < block_cols ? cols - c0 : block_cols;
+            for (int64_t c0 = 0; c0 < cols; c0 += FEW_ROWS_BLOCK) {
+                const int64_t width = cols - c0 < FEW_ROWS_BLOCK ? cols - c0 : FEW_ROWS_BLOCK;
                 for (int64_t n = 0; n < rows; n++)
                     memset(C + n * cols + c0, 0, sizeof(float) * (size_t)width);
                 for (int64_t m = 0; m < depth; m++) {
@@ -643,43 +645,54 @@ static int matmul_half_few_rows(const float *A, const uint16_t *W, int weight_fo
                 }
             }
         }
-        free(row);
     }
-    return failed ? MINILARS_ERR_NOMEM : MINILARS_OK;
+}
+
+/* Output columns per panel: enough panels to keep every thread busy, a multiple of NR. */
+static int64_t matmul_panel(int64_t cols, int threads)
+{
+    int64_t panel = (cols + 4 * threads - 1) / (4 * threads);
+    panel = ((panel + NR - 1) / NR) * NR;
+    return panel > PANEL_COLS_MAX ? PANEL_COLS_MAX : panel;
+}
+
+/* Floats of workspace per thread for C (rows, cols) = A (rows, depth) B (depth, cols). */
+static int64_t matmul_floats_per_thread(int64_t rows, int64_t depth, int64_t cols,
+                                        int transposed, int threads)
+{
+    if (rows < MR)              /* one converted W row (x W^T) or row segment (dy W) */
+        return transposed ? depth : FEW_ROWS_BLOCK;
+    /* packed B tile | A rows padded to MR | one converted W row segment */
+    return DEPTH_TILE * matmul_panel(cols, threads) + DEPTH_TILE * MR + DEPTH_TILE;
 }
 
 static int matmul_half(const float *A, const uint16_t *W, int weight_format, int transposed,
-                       int64_t rows, int64_t depth, int64_t cols, float *C)
+                       int64_t rows, int64_t depth, int64_t cols, float *C,
+                       int threads, float *workspace, int64_t workspace_floats)
 {
-    if (rows < 1 || depth < 1 || cols < 1)
+    if (rows < 1 || depth < 1 || cols < 1 || threads < 1)
         return MINILARS_ERR_ARGS;
     if (weight_format != MINILARS_WEIGHT_F16 && weight_format != MINILARS_WEIGHT_BF16)
         return MINILARS_ERR_ARGS;
-    if (rows < MR)
-        return matmul_half_few_rows(A, W, weight_format, transposed, rows, depth, cols, C);
+    const int64_t per_thread = matmul_floats_per_thread(rows, depth, cols, transposed, threads);
+    if (workspace_floats < per_thread * threads)
+        return MINILARS_ERR_ARGS;
+    if (rows < MR) {
+        matmul_half_few_rows(A, W, weight_format, transposed, rows, depth, cols, C,
+                             threads, workspace, per_thread);
+        return MINILARS_OK;
+    }
     const int64_t ldw = transposed ? depth : cols;
-    /* panel width: enough panels to keep every thread busy, a multiple of NR */
-    const int threads = minilars_max_threads();
-    int64_t panel = (cols + 4 * threads - 1) / (4 * threads);
-    panel = ((panel + NR - 1) / NR) * NR;
-    if (panel > PANEL_COLS_MAX)
-        panel = PANEL_COLS_MAX;
+    const int64_t panel = matmul_panel(cols, threads);
     const int64_t n_panels = (cols + panel - 1) / panel;
-    int failed = 0;
 
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
-        float *packed = malloc(sizeof(float) * (size_t)(DEPTH_TILE * panel));
-        float *a_pad = malloc(sizeof(float) * (size_t)(DEPTH_TILE * MR));
-        float *row = malloc(sizeof(float) * DEPTH_TILE);
-        if (!packed || !a_pad || !row) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *packed = workspace + (int64_t)THREAD_ID() * per_thread;   /* (DEPTH_TILE, panel) */
+        float *a_pad = packed + DEPTH_TILE * panel;                      /* (MR, DEPTH_TILE) */
+        float *row = a_pad + DEPTH_TILE * MR;                            /* (DEPTH_TILE) */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t p = 0; p < n_panels; p++) {
-            if (!packed || !a_pad || !row)
-                continue;
             const int64_t c0 = p * panel;
             const int64_t nc = cols - c0 < panel ? cols - c0 : panel;
             for (int64_t r = 0; r < rows; r++)
@@ -708,23 +721,38 @@ static int matmul_half(const float *A, const uint16_t *W, int weight_format, int
                 }
             }
         }
-        free(packed);
-        free(a_pad);
-        free(row);
     }
-    return failed ? MINILARS_ERR_NOMEM : MINILARS_OK;
+    return MINILARS_OK;
+}
+
+int64_t minilars_matmul_xwT_workspace(int64_t rows, int64_t in_features, int64_t out_features,
+                                      int threads)
+{
+    if (rows < 1 || in_features < 1 || out_features < 1 || threads < 1)
+        return -1;
+    return threads * matmul_floats_per_thread(rows, in_features, out_features, 1, threads);
+}
+
+int64_t minilars_matmul_dyW_workspace(int64_t rows, int64_t out_features, int64_t in_features,
+                                      int threads)
+{
+    if (rows < 1 || in_features < 1 || out_features < 1 || threads < 1)
+        return -1;
+    return threads * matmul_floats_per_thread(rows, out_features, in_features, 0, threads);
 }
 
 int minilars_matmul_xwT(const float *x, const uint16_t *W, int weight_format,
-                        int64_t rows, int64_t in_features, int64_t out_features,
-                        float *y)
+                        int64_t rows, int64_t in_features, int64_t out_features, float *y,
+                        int threads, float *workspace, int64_t workspace_floats)
 {
-    return matmul_half(x, W, weight_format, 1, rows, in_features, out_features, y);
+    return matmul_half(x, W, weight_format, 1, rows, in_features, out_features, y,
+                       threads, workspace, workspace_floats);
 }
 
 int minilars_matmul_dyW(const float *dy, const uint16_t *W, int weight_format,
-                        int64_t rows, int64_t out_features, int64_t in_features,
-                        float *dx)
+                        int64_t rows, int64_t out_features, int64_t in_features, float *dx,
+                        int threads, float *workspace, int64_t workspace_floats)
 {
-    return matmul_half(dy, W, weight_format, 0, rows, out_features, in_features, dx);
+    return matmul_half(dy, W, weight_format, 0, rows, out_features, in_features, dx,
+                       threads, workspace, workspace_floats);
 }

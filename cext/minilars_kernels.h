@@ -9,10 +9,13 @@
  *   - nothing is checked here beyond sizes being positive: minilars/kernels.py checks
  *     dtype, contiguity and shapes, and names the bad argument, BEFORE calling C;
  *   - outputs are overwritten, never accumulated into; inputs are never written;
- *   - return value: 0 ok, MINILARS_ERR_ARGS for sizes that do not fit,
- *     MINILARS_ERR_NOMEM when a (small, per-thread) scratch allocation failed;
- *   - with OpenMP the work is split over threads (OMP_NUM_THREADS); results are
- *     deterministic for a given thread count (reductions are summed in thread order).
+ *   - the kernels allocate nothing: the caller passes `workspace` (float32, at least the
+ *     number of floats the matching *_workspace function returns for the same sizes and
+ *     `threads`), so every byte is a NumPy allocation that tracemalloc and the ledger see;
+ *   - `threads` is the number of OpenMP threads to use (1 without OpenMP); results are
+ *     deterministic for a given thread count (reductions are summed in thread order);
+ *   - return value: 0 ok, MINILARS_ERR_ARGS for sizes, threads or a workspace that do
+ *     not fit (nothing is written then); *_workspace return -1 for such sizes.
  *
  * The declarations between CDEF BEGIN and CDEF END are read by cext/build_cffi.py as
  * the cffi interface: keep them plain C (no macros other than the integer constants).
@@ -25,7 +28,6 @@
 /* CDEF BEGIN */
 #define MINILARS_OK 0
 #define MINILARS_ERR_ARGS -1
-#define MINILARS_ERR_NOMEM -2
 
 #define MINILARS_WEIGHT_F16 1   /* IEEE half precision, stored as uint16 bits */
 #define MINILARS_WEIGHT_BF16 2  /* bfloat16: the top 16 bits of a float32     */
@@ -41,11 +43,14 @@ int minilars_max_threads(void);
  *   writes  x_tilde (rows, in)
  * Per row: rstd = 1/sqrt(mean(x^2) + eps); zU = rstd * (x U)  (rank values);
  * s = zU V; gate = 1 + alpha s; x_tilde[j*block + t] = x[j*block + t] * gate[j].
- * Scratch: O(rank + in/block) floats per thread. Rows are split over threads. */
+ * Workspace: U^T (in x rank rounded up to 4) plus O(rank + in/block) floats per thread,
+ * independent of rows. Rows are split over threads. */
+int64_t minilars_lars_forward_workspace(int64_t in_features, int64_t rank, int64_t block,
+                                        int threads);
 int minilars_lars_forward(const float *x, const float *U, const float *V,
                           float alpha, float eps,
                           int64_t rows, int64_t in_features, int64_t rank, int64_t block,
-                          float *x_tilde);
+                          float *x_tilde, int threads, float *workspace, int64_t workspace_floats);
 
 /* LARS gate, backward, fused: everything is recomputed from x, row by row.
  *   reads   dx_tilde (rows, in), x (rows, in), U (in, rank), V (rank, g), alpha, eps
@@ -54,12 +59,16 @@ int minilars_lars_forward(const float *x, const float *U, const float *V,
  *   dalpha += dgate . s;  dV += outer(zU, ds);  dzU = V ds;  dU += outer(z, dzU);
  *   dx = gate * dx_tilde + rstd * (dz - z * mean(dz z)), dz = U dzU, and
  *   mean(dz z) = (dzU . zU) / in, so dz is never stored.
- * Scratch: one dU and dV accumulator per thread (in*rank + rank*g floats each),
- * summed in thread order at the end; O(rank + g) floats per thread for a row. */
+ * Workspace: U^T, and per thread one dU^T and dV accumulator (in*rank + rank*g floats,
+ * summed in thread order at the end) and the scratch of a tile of 4 rows (4 in + O(rank
+ * + g) floats): independent of rows. Tiles of 4 rows are split over threads. */
+int64_t minilars_lars_backward_workspace(int64_t in_features, int64_t rank, int64_t block,
+                                         int threads);
 int minilars_lars_backward(const float *dx_tilde, const float *x,
                            const float *U, const float *V, float alpha, float eps,
                            int64_t rows, int64_t in_features, int64_t rank, int64_t block,
-                           float *dx, float *dU, float *dV, float *dalpha);
+                           float *dx, float *dU, float *dV, float *dalpha,
+                           int threads, float *workspace, int64_t workspace_floats);
 
 /* y = x W^T with a half-precision frozen weight, float32 accumulation.
  *   reads   x (rows, in) float32, W (out, in) uint16 bits (weight_format F16 or BF16)
@@ -67,18 +76,24 @@ int minilars_lars_backward(const float *dx_tilde, const float *x,
  * W is converted to float32 one packed tile (at most 256 x 256) at a time per thread;
  * no float32 copy of W is made. Output column panels are split over threads. With fewer
  * rows than a register tile (6 or 8; e.g. generation, one token), W is streamed once,
- * one converted row per thread at a time, and output columns are split over threads. */
+ * one converted row per thread at a time, and output columns are split over threads.
+ * Workspace per thread: the packed tile (256 x panel) + 256 x 8 + 256 floats, or one
+ * W row with few rows; at most about 0.3 MB per thread, independent of W's size. */
+int64_t minilars_matmul_xwT_workspace(int64_t rows, int64_t in_features, int64_t out_features,
+                                      int threads);
 int minilars_matmul_xwT(const float *x, const uint16_t *W, int weight_format,
-                        int64_t rows, int64_t in_features, int64_t out_features,
-                        float *y);
+                        int64_t rows, int64_t in_features, int64_t out_features, float *y,
+                        int threads, float *workspace, int64_t workspace_floats);
 
 /* dx = dy W with a half-precision frozen weight, float32 accumulation.
  *   reads   dy (rows, out) float32, W (out, in) uint16 bits (weight_format F16 or BF16)
  *   writes  dx (rows, in) float32
  * Same tiling as minilars_matmul_xwT; the few-rows path splits dx's columns over threads. */
+int64_t minilars_matmul_dyW_workspace(int64_t rows, int64_t out_features, int64_t in_features,
+                                      int threads);
 int minilars_matmul_dyW(const float *dy, const uint16_t *W, int weight_format,
-                        int64_t rows, int64_t out_features, int64_t in_features,
-                        float *dx);
+                        int64_t rows, int64_t out_features, int64_t in_features, float *dx,
+                        int threads, float *workspace, int64_t workspace_floats);
 
 /* Half-precision bits to float32, elementwise (n values); used by tests as the
  * reference for the conversion the matmuls do inside their tiles. */

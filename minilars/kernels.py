@@ -113,14 +113,20 @@ def _check_array(name: str, a, ndim: int | None = None, dtypes=None, where: str 
 
 
 def _check_rc(rc: int, where: str) -> None:
-    if rc == _lib.MINILARS_ERR_NOMEM:
-        raise MemoryError(f"{where}: the C kernel could not allocate its scratch space")
     if rc != _lib.MINILARS_OK:
         raise ValueError(f"{where}: the C kernel rejected its arguments (code {rc})")
 
 
 def _ptr(ctype: str, a: np.ndarray):
     return _ffi.from_buffer(ctype, a)
+
+
+def _workspace(where: str, floats: int) -> np.ndarray:
+    """The C kernels allocate nothing themselves: their scratch is this NumPy array, so
+    tracemalloc and the memory ledger see it like any other temporary."""
+    if floats < 0:
+        raise ValueError(f"{where}: the C kernel rejected these sizes")
+    return np.empty(max(int(floats), 1), dtype=np.float32)
 
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -171,10 +177,14 @@ def lars_gate_forward(x: np.ndarray, U: np.ndarray, V: np.ndarray, alpha, block:
         from minilars.adapters import lars as lars_spec   # the twin (lazy: lars imports us)
         return lars_spec.lars_gate_forward(x, U, V, alpha, block, eps)
     rows, in_features = x2d.shape
+    rank, threads = U.shape[1], int(_lib.minilars_max_threads())
     out = np.empty_like(x2d)                                          # (N, in)
+    work = _workspace(where, _lib.minilars_lars_forward_workspace(in_features, rank, int(block),
+                                                                  threads))
     rc = _lib.minilars_lars_forward(_ptr("float[]", x2d), _ptr("float[]", U), _ptr("float[]", V),
-                                    alpha_value, float(eps), rows, in_features, U.shape[1],
-                                    int(block), _ptr("float[]", out))
+                                    alpha_value, float(eps), rows, in_features, rank,
+                                    int(block), _ptr("float[]", out),
+                                    threads, _ptr("float[]", work), work.size)
     _check_rc(rc, where)
     return out.reshape(x.shape)
 
@@ -194,11 +204,14 @@ def lars_gate_backward(dx_tilde: np.ndarray, x: np.ndarray, U: np.ndarray, V: np
     dU = np.empty_like(U)                                             # (in, r)
     dV = np.empty_like(V)                                             # (r, g)
     dalpha = np.empty(1, dtype=np.float32)
+    rank, threads = U.shape[1], int(_lib.minilars_max_threads())
+    work = _workspace(where, _lib.minilars_lars_backward_workspace(in_features, rank, int(block),
+                                                                   threads))
     rc = _lib.minilars_lars_backward(
         _ptr("float[]", dxt2d), _ptr("float[]", x2d), _ptr("float[]", U), _ptr("float[]", V),
-        alpha_value, float(eps), rows, in_features, U.shape[1], int(block),
+        alpha_value, float(eps), rows, in_features, rank, int(block),
         _ptr("float[]", dx) if need_dx else _ffi.NULL, _ptr("float[]", dU), _ptr("float[]", dV),
-        _ptr("float[]", dalpha))
+        _ptr("float[]", dalpha), threads, _ptr("float[]", work), work.size)
     _check_rc(rc, where)
     return (dx.reshape(x.shape) if need_dx else None), dU, dV, dalpha[0]
 
@@ -281,9 +294,13 @@ def matmul_xwT(x: np.ndarray, W: np.ndarray) -> np.ndarray:
     if not _c_for(x):
         return matmul_xwT_numpy(x, W)
     rows, in_features = x.shape
-    y = np.empty((rows, W.shape[0]), dtype=np.float32)               # (N, out)
+    out_features, threads = W.shape[0], int(_lib.minilars_max_threads())
+    y = np.empty((rows, out_features), dtype=np.float32)             # (N, out)
+    work = _workspace(where, _lib.minilars_matmul_xwT_workspace(rows, in_features, out_features,
+                                                                threads))
     rc = _lib.minilars_matmul_xwT(_ptr("float[]", x), _ptr("uint16_t[]", W), _weight_format(W),
-                                  rows, in_features, W.shape[0], _ptr("float[]", y))
+                                  rows, in_features, out_features, _ptr("float[]", y),
+                                  threads, _ptr("float[]", work), work.size)
     _check_rc(rc, where)
     return y
 
@@ -297,9 +314,13 @@ def matmul_dyW(dy: np.ndarray, W: np.ndarray) -> np.ndarray:
     if not _c_for(dy):
         return matmul_dyW_numpy(dy, W)
     rows, out_features = dy.shape
-    dx = np.empty((rows, W.shape[1]), dtype=np.float32)              # (N, in)
+    in_features, threads = W.shape[1], int(_lib.minilars_max_threads())
+    dx = np.empty((rows, in_features), dtype=np.float32)             # (N, in)
+    work = _workspace(where, _lib.minilars_matmul_dyW_workspace(rows, out_features, in_features,
+                                                                threads))
     rc = _lib.minilars_matmul_dyW(_ptr("float[]", dy), _ptr("uint16_t[]", W), _weight_format(W),
-                                  rows, out_features, W.shape[1], _ptr("float[]", dx))
+                                  rows, out_features, in_features, _ptr("float[]", dx),
+                                  threads, _ptr("float[]", work), work.size)
     _check_rc(rc, where)
     return dx
 

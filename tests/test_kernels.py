@@ -218,7 +218,7 @@ class _Exploding:
 
     def __getattr__(self, name):
         if name.startswith("MINILARS_"):
-            return {"MINILARS_OK": 0, "MINILARS_ERR_ARGS": -1, "MINILARS_ERR_NOMEM": -2,
+            return {"MINILARS_OK": 0, "MINILARS_ERR_ARGS": -1,
                     "MINILARS_WEIGHT_F16": 1, "MINILARS_WEIGHT_BF16": 2}[name]
         raise AssertionError(f"C function {name} was called with bad arguments")
 
@@ -308,7 +308,7 @@ def test_matmul_dyW_bad_arguments_raise_before_c(c_must_not_run):
 def test_good_arguments_do_reach_c(c_must_not_run):
     """The fixture itself works: valid float32 arguments do call into C."""
     x, _, U, V, alpha = _good_lars()
-    with pytest.raises(AssertionError, match="minilars_lars_forward"):
+    with pytest.raises(AssertionError, match="C function minilars_"):
         kernels.lars_gate_forward(x, U, V, alpha, 3)
 
 
@@ -358,3 +358,40 @@ def test_status_reports_c_path():
     status = kernels.kernel_status()
     assert status["active"] is True and status["threads"] >= 1
     assert isinstance(status["openmp"], bool) and status["reason"]
+
+
+@needs_c
+def test_c_refuses_a_short_workspace_and_writes_nothing():
+    """The kernels' own size checks (a second line behind the Python ones)."""
+    lib, ffi = kernels._lib, kernels._ffi
+    x, _, U, V, _ = lars_tensors(3, 64, 8, 32, seed=0)
+    threads = lib.minilars_max_threads()
+    need = lib.minilars_lars_forward_workspace(64, 8, 32, threads)
+    assert need > 0 and lib.minilars_lars_forward_workspace(64, 8, 5, threads) == -1
+    out = np.full_like(x, 7.0)
+    work = np.empty(need - 1, np.float32)
+    rc = lib.minilars_lars_forward(ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", U),
+                                   ffi.from_buffer("float[]", V), 0.1, 1e-5, 3, 64, 8, 32,
+                                   ffi.from_buffer("float[]", out), threads,
+                                   ffi.from_buffer("float[]", work), work.size)
+    assert rc == lib.MINILARS_ERR_ARGS and (out == 7.0).all()
+    assert lib.minilars_matmul_xwT_workspace(0, 8, 8, threads) == -1
+
+
+@needs_c
+def test_c_temporaries_do_not_grow_with_rows():
+    """Traced temporaries of the fused LARS kernels (workspace included: it is a NumPy
+    array) are the same for 64 and 1024 rows (up to a few Python objects); the NumPy
+    twin's grow with the rows."""
+    from minilars.bench import _temporary_bytes
+
+    def temporaries(rows, enabled):
+        x, dxt, U, V, alpha = lars_tensors(rows, 576, 8, 32, seed=0)
+        with kernels.use_c(enabled):
+            fwd = _temporary_bytes(lambda: kernels.lars_gate_forward(x, U, V, alpha, 32))
+            bwd = _temporary_bytes(lambda: kernels.lars_gate_backward(dxt, x, U, V, alpha, 32))
+        return fwd, bwd
+
+    small, large = temporaries(64, True), temporaries(1024, True)
+    assert all(abs(a - b) < 1024 for a, b in zip(small, large))     # Python objects aside
+    assert temporaries(1024, False)[1] > 4 * temporaries(64, False)[1]
