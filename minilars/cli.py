@@ -270,7 +270,7 @@ def cmd_eval(args) -> int:
                 text = f.read()
         except FileNotFoundError:
             raise UsageError(f"--text {args.text}: no such file") from None
-        res = evaluate.perplexity(model, tok, text, args.seq,
+        res = evaluate.perplexity(model, tok, text, args.seq, max_tokens=args.max_tokens,
                                   progress=lambda d, t: evaluate.print_progress(d, t, "ppl "))
         print(f"perplexity {res['ppl']:.3f} (mean NLL {res['nll']:.4f} over {res['tokens']} tokens, T={args.seq})")
         result = res
@@ -343,7 +343,9 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--adapter", default=None, help="adapter folder or run folder")
     p.add_argument("--task", default=None)
     p.add_argument("--split", default=None, help="default: validation, else test")
-    p.add_argument("--text", default=None, help="text file for perplexity")
+    p.add_argument("--text", default=None, help="text file for perplexity "
+                   "(minilars/resources/botchan.txt ships with the package)")
+    p.add_argument("--max-tokens", type=int, default=None, help="perplexity of the first N tokens only")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="a seeded subset of N questions")

@@ -102,8 +102,10 @@ def score_multiple_choice(model: Model, tok, rows: list[dict], max_len: int = 10
 
 
 def perplexity(model: Model, tok, text: str, seq: int = 512, opts: StepOptions = StepOptions(),
-               progress=None) -> dict:
+               progress=None, max_tokens: int | None = None) -> dict:
     ids = tok.encode(text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
     if len(ids) < 2:
         raise ValueError("text is too short to measure perplexity (fewer than 2 tokens)")
     check_inputs(model.cfg, np.zeros((1, min(seq, len(ids))), dtype=np.int64))
