@@ -38,6 +38,10 @@ def _load() -> None:
     if os.environ.get("MINILARS_NO_C") == "1":
         _status["reason"] = "disabled by MINILARS_NO_C=1"
         return
+    # OpenMP threads that spin while NumPy's BLAS threads work (or while another process
+    # holds a core) slow small kernels by 10x or more; sleep instead. The user's own
+    # setting wins. It must be set before libgomp starts, i.e. before _cext loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         from minilars import _cext
     except ImportError as e:
