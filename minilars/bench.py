@@ -4,6 +4,9 @@
 and of its twin, the speed-up, and the bytes of temporaries each allocates during the
 call (tracemalloc peak during the call minus the bytes of what it returns).
 `format_kernel_table(rows)` prints them. `minilars bench kernels` calls both.
+The C kernels' workspace is a NumPy array, so it is counted in their temporaries.
+For the half-precision matmuls, the float32 BLAS product x @ W32.T (W held in float32)
+is timed as well: the goal is to be close to it without ever holding W in float32.
 """
 from __future__ import annotations
 
@@ -91,13 +94,23 @@ def bench_kernels(seq: int = 512, repeats: int = 15, seed: int = 0) -> list[dict
         blas_dyW = 1e3 * _median_seconds(lambda: dy @ W32, repeats)
         for label, W in (("f16", W32.astype(np.float16)), ("bf16", kernels.f32_to_bf16(W32))):
             shape = f"x ({seq}, {in_f}) W ({out_f}, {in_f}) {label}"
-            row = _measure(f"matmul_xwT", shape, lambda: kernels.matmul_xwT(x, W), repeats)
+            row = _measure("matmul_xwT", shape, lambda: kernels.matmul_xwT(x, W), repeats)
             row["blas_f32_ms"] = blas_xwT
             rows.append(row)
             shape = f"dy ({seq}, {out_f}) W ({out_f}, {in_f}) {label}"
-            row = _measure(f"matmul_dyW", shape, lambda: kernels.matmul_dyW(dy, W), repeats)
+            row = _measure("matmul_dyW", shape, lambda: kernels.matmul_dyW(dy, W), repeats)
             row["blas_f32_ms"] = blas_dyW
             rows.append(row)
+    # one token at a time (generation): W is streamed once per call
+    W32 = (rng.normal(size=(MLP, HIDDEN)) / np.sqrt(HIDDEN)).astype(np.float32)
+    W16, x1 = W32.astype(np.float16), rng.normal(size=(1, HIDDEN)).astype(np.float32)
+    row = _measure("matmul_xwT", f"x (1, {HIDDEN}) W ({MLP}, {HIDDEN}) f16",
+                   lambda: kernels.matmul_xwT(x1, W16), repeats)
+    row["blas_f32_ms"] = 1e3 * _median_seconds(lambda: x1 @ W32.T, repeats)
+    rows.append(row)
+    for row in rows:
+        if "blas_f32_ms" in row:
+            row["c_over_blas"] = row["c_ms"] / row["blas_f32_ms"]
     return rows
 
 
@@ -107,9 +120,10 @@ def format_kernel_table(rows: list[dict]) -> str:
     lines = [f"kernel path: {'C' if kernels.c_available() else 'NumPy only'} "
              f"(openmp={status['openmp']}, threads={status['threads']})",
              f"{'kernel':<14} {'shape':<38} {'C ms':>8} {'NumPy ms':>9} {'speed-up':>8} "
-             f"{'C temp KiB':>10} {'NumPy temp KiB':>14} {'f32 BLAS ms':>11}"]
+             f"{'C temp KiB':>10} {'NumPy temp KiB':>14} {'f32 BLAS ms':>11} {'C/BLAS':>6}"]
     for r in rows:
-        blas = f"{r['blas_f32_ms']:11.3f}" if "blas_f32_ms" in r else f"{'':>11}"
+        blas = (f"{r['blas_f32_ms']:11.3f} {r['c_over_blas']:6.2f}" if "blas_f32_ms" in r
+                else f"{'':>11} {'':>6}")
         lines.append(f"{r['kernel']:<14} {r['shape']:<38} {r['c_ms']:8.3f} {r['numpy_ms']:9.3f} "
                      f"{r['speedup']:7.2f}x {r['c_temp_bytes'] / 1024:10.1f} "
                      f"{r['numpy_temp_bytes'] / 1024:14.1f} {blas}")
