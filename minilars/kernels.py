@@ -12,6 +12,9 @@ dtype the function supports, C-contiguous, non-empty, with matching shapes. A ba
 argument raises ValueError naming it. float64 inputs always take the NumPy path (that
 is what gradient checks use); the C kernels are float32.
 
+The C kernels allocate nothing: each call allocates its scratch here as a NumPy array
+(sized by the kernel's *_workspace function), so tracemalloc and the ledger see it.
+
 Kernels and their twins (the twin is the specification):
     lars_gate_forward / lars_gate_backward   minilars.adapters.lars (same names)
     matmul_xwT   y = x W^T    matmul_xwT_numpy
