@@ -132,3 +132,68 @@ def format_kernel_table(rows: list[dict]) -> str:
 
 if __name__ == "__main__":
     print(format_kernel_table(bench_kernels()))
+
+
+# ---------------------------------------------------------------- a whole training step
+
+def bench_step(arch: str = "smollm2-135m", method: str = "lars", seq: int = 512,
+               policy: str = "layer", batch: int = 1, repeats: int = 2, seed: int = 0) -> list[dict]:
+    """Tokens per second of one forward + backward + AdamW step, in one process, for each
+    variant: C core on/off x frozen weights in float32/float16 (float16 only for adapter
+    methods: full fine-tuning trains, so keeps float32, every weight). Median of `repeats`
+    timed steps after one warm-up step. Ratios within one run are what to compare."""
+    from minilars.config import named_config
+    from minilars.memory import Ledger, mib
+    from minilars.memory_curve import build_model, register_params
+    from minilars.model import StepOptions, forward_backward, next_token_targets, zero_grads
+    from minilars.optim import AdamW, clip_grad_norm
+
+    cfg = named_config(arch)
+    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(batch, seq))
+    targets = next_token_targets(tokens)
+    opts = StepOptions(policy=policy)
+    frozen_dtypes = [None] if method == "full" else [None, np.float16]
+    rows = []
+    for frozen in frozen_dtypes:
+        model = build_model(cfg, method, seed=seed, frozen_dtype=frozen)
+        ledger = Ledger()
+        register_params(model, ledger)
+        weight_bytes = ledger.live["frozen"] + ledger.live["trainable"]
+        grads = zero_grads(model)
+        opt = AdamW(lr=1e-5)
+        c_choices = [True, False] if kernels.c_available() else [False]
+        for use_c_core in c_choices:
+            with kernels.use_c(use_c_core):
+                times = []
+                for i in range(repeats + 1):
+                    for g in grads.values():
+                        g.fill(0)
+                    t0 = time.perf_counter()
+                    forward_backward(model, tokens, targets, grads, opts)
+                    clip_grad_norm(grads, 1.0)
+                    opt.step(model.params, grads)
+                    if i:                                     # the first step warms up
+                        times.append(time.perf_counter() - t0)
+            seconds = float(np.median(times))
+            rows.append({"method": method, "policy": policy, "seq": seq, "batch": batch,
+                         "weights": "float16" if frozen is not None else "float32",
+                         "c_core": use_c_core, "seconds": seconds,
+                         "tok_per_s": batch * seq / seconds, "weight_mib": mib(weight_bytes)})
+        del model, grads, opt
+    return rows
+
+
+def format_step_table(rows: list[dict]) -> str:
+    base = next((r for r in rows if r["weights"] == "float32" and r["c_core"]), rows[0])
+    lines = [f"{rows[0]['method']} step, policy {rows[0]['policy']}, T={rows[0]['seq']}, "
+             f"batch {rows[0]['batch']} (median of timed steps; ratios vs float32 + C core)",
+             f"{'weights':<8} {'C core':<7} {'s/step':>8} {'tok/s':>8} {'weights MiB':>12} {'time ratio':>11}"]
+    for r in rows:
+        lines.append(f"{r['weights']:<8} {'yes' if r['c_core'] else 'no':<7} {r['seconds']:8.2f} "
+                     f"{r['tok_per_s']:8.0f} {r['weight_mib']:12.1f} {r['seconds'] / base['seconds']:11.2f}")
+    return "\n".join(lines)
+
+
+def bench_step_cli(args) -> None:
+    rows = bench_step(args.arch, args.method, args.seq, args.policy, repeats=args.repeats)
+    print(format_step_table(rows))
