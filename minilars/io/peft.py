@@ -20,7 +20,8 @@ import os
 import numpy as np
 
 from minilars.adapters import IA3, LoRA, AdapterError, attach
-from minilars.io.atomic import save_safetensors, write_json
+from minilars.io.atomic import write_json
+from minilars.io.safetensors_io import save_safetensors_atomic
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -38,17 +39,23 @@ def _targets(model) -> list[str]:
     return sorted({m.rsplit(".", 1)[1] for m in model.adapters})
 
 
+def _layers(model) -> list[int] | None:
+    """Adapted layer indices when not every layer is adapted (PEFT's layers_to_transform)."""
+    layers = sorted({int(m.split(".")[2]) for m in model.adapters})
+    return None if layers == list(range(model.cfg.num_hidden_layers)) else layers
+
+
 def adapter_config(model, base_model_name: str | None = None) -> dict:
     method = _method_of(model)
     first = next(iter(model.adapters.values()))
     common = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
               "target_modules": _targets(model), "inference_mode": True,
-              "modules_to_save": None, "revision": None}
+              "modules_to_save": None, "revision": None,
+              "layers_to_transform": _layers(model), "layers_pattern": None}
     if method == "lora":
         return {"peft_type": "LORA", **common, "r": first.rank, "lora_alpha": first.alpha,
                 "lora_dropout": first.dropout, "bias": "none", "fan_in_fan_out": False,
-                "init_lora_weights": True, "use_rslora": False, "use_dora": False,
-                "layers_to_transform": None, "layers_pattern": None}
+                "init_lora_weights": True, "use_rslora": False, "use_dora": False}
     if method == "ia3":
         ff = sorted({m.rsplit(".", 1)[1] for m, a in model.adapters.items() if a.feedforward})
         return {"peft_type": "IA3", **common, "feedforward_modules": ff,
@@ -66,7 +73,7 @@ def adapter_tensors(model) -> dict:
 
 def save_adapter(folder: str, model, base_model_name: str | None = None) -> None:
     os.makedirs(folder, exist_ok=True)
-    save_safetensors(os.path.join(folder, WEIGHTS_FILE), adapter_tensors(model),
+    save_safetensors_atomic(os.path.join(folder, WEIGHTS_FILE), adapter_tensors(model),
                      metadata={"format": "pt"})
     write_json(os.path.join(folder, CONFIG_FILE), adapter_config(model, base_model_name))
 
@@ -96,15 +103,24 @@ def load_adapter(folder: str, model):
     if isinstance(targets, str):
         raise AdapterError(f"{folder}: regex target_modules {targets!r} are not supported; "
                            "list the module names")
+    layers = cfg.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    if layers is not None:
+        bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < model.cfg.num_hidden_layers)]
+        if bad:
+            raise AdapterError(f"{os.path.join(folder, CONFIG_FILE)}: layers_to_transform {bad[0]!r} "
+                               f"is not a layer of this {model.cfg.num_hidden_layers}-layer model")
     if kind == "LORA":
         attach(model, "lora", targets=targets, rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
-               dropout=float(cfg.get("lora_dropout") or 0.0))
+               dropout=float(cfg.get("lora_dropout") or 0.0), layers=layers)
     elif kind == "IA3":
-        attach(model, "ia3", targets=targets, feedforward=cfg.get("feedforward_modules") or [])
+        attach(model, "ia3", targets=targets, feedforward=cfg.get("feedforward_modules") or [],
+               layers=layers)
     else:
         attach(model, "lars", targets=targets, rank=int(cfg["r"]), block=int(cfg["block_size"]),
                eps=float(cfg["eps"]), train_alpha=bool(cfg["train_alpha"]),
-               save=cfg.get("saved_for_backward", "recompute"))
+               save=cfg.get("saved_for_backward", "recompute"), layers=layers)
     path = os.path.join(folder, WEIGHTS_FILE)
     try:
         tensors = load_file(path)

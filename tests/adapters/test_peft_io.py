@@ -1,0 +1,273 @@
+"""Adapter files in the Hugging Face PEFT layout (minilars.io.peft): round trips, tensor
+names and config fields PEFT reads, malformed folders, and merging into the base."""
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from minilars.adapters import AdapterError, attach
+from minilars.config import named_config
+from minilars.io.peft import (CONFIG_FILE, WEIGHTS_FILE, load_adapter, merged_params,
+                              read_adapter_config, save_adapter)
+from minilars.model import Model, forward_logits
+from tests.gradcheck import rel_err
+
+CONFIGS = ("tiny", "tiny-qwen2")
+METHODS = {"lora": dict(rank=4, alpha=8.0), "ia3": {}, "lars": dict(rank=3, block=16)}
+
+
+def _perturbed(name, method, dtype=np.float64, seed=0, **kw):
+    """A base model with `method` attached and its tensors moved away from init."""
+    model = Model.random(named_config(name), seed, dtype)
+    attach(model, method, seed=seed, **dict(METHODS[method], **kw))
+    rng = np.random.default_rng(seed + 10)
+    for n in sorted(model.trainable):
+        model.params[n] = (model.params[n] + 0.3 * rng.normal(size=model.params[n].shape)
+                           ).astype(dtype)
+    return model
+
+
+def _tokens(cfg, seed=0):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(2, 9))
+
+
+# ------------------------------------------------------------------ round trips
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_round_trip_gives_identical_logits(tmp_path, method, name, dtype):
+    model = _perturbed(name, method, dtype)
+    save_adapter(str(tmp_path), model, base_model_name="tiny-base")
+    fresh = load_adapter(str(tmp_path), Model.random(named_config(name), 0, dtype))
+    assert sorted(fresh.adapters) == sorted(model.adapters)
+    assert fresh.adapters == model.adapters           # hyper-parameters too
+    assert fresh.trainable == model.trainable
+    for n in model.trainable:
+        assert fresh.params[n].dtype == dtype
+        np.testing.assert_array_equal(fresh.params[n], model.params[n], err_msg=n)
+    tokens = _tokens(model.cfg)
+    np.testing.assert_array_equal(forward_logits(fresh, tokens), forward_logits(model, tokens))
+
+
+def test_lars_round_trip_keeps_its_options(tmp_path):
+    model = _perturbed("tiny", "lars", train_alpha=False, eps=1e-6, save="keep", layers=[1],
+                       targets=["q_proj", "down_proj"])
+    save_adapter(str(tmp_path), model)
+    cfg = read_adapter_config(str(tmp_path))
+    assert (cfg["peft_type"], cfg["r"], cfg["block_size"], cfg["eps"], cfg["train_alpha"],
+            cfg["saved_for_backward"]) == ("LARS", 3, 16, 1e-6, False, "keep")
+    fresh = load_adapter(str(tmp_path), Model.random(named_config("tiny"), 0, np.float64))
+    assert fresh.adapters == model.adapters
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_adapter_on_a_subset_of_layers_round_trips(tmp_path, method):
+    """attach(layers=[1]) is recorded as PEFT's layers_to_transform, so the file loads
+    (before the fix the config claimed every layer and loading said 'missing tensor')."""
+    model = _perturbed("tiny", method, layers=[1])
+    save_adapter(str(tmp_path), model)
+    assert read_adapter_config(str(tmp_path))["layers_to_transform"] == [1]
+    fresh = load_adapter(str(tmp_path), Model.random(named_config("tiny"), 0, np.float64))
+    assert sorted(fresh.adapters) == sorted(model.adapters)
+    tokens = _tokens(model.cfg)
+    np.testing.assert_array_equal(forward_logits(fresh, tokens), forward_logits(model, tokens))
+    full = _perturbed("tiny", method)
+    save_adapter(str(tmp_path / "all"), full)
+    assert read_adapter_config(str(tmp_path / "all"))["layers_to_transform"] is None
+
+
+def test_layers_to_transform_out_of_range(tmp_path):
+    save_adapter(str(tmp_path), _perturbed("tiny", "lora", layers=[1]))
+    conf = json.loads((tmp_path / CONFIG_FILE).read_text())
+    conf["layers_to_transform"] = [1, 5]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(conf))
+    with pytest.raises(AdapterError, match=r"adapter_config\.json: layers_to_transform 5 is not "
+                                           r"a layer of this 2-layer model"):
+        _load(tmp_path)
+
+
+# ------------------------------------------------------------------ what PEFT reads
+
+def test_lora_file_has_peft_names_and_config(tmp_path):
+    model = _perturbed("tiny", "lora")
+    save_adapter(str(tmp_path), model, base_model_name="HuggingFaceTB/SmolLM2-135M")
+    tensors = load_file(str(tmp_path / WEIGHTS_FILE))
+    cfg = named_config("tiny")
+    C, F, kv = cfg.hidden_size, cfg.intermediate_size, cfg.kv_dim
+    expect = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (4, C),
+              "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": (cfg.q_dim, 4),
+              "base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight": (kv, 4),
+              "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight": (4, F),
+              "base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight": (F, 4)}
+    for k, shape in expect.items():
+        assert tensors[k].shape == shape, k
+    assert len(tensors) == 2 * 7 * cfg.num_hidden_layers
+    assert all(k.startswith("base_model.model.model.layers.") for k in tensors)
+    conf = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert conf["peft_type"] == "LORA" and conf["task_type"] == "CAUSAL_LM"
+    assert conf["r"] == 4 and conf["lora_alpha"] == 8.0 and conf["lora_dropout"] == 0.0
+    assert sorted(conf["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj",
+                                                     "gate_proj", "up_proj", "down_proj"])
+    assert conf["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_ia3_file_has_peft_names_and_config(tmp_path):
+    model = _perturbed("tiny", "ia3")
+    save_adapter(str(tmp_path), model)
+    tensors = load_file(str(tmp_path / WEIGHTS_FILE))
+    cfg = named_config("tiny")
+    assert tensors["base_model.model.model.layers.0.self_attn.k_proj.ia3_l"].shape == (cfg.kv_dim, 1)
+    assert tensors["base_model.model.model.layers.1.self_attn.v_proj.ia3_l"].shape == (cfg.kv_dim, 1)
+    assert tensors["base_model.model.model.layers.0.mlp.down_proj.ia3_l"].shape == (1, cfg.intermediate_size)
+    assert len(tensors) == 3 * cfg.num_hidden_layers
+    conf = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert conf["peft_type"] == "IA3"
+    assert sorted(conf["target_modules"]) == ["down_proj", "k_proj", "v_proj"]
+    assert conf["feedforward_modules"] == ["down_proj"]
+
+
+def test_peft_adapter_name_in_keys_is_accepted(tmp_path):
+    """Some PEFT versions write ".default" (the adapter name) into the keys."""
+    model = _perturbed("tiny", "lora")
+    save_adapter(str(tmp_path), model)
+    path = str(tmp_path / WEIGHTS_FILE)
+    tensors = load_file(path)
+    save_file({k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+               for k, v in tensors.items()}, path)
+    fresh = load_adapter(str(tmp_path), Model.random(named_config("tiny"), 0, np.float64))
+    tokens = _tokens(model.cfg)
+    np.testing.assert_array_equal(forward_logits(fresh, tokens), forward_logits(model, tokens))
+
+
+@pytest.mark.xfail(strict=True, reason="an IA3 adapter with no feedforward module (e.g. "
+                   "targets k_proj, v_proj; feedforward_modules []) saves, but load_adapter "
+                   "passes feedforward=[] to attach, whose resolve_targets raises 'no adapter "
+                   "targets given' (bug reported)")
+def test_ia3_without_feedforward_modules_round_trips(tmp_path):
+    model = _perturbed("tiny", "ia3", targets=["k_proj", "v_proj"])
+    save_adapter(str(tmp_path), model)
+    fresh = load_adapter(str(tmp_path), Model.random(named_config("tiny"), 0, np.float64))
+    tokens = _tokens(model.cfg)
+    np.testing.assert_array_equal(forward_logits(fresh, tokens), forward_logits(model, tokens))
+
+
+# ------------------------------------------------------------------ malformed folders
+
+@pytest.fixture
+def saved_lora(tmp_path):
+    model = _perturbed("tiny", "lora")
+    save_adapter(str(tmp_path), model)
+    return tmp_path
+
+
+def _load(folder):
+    return load_adapter(str(folder), Model.random(named_config("tiny"), 0, np.float64))
+
+
+def _rewrite(folder, edit):
+    path = str(folder / WEIGHTS_FILE)
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+KEY = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+
+
+def test_missing_config_file(saved_lora):
+    os.remove(saved_lora / CONFIG_FILE)
+    with pytest.raises(AdapterError, match=r"adapter_config\.json.*no adapter_config\.json"):
+        _load(saved_lora)
+
+
+def test_config_not_json(saved_lora):
+    (saved_lora / CONFIG_FILE).write_text("{peft_type: LORA")
+    with pytest.raises(AdapterError, match=r"adapter_config\.json: not valid JSON"):
+        _load(saved_lora)
+
+
+def test_missing_weights_file(saved_lora):
+    os.remove(saved_lora / WEIGHTS_FILE)
+    with pytest.raises(AdapterError, match=r"adapter_model\.safetensors: adapter weights file is missing"):
+        _load(saved_lora)
+
+
+def test_missing_tensor(saved_lora):
+    _rewrite(saved_lora, lambda t: t.pop(KEY))
+    with pytest.raises(AdapterError, match=rf"adapter_model\.safetensors: missing tensor {KEY}"):
+        _load(saved_lora)
+
+
+def test_unexpected_tensor(saved_lora):
+    extra = KEY.replace("layers.1", "layers.7")
+    _rewrite(saved_lora, lambda t: t.__setitem__(extra, t[KEY]))
+    with pytest.raises(AdapterError, match=rf"unexpected tensor {extra}"):
+        _load(saved_lora)
+
+
+def test_wrong_shape(saved_lora):
+    _rewrite(saved_lora, lambda t: t.__setitem__(KEY, np.ascontiguousarray(t[KEY][:, :3])))
+    with pytest.raises(AdapterError, match=rf"tensor {KEY} has shape \(32, 3\), expected \(32, 4\)"):
+        _load(saved_lora)
+
+
+@pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", None, "lora"])
+def test_bad_peft_type(saved_lora, peft_type):
+    conf = json.loads((saved_lora / CONFIG_FILE).read_text())
+    conf["peft_type"] = peft_type
+    (saved_lora / CONFIG_FILE).write_text(json.dumps(conf))
+    with pytest.raises(AdapterError, match=rf"adapter_config\.json: peft_type {peft_type!r} is not "
+                                           r"one of LORA, IA3, LARS"):
+        _load(saved_lora)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_safetensors(saved_lora, damage):
+    path = saved_lora / WEIGHTS_FILE
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x07" * 64,
+                      "empty": b""}[damage])
+    with pytest.raises(AdapterError, match=r"adapter_model\.safetensors: cannot read safetensors"):
+        _load(saved_lora)
+
+
+def test_unknown_target_in_config(saved_lora):
+    conf = json.loads((saved_lora / CONFIG_FILE).read_text())
+    conf["target_modules"] = ["q_proj", "c_attn"]
+    (saved_lora / CONFIG_FILE).write_text(json.dumps(conf))
+    with pytest.raises(AdapterError, match="'c_attn' does not exist"):
+        _load(saved_lora)
+
+
+def test_regex_target_modules(saved_lora):
+    conf = json.loads((saved_lora / CONFIG_FILE).read_text())
+    conf["target_modules"] = ".*proj"
+    (saved_lora / CONFIG_FILE).write_text(json.dumps(conf))
+    with pytest.raises(AdapterError, match="regex target_modules"):
+        _load(saved_lora)
+
+
+# ------------------------------------------------------------------ merging
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_merged_params_give_the_adapted_logits(name, method):
+    model = _perturbed(name, method)
+    before = {n: v.copy() for n, v in model.params.items()}
+    merged = merged_params(model)
+    assert not any(t in n for n in merged for t in (".lora_", ".ia3_"))
+    assert set(merged) == set(Model.random(named_config(name), 0).params)
+    for n, v in before.items():                       # the model is left unchanged
+        np.testing.assert_array_equal(model.params[n], v, err_msg=n)
+    tokens = _tokens(model.cfg, 3)
+    got = forward_logits(Model(model.cfg, merged, dtype=np.float64), tokens)
+    assert got.dtype == np.float64
+    assert rel_err(got, forward_logits(model, tokens)) < 1e-10
+
+
+def test_lars_cannot_be_merged():
+    with pytest.raises(AdapterError, match="LARS cannot be merged"):
+        merged_params(_perturbed("tiny", "lars"))
