@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minilars.examples import batch_indices, encode_rows, make_batch, read_jsonl
-from minilars.io.atomic import atomic_dir, save_safetensors, write_json, write_text
+from minilars.io.atomic import atomic_dir, write_json, write_text
+from minilars.io.safetensors_io import save_safetensors_atomic
 from minilars.memory import Ledger, mib
 from minilars.memory_curve import peak_rss_bytes, register_params
 from minilars.model import Model, StepOptions, forward_backward, forward_loss, zero_grads
@@ -138,7 +139,7 @@ def save_checkpoint(run_dir: str, model: Model, opt: AdamW, step: int, losses: l
             from minilars.io.safetensors_io import save_model
             save_model(tmp, model.cfg, model.params)
         state = opt.state_dict()
-        save_safetensors(os.path.join(tmp, "optimizer.safetensors"), state["arrays"])
+        save_safetensors_atomic(os.path.join(tmp, "optimizer.safetensors"), state["arrays"])
         write_json(os.path.join(tmp, "state.json"),
                    {"step": step, "adamw_step_count": state["step_count"], "losses": losses})
 

@@ -23,7 +23,7 @@ def atomic_path(path: str):
     os.close(fd)
     try:
         yield tmp
-        with open(tmp, "rb") as f:
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -39,20 +39,7 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def save_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
-    """safetensors file of NumPy arrays, written atomically (contiguous copies as needed)."""
-    from safetensors.numpy import save_file
-    arrays = {k: _contiguous(v) for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(arrays, tmp, metadata=metadata)
-
-
-def _contiguous(a):
-    import numpy as np
-    return np.ascontiguousarray(a)
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 @contextlib.contextmanager
@@ -62,8 +49,16 @@ def atomic_dir(path: str, replace: bool = False):
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)      # mkdtemp makes it 0700; give it normal folder rights
     try:
         yield tmp
+        for name in os.listdir(tmp):
+            full = os.path.join(tmp, name)
+            if os.path.isfile(full):
+                with open(full, "rb") as f:
+                    os.fsync(f.fileno())
         if os.path.exists(path):
             if not replace:
                 raise FileExistsError(f"{path} already exists")

@@ -40,7 +40,8 @@ import sys
 import numpy as np
 
 from minilars.config import ModelConfig
-from minilars.io.safetensors_io import CheckpointError, atomic_folder
+from minilars.io.atomic import atomic_dir
+from minilars.io.safetensors_io import CheckpointError
 from minilars.params import param_shapes
 
 MANIFEST_FILE = "minilars_manifest.json"
@@ -388,7 +389,7 @@ def convert_gguf(gguf_path: str, out_folder: str, progress: bool = True,
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
             f.write(text)
 
-    with atomic_folder(out_folder) as tmp:
+    with atomic_dir(out_folder) as tmp:
         write_safetensors_streaming(
             os.path.join(tmp, "model.safetensors"), shapes,
             lambda name: _hf_array(by_hf_name[name], cfg, gguf, gguf_path),

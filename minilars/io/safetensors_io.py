@@ -22,15 +22,13 @@ Writes are atomic: temp file in the same directory, fsync, os.replace.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 
 import numpy as np
 
+from minilars.io.atomic import atomic_dir, atomic_path, write_text
 from minilars.config import ModelConfig
 from minilars.params import param_shapes
 
@@ -62,62 +60,6 @@ class CheckpointWarning(UserWarning):
 
 
 # ----------------------------------------------------------------------------------------
-# atomic writes
-# ----------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def atomic_file(path: str):
-    """Yields a temp path next to `path`; on success it is fsynced and renamed to `path`.
-    On any error (or Ctrl-C) the temp file is removed and `path` is untouched."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_folder(path: str):
-    """Yields a temp sibling folder to fill; on success it is renamed to `path`, which
-    must not exist yet. On any error the temp folder is deleted: an interrupted run leaves
-    no half-written `path`."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)      # mkdtemp makes it 0700; give it normal folder rights
-    try:
-        yield tmp
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        os.rename(tmp, path)   # fails (rather than merging) if `path` appeared meanwhile
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    with atomic_file(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-# ----------------------------------------------------------------------------------------
 # single safetensors files
 # ----------------------------------------------------------------------------------------
 
@@ -134,7 +76,7 @@ def save_safetensors_atomic(path: str, tensors: dict[str, np.ndarray],
                                   f"expected one of float64, float32, float16")
         arrays[name] = np.ascontiguousarray(array)
     meta = {"format": "pt"} if metadata is None else {str(k): str(v) for k, v in metadata.items()}
-    with atomic_file(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file(arrays, tmp, metadata=meta)
 
 
@@ -350,10 +292,10 @@ def save_model(folder: str, cfg: ModelConfig, params: dict[str, np.ndarray],
     def write_all(into: str) -> None:
         save_safetensors_atomic(os.path.join(into, SINGLE_FILE), params)
         for name, text in files.items():
-            write_text_atomic(os.path.join(into, name), text)
+            write_text(os.path.join(into, name), text)
 
     if os.path.isdir(folder):
         write_all(folder)
     else:
-        with atomic_folder(folder) as tmp:
+        with atomic_dir(folder) as tmp:
             write_all(tmp)
