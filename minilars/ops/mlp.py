@@ -10,11 +10,13 @@ import numpy as np
 
 
 def _sigmoid(g: np.ndarray) -> np.ndarray:
-    """sigmoid(g) = (1 + tanh(g/2)) / 2: one transcendental and no overflow for large |g|."""
-    s = np.tanh(g * 0.5)
-    s += 1.0
-    s *= 0.5
-    return s
+    """sigmoid(g) with e = exp(-|g|): 1/(1+e) for g >= 0, e/(1+e) for g < 0. Exp of a
+    non-positive number only, so no overflow, and full relative precision on both sides
+    (the tanh form loses digits to cancellation for large negative g)."""
+    e = np.exp(-np.abs(g))
+    s = 1.0 / (1.0 + e)
+    s *= np.where(g < 0, e, 1.0).astype(g.dtype, copy=False)
+    return s.astype(g.dtype, copy=False)
 
 
 def swiglu_forward(g: np.ndarray, u: np.ndarray) -> np.ndarray:
