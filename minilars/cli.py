@@ -325,6 +325,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    import os
+    from minilars.io.peft import save_merged
+    model, tok = _load(args)
+    extra = {}
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "generation_config.json"):
+        path = os.path.join(args.model, name)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                extra[name] = f.read()
+    if os.path.exists(args.out):
+        raise UsageError(f"--out {args.out} already exists; choose a new folder")
+    save_merged(args.out, model, extra_files=extra)
+    print(f"wrote {args.out}: {args.model} with {args.adapter} merged in")
+    return 0
+
+
 def _add_model_commands(sub) -> None:
     p = sub.add_parser("generate", help="generate text with a KV cache, streaming")
     p.add_argument("--model", required=True)
@@ -336,6 +354,12 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("merge", help="fold a LoRA or IA3 adapter into the base weights (HF folder)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", required=True, help="adapter folder or run folder")
+    p.add_argument("--out", required=True, help="new HF folder to write")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("eval", help="multiple-choice accuracy (--task) or `eval ppl --text FILE`")
     p.add_argument("what", nargs="?", choices=("mc", "ppl"), default="mc")
@@ -495,7 +519,14 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"minilars {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
+        print(f"minilars {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        from minilars.data.fetch import DataError
+        from minilars.io.fetch import FetchError
+        if not isinstance(e, (DataError, FetchError)):
+            raise
         print(f"minilars {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
