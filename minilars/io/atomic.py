@@ -13,6 +13,12 @@ import shutil
 import tempfile
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yields a temporary path to write to; on success it is renamed to `path`."""
@@ -21,6 +27,7 @@ def atomic_path(path: str):
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                dir=directory)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes it 0600; give it normal file rights
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -49,9 +56,7 @@ def atomic_dir(path: str, replace: bool = False):
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)      # mkdtemp makes it 0700; give it normal folder rights
+    os.chmod(tmp, 0o777 & ~_umask())      # mkdtemp makes it 0700; give it normal folder rights
     try:
         yield tmp
         for name in os.listdir(tmp):
