@@ -50,12 +50,17 @@ def adapter_config(model, base_model_name: str | None = None) -> dict:
     first = next(iter(model.adapters.values()))
     common = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
               "target_modules": _targets(model), "inference_mode": True,
-              "modules_to_save": None, "revision": None,
-              "layers_to_transform": _layers(model), "layers_pattern": None}
+              "modules_to_save": None, "revision": None}
+    layers = _layers(model)
     if method == "lora":
         return {"peft_type": "LORA", **common, "r": first.rank, "lora_alpha": first.alpha,
                 "lora_dropout": first.dropout, "bias": "none", "fan_in_fan_out": False,
-                "init_lora_weights": True, "use_rslora": False, "use_dora": False}
+                "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+                "layers_to_transform": layers, "layers_pattern": None}
+    # PEFT's IA3Config has no layers_to_transform (PEFT 0.21 warns about and ignores the
+    # key): write it only for a subset of layers, which minilars reads back
+    if layers is not None:
+        common["layers_to_transform"] = layers
     if method == "ia3":
         ff = sorted({m.rsplit(".", 1)[1] for m, a in model.adapters.items() if a.feedforward})
         return {"peft_type": "IA3", **common, "feedforward_modules": ff,
