@@ -74,14 +74,66 @@ def continuation_logprobs(model: Model, tok, requests: list[tuple[str, str]], ma
     return scores
 
 
+def shared_context_logprobs(model: Model, tok, context: str, continuations: list[str],
+                            max_len: int) -> list[float]:
+    """Summed log p(continuation_i | context) for choices that share one context: the
+    context runs once into a KV cache, then all continuations run as one batch against
+    copies of it. Same numbers as continuation_logprobs, a fraction of the work when the
+    context is long and the choices short (ARC, HellaSwag, BoolQ, PIQA, MMLU)."""
+    from minilars.generate import KVCache, forward_cached, repeat_cache
+    conts = [tok.encode(c) for c in continuations]
+    if any(not c for c in conts):
+        raise ValueError(f"a continuation of {continuations!r} encodes to no tokens")
+    K = max(len(c) for c in conts)
+    ctx = tok.encode(context)[-(max_len - K):]
+    if not ctx:
+        return continuation_logprobs(model, tok, [(context, c) for c in continuations], max_len)
+    W = model.params[lm_head_name(model.cfg)]
+    cache = KVCache.empty(model, 1, len(ctx))
+    last = forward_cached(model, np.array([ctx]), cache, return_hidden=True)[:, -1]   # (1, C)
+    first = _log_softmax(_matmul_xwT(np.ascontiguousarray(last), W))[0]             # (V,)
+    scores = [float(first[c[0]]) for c in conts]
+    if K > 1:
+        tokens = np.array([(c + [c[-1]] * K)[:K - 1] for c in conts])                 # (n, K-1)
+        hidden = forward_cached(model, tokens, repeat_cache(cache, len(conts), K - 1),
+                                return_hidden=True)                                   # (n, K-1, C)
+        for i, c in enumerate(conts):
+            if len(c) > 1:
+                logp = _log_softmax(_matmul_xwT(np.ascontiguousarray(hidden[i, :len(c) - 1]), W))
+                scores[i] += float(logp[np.arange(len(c) - 1), c[1:]].sum())
+    return scores
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    m = logits.max(axis=-1, keepdims=True)
+    return logits - (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))
+
+
 def score_multiple_choice(model: Model, tok, rows: list[dict], max_len: int = 1024,
                           batch: int = 8, progress=None) -> dict:
-    requests, owners = [], []
+    """Rows whose choices share a context go through shared_context_logprobs; the rest
+    (WinoGrande's partial evaluation) through batched continuation_logprobs."""
+    scores_by_row: dict[int, list[float]] = {}
+    separate = []
     for r, row in enumerate(rows):
-        for req in mc_requests(row):
-            requests.append(req)
-            owners.append(r)
-    scores = continuation_logprobs(model, tok, requests, max_len, batch, progress=progress)
+        reqs = mc_requests(row)
+        if len({ctx for ctx, _ in reqs}) == 1:
+            scores_by_row[r] = shared_context_logprobs(model, tok, reqs[0][0],
+                                                       [c for _, c in reqs], max_len)
+            if progress:
+                progress(len(scores_by_row), len(rows))
+        else:
+            separate.append(r)
+    if separate:
+        requests = [req for r in separate for req in mc_requests(rows[r])]
+        flat = continuation_logprobs(model, tok, requests, max_len, batch)
+        k = 0
+        for r in separate:
+            n = len(mc_requests(rows[r]))
+            scores_by_row[r], k = flat[k:k + n], k + n
+        if progress:
+            progress(len(rows), len(rows))
+    scores = [s for r in range(len(rows)) for s in scores_by_row[r]]
     correct = correct_norm = 0
     per_row = []
     k = 0

@@ -37,8 +37,17 @@ class KVCache:
                    [np.zeros(shape, model.dtype) for _ in range(L)])
 
 
-def forward_cached(model: Model, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
-    """tokens (B, t) at positions cache.length ... -> logits of the last position (B, V)."""
+def repeat_cache(cache: KVCache, n: int, extra: int) -> KVCache:
+    """A batch-1 cache copied n times, with room for `extra` more positions."""
+    L = cache.length
+    grow = lambda a: np.repeat(np.pad(a[:, :, :L], ((0, 0), (0, 0), (0, extra), (0, 0))), n, axis=0)
+    return KVCache([grow(k) for k in cache.k], [grow(v) for v in cache.v], L)
+
+
+def forward_cached(model: Model, tokens: np.ndarray, cache: KVCache,
+                   return_hidden: bool = False) -> np.ndarray:
+    """tokens (B, t) at positions cache.length ... -> logits of the last position (B, V),
+    or with return_hidden the final normed hidden states of every position (B, t, C)."""
     cfg, p = model.cfg, model.params
     B, t = tokens.shape
     start = cache.length
@@ -63,6 +72,8 @@ def forward_cached(model: Model, tokens: np.ndarray, cache: KVCache) -> np.ndarr
                              project(model, i, "up_proj", m, nothing))
         h = h + project(model, i, "down_proj", act, nothing)
     cache.length = start + t
+    if return_hidden:
+        return rmsnorm_forward(h, p["model.norm.weight"], cfg.rms_norm_eps)[0]
     xf, _ = rmsnorm_forward(h[:, -1], p["model.norm.weight"], cfg.rms_norm_eps)
     return linear_forward(xf, p[lm_head_name(cfg)])
 

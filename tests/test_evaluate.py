@@ -37,13 +37,23 @@ def test_batched_scores_equal_one_by_one_reference(model_tok):
     np.testing.assert_allclose(got, want, rtol=1e-10)
 
 
+def test_shared_context_scores_equal_the_reference(model_tok):
+    model, tok = model_tok
+    context = "Question: yes or no?\nAnswer:"
+    choices = [" yes", " no maybe", " a reckless spirit that has caused me trouble"]
+    got = evaluate.shared_context_logprobs(model, tok, context, choices, max_len=64)
+    want = [brute_force_logprob(model, tok, context, c) for c in choices]
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
 def test_accuracy_and_length_normalisation(monkeypatch, model_tok):
     model, tok = model_tok
     rows = [{"query": "q1", "choices": ["a", "bbbb"], "gold": 1},
             {"query": "q2", "choices": ["a", "bbbb"], "gold": 0}]
     # scores: row 1 prefers "a" raw (-2 > -4) but "bbbb" per byte (-4/5 > -2/2)
-    monkeypatch.setattr(evaluate, "continuation_logprobs",
-                        lambda *a, **k: [-2.0, -4.0, -1.0, -8.0])
+    table = {("q1", " a"): -2.0, ("q1", " bbbb"): -4.0, ("q2", " a"): -1.0, ("q2", " bbbb"): -8.0}
+    monkeypatch.setattr(evaluate, "shared_context_logprobs",
+                        lambda m, t, ctx, conts, max_len: [table[ctx, c] for c in conts])
     res = evaluate.score_multiple_choice(model, tok, rows)
     assert res["acc"] == 0.5 and res["acc_norm"] == 1.0
     assert [p["pred"] for p in res["predictions"]] == [0, 0]
