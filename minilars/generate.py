@@ -55,7 +55,7 @@ def forward_cached(model: Model, tokens: np.ndarray, cache: KVCache,
         raise ValueError(f"the KV cache holds {cache.k[0].shape[2]} positions; "
                          f"{start + t} were asked for")
     cos, sin = rope_tables(t, cfg.head_dim, cfg.rope_theta, model.dtype, start=start)
-    nothing = Saved(Ledger(), -1, enabled=False)
+    nothing = Saved(Ledger(), -1, enabled=False, training=False)
     h = embedding_forward(tokens, p["model.embed_tokens.weight"], model.dtype)
     for i in range(cfg.num_hidden_layers):
         pre = f"model.layers.{i}."

@@ -102,10 +102,12 @@ class StepOptions:
 @dataclass
 class Saved:
     """What one layer keeps for its backward, by (op, name), mirrored in the ledger.
-    With enabled=False (forward-only, or a checkpointed block) nothing is kept."""
+    With enabled=False (forward-only, or a checkpointed block) nothing is kept; training
+    says whether this forward is part of a training step (LoRA dropout applies) or not."""
     ledger: Ledger
     layer: int
     enabled: bool = True
+    training: bool = True         # False in evaluation and generation: no dropout
     tensors: dict = field(default_factory=dict)
 
     def keep(self, op: str, name: str, array: np.ndarray) -> np.ndarray:
@@ -434,8 +436,10 @@ def _release_all_activations(ledger: Ledger) -> None:
 
 # ------------------------------------------------------------------------ inference
 
-def forward_hidden(model: Model, tokens: np.ndarray, opts: StepOptions = StepOptions()):
-    """Final normed hidden states (B, T, C), nothing kept for backward."""
+def forward_hidden(model: Model, tokens: np.ndarray, opts: StepOptions = StepOptions(),
+                   training: bool = False):
+    """Final normed hidden states (B, T, C), nothing kept for backward. training=True
+    computes exactly what a training step's forward does (LoRA dropout on), for checks."""
     cfg, p = model.cfg, model.params
     tokens = check_inputs(cfg, tokens)
     ledger = Ledger()
@@ -443,20 +447,21 @@ def forward_hidden(model: Model, tokens: np.ndarray, opts: StepOptions = StepOpt
     rope = Rope(*rope_tables(T, cfg.head_dim, cfg.rope_theta, model.dtype))
     h = embedding_forward(tokens, p["model.embed_tokens.weight"], model.dtype)
     for i in range(cfg.num_hidden_layers):
-        h = block_forward(model, i, h, rope, Saved(ledger, i, enabled=False), opts)
+        h = block_forward(model, i, h, rope, Saved(ledger, i, enabled=False, training=training), opts)
     return rmsnorm_forward(h, p["model.norm.weight"], cfg.rms_norm_eps)[0]
 
 
-def forward_logits(model: Model, tokens: np.ndarray, opts: StepOptions = StepOptions()):
+def forward_logits(model: Model, tokens: np.ndarray, opts: StepOptions = StepOptions(),
+                   training: bool = False):
     """Logits (B, T, V). Materialises all of them: for tests and short prompts."""
-    xf = forward_hidden(model, tokens, opts)
+    xf = forward_hidden(model, tokens, opts, training)
     return linear_forward(xf, model.params[lm_head_name(model.cfg)])
 
 
 def forward_loss(model: Model, tokens: np.ndarray, targets: np.ndarray,
-                 opts: StepOptions = StepOptions()) -> tuple[float, int]:
+                 opts: StepOptions = StepOptions(), training: bool = False) -> tuple[float, int]:
     """(mean loss, number of scored tokens) without any backward state (evaluation)."""
-    xf = forward_hidden(model, tokens, opts)
+    xf = forward_hidden(model, tokens, opts, training)
     C = model.cfg.hidden_size
     flat = np.asarray(targets).reshape(-1)
     loss, _ = cross_entropy_chunked(xf.reshape(-1, C), model.params[lm_head_name(model.cfg)],

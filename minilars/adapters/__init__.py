@@ -58,11 +58,13 @@ def attach(model, method: str, targets=None, seed: int = 0, rank: int = 8,
         raise AdapterError(f"dropout must be in [0, 1), got {dropout}")
     cfg = model.cfg
     layers = range(cfg.num_hidden_layers) if layers is None else layers
-    feedforward = resolve_targets(feedforward, "ia3") if feedforward is not None else DEFAULT_IA3_FEEDFORWARD
+    if feedforward is None:
+        feedforward = DEFAULT_IA3_FEEDFORWARD
+    elif feedforward:                       # an empty list: no input-scaled target
+        feedforward = resolve_targets(feedforward, "ia3")
     rng = np.random.default_rng(seed)
-    model.trainable = set()
     dtype = model.dtype
-    new = {}
+    new, adapters = {}, {}                  # built first, applied only if all of it works
     for i in layers:
         for linear in targets:
             module = linear_param_name(i, linear)[: -len(".weight")]
@@ -70,12 +72,12 @@ def attach(model, method: str, targets=None, seed: int = 0, rank: int = 8,
             if method == "lora":
                 A, B = init_lora(in_f, out_f, rank, rng, dtype)
                 new[module + ".lora_A.weight"], new[module + ".lora_B.weight"] = A, B
-                model.adapters[module] = LoRA(rank=rank, alpha=16.0 if alpha is None else alpha,
+                adapters[module] = LoRA(rank=rank, alpha=16.0 if alpha is None else alpha,
                                               dropout=dropout, seed=seed)
             elif method == "ia3":
                 ff = linear in feedforward
                 new[module + ".ia3_l"] = np.ones((1, in_f) if ff else (out_f, 1), dtype=dtype)
-                model.adapters[module] = IA3(feedforward=ff)
+                adapters[module] = IA3(feedforward=ff)
             else:
                 from minilars.adapters.lars import LARS, init_lars
                 if block < 1 or in_f % block:
@@ -85,9 +87,10 @@ def attach(model, method: str, targets=None, seed: int = 0, rank: int = 8,
                                     alpha=0.1 if alpha is None else alpha, dtype=dtype)
                 new[module + ".lars_U"], new[module + ".lars_V"] = U, V
                 new[module + ".lars_alpha"] = a
-                model.adapters[module] = LARS(rank=rank, block=block, eps=eps,
+                adapters[module] = LARS(rank=rank, block=block, eps=eps,
                                               train_alpha=train_alpha, save=save)
     model.params.update(new)
+    model.adapters.update(adapters)
     model.trainable = {n for n in new if not (n.endswith(".lars_alpha") and not train_alpha)}
     return model
 
@@ -117,7 +120,7 @@ def adapter_forward(adapter, model, module, x, W, b, saved, linear):
     keep = lambda name, array: saved.keep(linear, name, array)
     if isinstance(adapter, LoRA):
         return lora_forward(x, W, b, p[module + ".lora_A.weight"], p[module + ".lora_B.weight"],
-                            adapter, module, keep)
+                            adapter, module, keep, training=saved.training)
     if isinstance(adapter, IA3):
         return ia3_forward(x, W, b, p[module + ".ia3_l"], adapter, keep)
     from minilars.adapters.lars import LARS, lars_forward

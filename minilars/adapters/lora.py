@@ -49,10 +49,12 @@ def _dropout_mask(cfg: LoRA, module: str, shape) -> np.ndarray:
     return keep / (1.0 - cfg.dropout)
 
 
-def lora_forward(x, W, b, A, B, cfg: LoRA, module: str, keep):
-    """x (..., in) -> y (..., out). `keep(name, array)` records what backward needs."""
+def lora_forward(x, W, b, A, B, cfg: LoRA, module: str, keep, training: bool = True):
+    """x (..., in) -> y (..., out). `keep(name, array)` records what backward needs.
+    Dropout applies only in training forwards (not in evaluation or generation)."""
     keep("x", x)
-    xd = x * _dropout_mask(cfg, module, x.shape).astype(x.dtype) if cfg.dropout > 0 else x
+    use_dropout = training and cfg.dropout > 0
+    xd = x * _dropout_mask(cfg, module, x.shape).astype(x.dtype) if use_dropout else x
     xa = linear_forward(xd, A)                                  # (..., r)
     keep("xa", xa)
     y = linear_forward(x, W, b)                                 # (..., out)

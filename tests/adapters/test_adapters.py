@@ -103,7 +103,7 @@ def test_lora_op_gradients(case, dropout):
         cfg2 = LoRA(rank=rank, alpha=cfg.alpha, dropout=dropout, seed=cfg.seed, step=4)
         y1 = lora_forward(x, W, b, A, B, cfg, module, keep)
         y2 = lora_forward(x, W, b, A, B, cfg2, module, keep)
-        if x.size >= 8:
+        if x.size >= 64:      # two masks of p=0.3 on fewer entries can agree by chance
             assert not np.array_equal(y1, y2)
 
 
@@ -243,7 +243,7 @@ def test_adapter_gradients_match_finite_differences(name, variant):
     if variant == "lars-fixed-alpha":
         assert not any(n.endswith("lars_alpha") for n in grads)
     rng = np.random.default_rng(2)
-    f = lambda: forward_loss(model, tokens, targets)[0]
+    f = lambda: forward_loss(model, tokens, targets, training=True)[0]   # dropout as in training
     for pname, g in grads.items():
         assert np.all(np.isfinite(g)) and np.any(g != 0), pname
         idx = [np.unravel_index(int(np.argmax(np.abs(g))), g.shape)]
@@ -423,9 +423,6 @@ def test_attaching_twice(tiny):
         attach(tiny, "ia3")
 
 
-@pytest.mark.xfail(strict=True, reason="attach() wipes model.trainable and registers "
-                   "adapters before validating every linear: a failed attach leaves a "
-                   "half-adapted model (bug reported, minilars/adapters/__init__.py)")
 def test_failed_attach_leaves_the_model_unchanged():
     model = Model.random(named_config("tiny"), 0, np.float32).train_all()
     before = set(model.trainable)
@@ -475,9 +472,6 @@ def test_targets_subset_and_layers():
                                  attach(Model.random(named_config("tiny"), 0), "lars").adapters}
 
 
-@pytest.mark.xfail(strict=True, reason="LoRA dropout is applied in every forward, also in "
-                   "forward_logits/forward_loss (evaluation, generation): PEFT turns it off in "
-                   "eval mode (bug reported)")
 def test_lora_dropout_is_off_at_inference():
     a = _adapted("tiny", "lora", seed=0)
     b = _adapted("tiny", "lora-dropout", seed=0)

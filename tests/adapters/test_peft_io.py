@@ -142,10 +142,6 @@ def test_peft_adapter_name_in_keys_is_accepted(tmp_path):
     np.testing.assert_array_equal(forward_logits(fresh, tokens), forward_logits(model, tokens))
 
 
-@pytest.mark.xfail(strict=True, reason="an IA3 adapter with no feedforward module (e.g. "
-                   "targets k_proj, v_proj; feedforward_modules []) saves, but load_adapter "
-                   "passes feedforward=[] to attach, whose resolve_targets raises 'no adapter "
-                   "targets given' (bug reported)")
 def test_ia3_without_feedforward_modules_round_trips(tmp_path):
     model = _perturbed("tiny", "ia3", targets=["k_proj", "v_proj"])
     save_adapter(str(tmp_path), model)
