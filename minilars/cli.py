@@ -414,7 +414,9 @@ def cmd_experiment(args) -> int:
                              methods=args.methods, seeds=[int(s) for s in args.seeds],
                              steps=args.steps, batch=args.batch, seq=args.seq,
                              policy=args.policy, eval_limit=args.eval_limit, mmlu=args.mmlu,
-                             data_dir=args.data_dir)
+                             data_dir=args.data_dir, longctx_seq=args.longctx_seq,
+                             longctx_train_examples=args.longctx_train,
+                             longctx_eval_examples=args.longctx_eval)
     for m in opts.methods:
         if m not in METHODS:
             raise UsageError(f"unknown method {m!r} in --methods; expected {METHODS}")
@@ -439,7 +441,11 @@ def _add_experiment_command(sub) -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--policy", choices=("none", "layer"), default="layer")
     p.add_argument("--eval-limit", type=int, default=500)
-    p.add_argument("--mmlu", type=_str_list, default=["economics"])
+    p.add_argument("--mmlu", type=_str_list, default=["economics"],
+                   help="MMLU groups scored zero- and 5-shot (economics, biology, physics, health, math)")
+    p.add_argument("--longctx-seq", type=int, default=2048, help="length of the kv_lookup probe")
+    p.add_argument("--longctx-train", type=int, default=64, help="kv_lookup training examples")
+    p.add_argument("--longctx-eval", type=int, default=50, help="kv_lookup evaluation examples")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--report-only", action="store_true", help="rewrite results.md from finished cells")
     p.set_defaults(func=cmd_experiment)
