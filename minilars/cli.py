@@ -204,7 +204,7 @@ def cmd_bench(args) -> int:
     from minilars import bench
     if args.bench_command == "kernels":
         rows = bench.bench_kernels(seq=args.seq)
-        print(bench.format_kernel_table(rows) if hasattr(bench, "format_kernel_table") else rows)
+        print(bench.format_kernel_table(rows))
     else:
         bench.bench_step_cli(args)
     return 0

@@ -399,9 +399,7 @@ def forward_backward(model: Model, tokens: np.ndarray, targets: np.ndarray,
             matmul_xwT=_matmul_xwT, matmul_dyW=_matmul_dyW)
     del xf
     if not np.isfinite(loss):
-        for i in list(saveds) + list(checkpoints):
-            ledger.release_op(i, "checkpoint")
-        _release_all_activations(ledger)
+        ledger.release_category("activations")      # nothing of this step stays registered
         raise FloatingPointError(f"loss is {loss}: the forward pass produced NaN or Inf")
     final.keep("loss", "dx", dxf)    # the loss gradient waits here for the backward
 
@@ -428,10 +426,6 @@ def forward_backward(model: Model, tokens: np.ndarray, targets: np.ndarray,
     del dh
     ledger.release_op(-1, "rope")
     return loss
-
-
-def _release_all_activations(ledger: Ledger) -> None:
-    ledger.release_category("activations")
 
 
 # ------------------------------------------------------------------------ inference

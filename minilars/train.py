@@ -145,7 +145,7 @@ def save_checkpoint(run_dir: str, model: Model, opt: AdamW, step: int, losses: l
 
 
 def load_checkpoint(run_dir: str, model: Model, opt: AdamW) -> dict:
-    from safetensors.numpy import load_file
+    from minilars.io.safetensors_io import load_safetensors
     ckpt = os.path.join(run_dir, "checkpoint")
     if not os.path.isdir(ckpt):
         raise FileNotFoundError(f"{run_dir}: no checkpoint/ folder to resume from")
@@ -153,14 +153,14 @@ def load_checkpoint(run_dir: str, model: Model, opt: AdamW) -> dict:
         state = json.load(f)
     if model.adapters:
         from minilars.io.peft import PREFIX
-        tensors = load_file(os.path.join(ckpt, "adapter_model.safetensors"))
+        tensors = load_safetensors(os.path.join(ckpt, "adapter_model.safetensors"))
         for name in model.trainable | {n for n in model.params if ".lars_alpha" in n}:
             model.params[name] = tensors[PREFIX + name].copy()
     else:
-        tensors = load_file(os.path.join(ckpt, "model.safetensors"))
+        tensors = load_safetensors(os.path.join(ckpt, "model.safetensors"))
         for name in model.params:
             model.params[name] = tensors[name].copy()
-    opt.load_state_dict({"arrays": load_file(os.path.join(ckpt, "optimizer.safetensors")),
+    opt.load_state_dict({"arrays": load_safetensors(os.path.join(ckpt, "optimizer.safetensors")),
                          "step_count": state["adamw_step_count"]})
     return state
 

@@ -100,8 +100,7 @@ def read_adapter_config(folder: str) -> dict:
 def load_adapter(folder: str, model):
     """Attach the adapter described in `folder` to a base model and load its tensors.
     Errors name the file and tensor when something is missing, extra or misshapen."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from minilars.io.safetensors_io import CheckpointError, load_safetensors
     cfg = read_adapter_config(folder)
     kind = cfg["peft_type"]
     targets = cfg.get("target_modules")
@@ -127,11 +126,11 @@ def load_adapter(folder: str, model):
                eps=float(cfg["eps"]), train_alpha=bool(cfg["train_alpha"]),
                save=cfg.get("saved_for_backward", "recompute"), layers=layers)
     path = os.path.join(folder, WEIGHTS_FILE)
+    if not os.path.exists(path):
+        raise AdapterError(f"{path}: adapter weights file is missing")
     try:
-        tensors = load_file(path)
-    except FileNotFoundError:
-        raise AdapterError(f"{path}: adapter weights file is missing") from None
-    except (SafetensorError, OSError, ValueError) as e:
+        tensors = load_safetensors(path)
+    except (CheckpointError, OSError) as e:
         raise AdapterError(f"{path}: cannot read safetensors file ({e})") from None
     expected = {PREFIX + n for n in model.params if any(t in n for t in (".lora_", ".ia3_", ".lars_"))}
     # PEFT sometimes writes names with the adapter name (".default") left in
