@@ -23,6 +23,10 @@ from minilars.params import lm_head_name
 
 def eval_split(task: str, data_dir: str = "data") -> str:
     """The scored split of a task: validation where it exists, else test."""
+    from minilars.data.fetch import TASKS
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}, or mmlu_<group> "
+                         "for an MMLU group (economics, biology, physics, health, math)")
     for split in ("validation", "val", "test"):
         if os.path.exists(os.path.join(data_dir, task, f"{split}.jsonl.gz")):
             return split
