@@ -235,7 +235,7 @@ def write_report(opts: ExperimentOptions) -> str:
              f"{opts.eval_limit} eval questions (acc_norm for HellaSwag, PIQA and ARC as in "
              f"the paper's harness); mean ± std over seeds {opts.seeds}. Missing cells: `-`.",
              "",
-             "| method | " + " | ".join(tasks) + " | avg | peak ledger MiB | peak RSS MiB | tok/s |",
+             "| method | " + " | ".join(tasks) + " | avg (fine-tuned tasks) | peak ledger MiB | peak RSS MiB | tok/s |",
              "|---|" + "---|" * (len(tasks) + 4)]
     points = []
     for method in methods:
@@ -248,7 +248,8 @@ def write_report(opts: ExperimentOptions) -> str:
             if m is None:
                 row.append("-")
                 continue
-            accs.append(m)
+            if not task.startswith("mmlu_"):     # MMLU is scored, never trained on
+                accs.append(m)
             row.append(f"{100 * m:.1f} ± {100 * s:.1f}" if len(sel) > 1 else f"{100 * m:.1f}")
             mems += [c["ledger_peak_mib"] for c in sel if "ledger_peak_mib" in c]
             rss += [c["rss_peak_mib"] for c in sel if "rss_peak_mib" in c]
@@ -259,9 +260,10 @@ def write_report(opts: ExperimentOptions) -> str:
                      f"{fmt(mems, '{:.0f}')} | {fmt(rss, '{:.0f}')} | {fmt(tps, '{:.0f}')} |")
         if mems and avg is not None:
             points.append((method, statistics.fmean(mems), 100 * avg))
-    lines += ["", "Memory is the peak of a training step (ledger: named bytes; RSS: the "
-              "process's high-water mark, which includes the evaluation that followed in "
-              "other runs' processes only if they shared one)."]
+    lines += ["", "Memory: the peak of a training step in the ledger (named bytes) and the peak "
+              "RSS of the training process (each cell trains in a process of its own). tok/s "
+              "counts padded tokens per second of training. MMLU columns are the base model, "
+              "zero- and 5-shot; they are not in the average."]
     report = os.path.join(opts.out, "results.md")
     write_text(report, "\n".join(lines) + "\n")
     if points:
