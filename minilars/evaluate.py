@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 
 import numpy as np
 
 from minilars.model import Model, StepOptions, check_inputs, forward_hidden, forward_loss
 from minilars.ops.linear import _matmul_xwT
+from minilars.ops.loss import logsumexp
 from minilars.params import lm_head_name
 
 
@@ -68,11 +68,8 @@ def continuation_logprobs(model: Model, tok, requests: list[tuple[str, str]], ma
             ids, n_cont = encoded[i]
             L = len(ids)
             rows = hidden[r, L - 1 - n_cont: L - 1]                     # predict the continuation
-            logits = _matmul_xwT(np.ascontiguousarray(rows), W)         # (n_cont, V)
-            m = logits.max(axis=-1)
-            lse = m + np.log(np.exp(logits - m[:, None]).sum(axis=-1))
-            target = np.array(ids[L - n_cont:])
-            scores[i] = float((logits[np.arange(n_cont), target] - lse).sum())
+            logp = _log_softmax(_matmul_xwT(np.ascontiguousarray(rows), W))   # (n_cont, V)
+            scores[i] = float(logp[np.arange(n_cont), ids[L - n_cont:]].sum())
         if progress:
             progress(min(b0 + batch, len(order)), len(order))
     return scores
@@ -109,8 +106,8 @@ def shared_context_logprobs(model: Model, tok, context: str, continuations: list
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    m = logits.max(axis=-1, keepdims=True)
-    return logits - (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))
+    """(rows, V) logits -> log-probabilities, with the loss's row-wise logsumexp."""
+    return logits - logsumexp(logits)[:, None]
 
 
 def score_multiple_choice(model: Model, tok, rows: list[dict], max_len: int = 1024,

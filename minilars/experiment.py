@@ -140,7 +140,8 @@ def method_cell(opts, task, method, seed, log):
     data = None
     seq = opts.seq
     if task == "kv_lookup":
-        _, tok = load_base(opts.model)
+        from minilars.io.tokenizer import Tokenizer
+        tok = Tokenizer.from_folder(opts.model)     # the weights are not needed to write data
         data = os.path.join(opts.out, "kv_lookup_train.jsonl")
         if not os.path.exists(data):
             write_text(data, "".join(json.dumps(r) + "\n" for r in longctx_rows(opts, tok, "train")))

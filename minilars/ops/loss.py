@@ -21,7 +21,7 @@ DEFAULT_CHUNK = 128
 VOCAB_SLAB = 4096
 
 
-def _logsumexp(logits: np.ndarray) -> np.ndarray:
+def logsumexp(logits: np.ndarray) -> np.ndarray:
     """Row-wise log(sum(exp)) with one (rows, V) temporary."""
     m = logits.max(axis=-1)
     shifted = np.subtract(logits, m[:, None])
@@ -47,7 +47,7 @@ def cross_entropy_plain(x, W, targets, need_dx=True, need_dW=False):
     logits = x @ W.T.astype(x.dtype, copy=False)                       # (N, V)
     kept = targets != IGNORE
     rows = np.nonzero(kept)[0]
-    lse = _logsumexp(logits)
+    lse = logsumexp(logits)
     loss = float((lse[rows] - logits[rows, targets[rows]]).sum() / n)
     dlogits = np.exp(logits - lse[:, None])
     dlogits[rows, targets[rows]] -= 1.0
@@ -78,7 +78,7 @@ def cross_entropy_chunked(x, W, targets, need_dx=True, dW=None, chunk=DEFAULT_CH
                 dx[r0:r1] = 0.0
             continue
         logits = xwT(x[r0:r1], W)                                      # (chunk, V)
-        lse = _logsumexp(logits)
+        lse = logsumexp(logits)
         rows = np.nonzero(kept)[0]
         total += float((lse[rows] - logits[rows, t[rows]]).sum())
         if not need_dx and dW is None:
