@@ -416,7 +416,8 @@ def cmd_experiment(args) -> int:
                              policy=args.policy, eval_limit=args.eval_limit, mmlu=args.mmlu,
                              data_dir=args.data_dir, longctx_seq=args.longctx_seq,
                              longctx_train_examples=args.longctx_train,
-                             longctx_eval_examples=args.longctx_eval)
+                             longctx_eval_examples=args.longctx_eval,
+                             longctx_batch=args.longctx_batch)
     for m in opts.methods:
         if m not in METHODS:
             raise UsageError(f"unknown method {m!r} in --methods; expected {METHODS}")
@@ -436,8 +437,8 @@ def _add_experiment_command(sub) -> None:
                    help="MC tasks, and/or kv_lookup (long-context, T=2048)")
     p.add_argument("--methods", type=_str_list, default=["lora", "ia3", "lars"])
     p.add_argument("--seeds", type=_str_list, default=["0", "1", "2"])
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch", type=int, default=4, help="batch of the multiple-choice runs")
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--policy", choices=("none", "layer"), default="layer")
     p.add_argument("--eval-limit", type=int, default=500)
@@ -446,6 +447,7 @@ def _add_experiment_command(sub) -> None:
     p.add_argument("--longctx-seq", type=int, default=2048, help="length of the kv_lookup probe")
     p.add_argument("--longctx-train", type=int, default=64, help="kv_lookup training examples")
     p.add_argument("--longctx-eval", type=int, default=50, help="kv_lookup evaluation examples")
+    p.add_argument("--longctx-batch", type=int, default=1, help="batch of the kv_lookup runs")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--report-only", action="store_true", help="rewrite results.md from finished cells")
     p.set_defaults(func=cmd_experiment)

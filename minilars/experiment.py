@@ -31,7 +31,7 @@ class ExperimentOptions:
     tasks: list = field(default_factory=lambda: ["arc_easy", "piqa", "hellaswag", "winogrande", "boolq"])
     methods: list = field(default_factory=lambda: ["lora", "ia3", "lars"])
     seeds: list = field(default_factory=lambda: [0, 1, 2])
-    steps: int = 100
+    steps: int = 60
     batch: int = 4
     seq: int = 256
     lr: dict = field(default_factory=lambda: {"lora": 1e-3, "ia3": 3e-3, "lars": 2e-3, "full": 1e-5})
@@ -41,6 +41,7 @@ class ExperimentOptions:
     longctx_seq: int = 2048
     longctx_train_examples: int = 64
     longctx_eval_examples: int = 50
+    longctx_batch: int = 1
     data_dir: str = "data"
 
 
@@ -147,7 +148,8 @@ def method_cell(opts, task, method, seed, log):
             write_text(data, "".join(json.dumps(r) + "\n" for r in longctx_rows(opts, tok, "train")))
         seq = opts.longctx_seq
     topts = TrainOptions(model=opts.model, method=method, task=None if data else task, data=data,
-                         seq=seq, steps=opts.steps, batch=opts.batch, lr=opts.lr[method],
+                         seq=seq, steps=opts.steps,
+                         batch=opts.longctx_batch if data else opts.batch, lr=opts.lr[method],
                          warmup=max(1, opts.steps // 10), policy=opts.policy, seed=seed,
                          out=run_dir, save_every=opts.steps, data_dir=opts.data_dir)
     summary = train_in_subprocess(topts)
@@ -225,46 +227,80 @@ def _mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _metric(task: str) -> str:
+    """acc_norm for HellaSwag, PIQA and ARC (as in the paper's harness), acc elsewhere."""
+    return "acc_norm" if task.split("_")[0] in ("hellaswag", "piqa", "arc") else "acc"
+
+
+def _cell_text(values) -> str:
+    m, s = _mean_std(values)
+    if m is None:
+        return "-"
+    return f"{100 * m:.1f} ± {100 * s:.1f}" if len(values) > 1 else f"{100 * m:.1f}"
+
+
+def _run_columns(sel) -> str:
+    """peak ledger, peak RSS, tok/s of the training runs in sel (means), as table cells."""
+    fmt = lambda key, f: "-" if not any(key in c for c in sel) else \
+        f.format(statistics.fmean(c[key] for c in sel if key in c))
+    return f"{fmt('ledger_peak_mib', '{:.0f}')} | {fmt('rss_peak_mib', '{:.0f}')} | {fmt('tok_per_s', '{:.0f}')}"
+
+
 def write_report(opts: ExperimentOptions) -> str:
+    """OUT/results.md from the finished cells: the multiple-choice table (with MMLU), the
+    long-context table (its memory is at a different length, so it has its own columns),
+    and OUT/memory_vs_accuracy.svg."""
     cells = load_cells(opts.out)
+    methods = ["zero-shot"] + list(opts.methods)
     tasks = list(dict.fromkeys(c["task"] for c in cells))
-    methods = ["zero-shot"] + [m for m in opts.methods]
-    lines = [f"# minilars experiment: {os.path.basename(opts.model.rstrip('/'))}",
-             "",
-             f"{opts.steps} steps x batch {opts.batch} at seq {opts.seq}, recompute policy "
-             f"`{opts.policy}` for every method; accuracy on a fixed seeded subset of "
-             f"{opts.eval_limit} eval questions (acc_norm for HellaSwag, PIQA and ARC as in "
-             f"the paper's harness); mean ± std over seeds {opts.seeds}. Missing cells: `-`.",
-             "",
-             "| method | " + " | ".join(tasks) + " | avg (fine-tuned tasks) | peak ledger MiB | peak RSS MiB | tok/s |",
-             "|---|" + "---|" * (len(tasks) + 4)]
+    mc_tasks = [t for t in tasks if t != "kv_lookup"]
+    trained = [t for t in mc_tasks if not t.startswith("mmlu_")]      # MMLU is scored only
+    seeds = sorted({c["seed"] for c in cells if c["method"] != "zero-shot"})
+    n_eval = sorted({c["n"] for c in cells if c["task"] in trained})
+    lines = [f"# minilars experiment: {os.path.basename(opts.model.rstrip('/'))}", "",
+             f"Fine-tuning: {opts.steps} steps x batch {opts.batch} at seq {opts.seq}, recompute "
+             f"policy `{opts.policy}`, learning rates {', '.join(f'{m} {opts.lr[m]:g}' for m in opts.methods)}. "
+             f"Accuracy (%) on a fixed seeded subset of {'/'.join(map(str, n_eval)) or '-'} eval "
+             f"questions per task (acc_norm for HellaSwag, PIQA and ARC, acc elsewhere), the same "
+             f"questions for every method and seed; mean ± std over the training seeds present "
+             f"({', '.join(map(str, seeds)) or 'none'}; a cell without ± has one seed). "
+             f"Missing cells: `-`.", "",
+             "| method | " + " | ".join(mc_tasks) + " | avg | peak ledger MiB | peak RSS MiB | train tok/s |",
+             "|---|" + "---|" * (len(mc_tasks) + 4)]
     points = []
     for method in methods:
-        row, accs = [], []
-        mems, rss, tps = [], [], []
-        for task in tasks:
-            sel = [c for c in cells if c["task"] == task and c["method"] == method]
-            metric = "acc_norm" if task.split("_")[0] in ("hellaswag", "piqa", "arc") else "acc"
-            m, s = _mean_std([c[metric] for c in sel])
-            if m is None:
-                row.append("-")
-                continue
-            if not task.startswith("mmlu_"):     # MMLU is scored, never trained on
-                accs.append(m)
-            row.append(f"{100 * m:.1f} ± {100 * s:.1f}" if len(sel) > 1 else f"{100 * m:.1f}")
-            mems += [c["ledger_peak_mib"] for c in sel if "ledger_peak_mib" in c]
-            rss += [c["rss_peak_mib"] for c in sel if "rss_peak_mib" in c]
-            tps += [c["tok_per_s"] for c in sel if "tok_per_s" in c]
-        avg = statistics.fmean(accs) if accs else None
-        fmt = lambda v, f: "-" if not v else f.format(statistics.fmean(v))
-        lines.append(f"| {method} | " + " | ".join(row) + f" | {'-' if avg is None else f'{100 * avg:.1f}'} | "
-                     f"{fmt(mems, '{:.0f}')} | {fmt(rss, '{:.0f}')} | {fmt(tps, '{:.0f}')} |")
+        row, means = [], []
+        for task in mc_tasks:
+            values = [c[_metric(task)] for c in cells if c["task"] == task and c["method"] == method]
+            row.append(_cell_text(values))
+            if values and task in trained:
+                means.append(statistics.fmean(values))
+        complete = len(means) == len(trained) and means
+        avg = statistics.fmean(means) if complete else None
+        runs = [c for c in cells if c["method"] == method and c["task"] in trained]
+        lines.append(f"| {method} | " + " | ".join(row) +
+                     f" | {'-' if avg is None else f'{100 * avg:.1f}'} | {_run_columns(runs)} |")
+        mems = [c["ledger_peak_mib"] for c in runs if "ledger_peak_mib" in c]
         if mems and avg is not None:
             points.append((method, statistics.fmean(mems), 100 * avg))
-    lines += ["", "Memory: the peak of a training step in the ledger (named bytes) and the peak "
-              "RSS of the training process (each cell trains in a process of its own). tok/s "
-              "counts padded tokens per second of training. MMLU columns are the base model, "
-              "zero- and 5-shot; they are not in the average."]
+    lines += ["", f"avg: mean over {', '.join(trained)} (shown only when every one has a "
+              "result). MMLU columns are the base model, zero- and 5-shot, never trained on, "
+              "so they are not in the average. Memory: the peak of a training step in the "
+              "ledger (named bytes) and the peak RSS of the training process (each cell trains "
+              "in a process of its own). tok/s counts padded tokens per second of training."]
+    if "kv_lookup" in tasks:
+        lines += ["", f"## Long context: key-value lookup at T={opts.longctx_seq}", "",
+                  f"Synthetic: ~127 four-symbol keys with four-digit values in {opts.longctx_seq} "
+                  f"tokens, the asked key at five depths; exact match of the greedily decoded "
+                  f"value on {opts.longctx_eval_examples} eval examples. Trained on "
+                  f"{opts.longctx_train_examples} examples whose keys come from another alphabet "
+                  f"and seed, {opts.steps} steps x batch {opts.longctx_batch}. Loss on the "
+                  f"value tokens only.", "",
+                  "| method | exact match | peak ledger MiB | peak RSS MiB | train tok/s |",
+                  "|---|---|---|---|---|"]
+        for method in methods:
+            sel = [c for c in cells if c["task"] == "kv_lookup" and c["method"] == method]
+            lines.append(f"| {method} | {_cell_text([c['acc'] for c in sel])} | {_run_columns(sel)} |")
     report = os.path.join(opts.out, "results.md")
     write_text(report, "\n".join(lines) + "\n")
     if points:

@@ -38,5 +38,36 @@ def test_experiment_runs_and_reports(tmp_path, tasks):
     assert cell["steps"] == 2 and cell["ledger_peak_mib"] > 0 and 0 <= cell["acc"] <= 1
     report = open(os.path.join(out, "results.md")).read()
     assert "| lars |" in report and "mmlu_economics_5shot" in report
+    assert ("## Long context" in report) == (tasks == "kv_lookup")
     # a second run finds every cell done and only rewrites the report
     assert main(args) == 0
+
+
+def test_report_means_seeds_and_keeps_long_context_apart(tmp_path):
+    from minilars.experiment import ExperimentOptions, write_report
+    out = tmp_path / "exp"
+    (out / "cells").mkdir(parents=True)
+
+    def cell(task, method, seed, acc, mib=None):
+        c = {"task": task, "method": method, "seed": seed, "acc": acc, "acc_norm": acc, "n": 500}
+        if mib is not None:
+            c.update(ledger_peak_mib=mib, rss_peak_mib=mib + 100, tok_per_s=50.0)
+        (out / "cells" / f"{task}__{method}__{seed}.json").write_text(json.dumps(c))
+
+    cell("arc_easy", "zero-shot", 0, 0.50)
+    cell("piqa", "zero-shot", 0, 0.60)
+    cell("arc_easy", "lora", 0, 0.60, 500)
+    cell("arc_easy", "lora", 1, 0.70, 520)
+    cell("piqa", "lora", 0, 0.80, 510)
+    cell("arc_easy", "lars", 0, 0.64, 480)            # lars has no piqa: no average
+    cell("kv_lookup", "lora", 0, 0.30, 2000)          # must not enter the MC memory column
+    write_report(ExperimentOptions(model="m", out=str(out), methods=["lora", "lars"]))
+    lines = (out / "results.md").read_text().splitlines()
+    row = lambda name, after=0: next(l for l in lines[after:] if l.startswith(f"| {name} |"))
+    assert row("zero-shot") == "| zero-shot | 50.0 | 60.0 | 55.0 | - | - | - |"
+    # arc_easy lora: mean 65.0, sample std 7.1; avg (65 + 80) / 2; memory of the 3 MC runs
+    assert row("lora") == "| lora | 65.0 ± 7.1 | 80.0 | 72.5 | 510 | 610 | 50 |"
+    assert row("lars") == "| lars | 64.0 | - | - | 480 | 580 | 50 |"
+    kv = lines.index(next(l for l in lines if l.startswith("## Long context")))
+    assert row("lora", kv) == "| lora | 30.0 | 2000 | 2100 | 50 |"
+    assert row("zero-shot", kv) == "| zero-shot | - | - | - | - |"
