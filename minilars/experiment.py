@@ -252,7 +252,8 @@ def write_report(opts: ExperimentOptions) -> str:
     and OUT/memory_vs_accuracy.svg."""
     cells = load_cells(opts.out)
     methods = ["zero-shot"] + list(opts.methods)
-    tasks = list(dict.fromkeys(c["task"] for c in cells))
+    found = {c["task"] for c in cells}
+    tasks = [t for t in opts.tasks if t in found] + sorted(found - set(opts.tasks))
     mc_tasks = [t for t in tasks if t != "kv_lookup"]
     trained = [t for t in mc_tasks if not t.startswith("mmlu_")]      # MMLU is scored only
     seeds = sorted({c["seed"] for c in cells if c["method"] != "zero-shot"})
@@ -287,7 +288,8 @@ def write_report(opts: ExperimentOptions) -> str:
               "result). MMLU columns are the base model, zero- and 5-shot, never trained on, "
               "so they are not in the average. Memory: the peak of a training step in the "
               "ledger (named bytes) and the peak RSS of the training process (each cell trains "
-              "in a process of its own). tok/s counts padded tokens per second of training."]
+              "in a process of its own). tok/s: tokens per second of training, counting the padding "
+              "of each batch to its longest example."]
     if "kv_lookup" in tasks:
         lines += ["", f"## Long context: key-value lookup at T={opts.longctx_seq}", "",
                   f"Synthetic: ~127 four-symbol keys with four-digit values in {opts.longctx_seq} "
