@@ -53,6 +53,26 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def config_mismatch(cfg: ModelConfig, shapes: dict) -> tuple[str, str] | None:
+    """Compare tensors found (name -> shape) with the parameters cfg implies. None when
+    they match exactly; else (message, the first offending tensor's name), so the caller
+    can say which file or checkpoint it came from. One check for loading, saving and
+    converting checkpoints."""
+    expected = param_shapes(cfg)
+    missing = [n for n in expected if n not in shapes]
+    if missing:
+        return (f"{len(missing)} tensor(s) that the config implies are missing, "
+                f"e.g. {missing[:3]}"), missing[0]
+    unexpected = [n for n in shapes if n not in expected]
+    if unexpected:
+        return f"{len(unexpected)} unexpected tensor(s) for this config, e.g. {unexpected[:3]}", unexpected[0]
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != tuple(shape):
+            return (f"tensor {name!r} has shape {list(shapes[name])}, expected {list(shape)} "
+                    f"from the config"), name
+    return None
+
+
 def init_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
     """Seeded random weights for any config: normal(0, 0.02) matrices, ones for norms,
     small normal biases (nonzero so bias gradients are exercised in tests)."""

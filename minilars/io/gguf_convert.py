@@ -42,7 +42,7 @@ import numpy as np
 from minilars.config import ModelConfig
 from minilars.io.atomic import atomic_dir
 from minilars.io.safetensors_io import CheckpointError
-from minilars.params import param_shapes
+from minilars.params import config_mismatch, param_shapes
 
 MANIFEST_FILE = "minilars_manifest.json"
 INSTALL_HINT = "pip install 'minilars[fetch]'   (or: pip install gguf)"
@@ -364,17 +364,13 @@ def convert_gguf(gguf_path: str, out_folder: str, progress: bool = True,
             raise GGUFConvertError(f"{gguf_path}: tensor {t.name!r} has no Hugging Face "
                                    f"equivalent in a Llama model") from None
     cfg = config_from_gguf(fields, has_output="lm_head.weight" in by_hf_name, path=gguf_path)
+    # GGUF lists dimensions fastest-first: reversed, they are the HF (out, in) shapes
+    problem = config_mismatch(cfg, {n: tuple(int(d) for d in reversed(list(t.shape)))
+                                    for n, t in by_hf_name.items()})
+    if problem:
+        raise GGUFConvertError(f"{gguf_path}: tensors do not match the config from its "
+                               f"metadata: {problem[0]}")
     shapes = param_shapes(cfg)
-    missing = [n for n in shapes if n not in by_hf_name]
-    extra = [n for n in by_hf_name if n not in shapes]
-    if missing or extra:
-        raise GGUFConvertError(f"{gguf_path}: tensors do not match the config from its metadata: "
-                               f"missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, shape in shapes.items():
-        got = tuple(int(n) for n in reversed(list(by_hf_name[name].shape)))
-        if got != tuple(shape):
-            raise GGUFConvertError(f"{gguf_path}: tensor {by_hf_name[name].name!r} has shape "
-                                   f"{list(got)}, expected {list(shape)}")
     tokenizer = build_tokenizer(fields, path=gguf_path)
     side = tokenizer_side_files(fields, cfg)
     config = cfg.to_dict()

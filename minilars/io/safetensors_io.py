@@ -30,7 +30,7 @@ import numpy as np
 
 from minilars.io.atomic import atomic_dir, atomic_path, write_text
 from minilars.config import ModelConfig
-from minilars.params import param_shapes
+from minilars.params import config_mismatch, param_shapes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -217,7 +217,6 @@ def load_model(folder: str, dtype=np.float32, frozen_dtype=None
     Names and shapes are checked against param_shapes(cfg); every failure raises
     CheckpointError naming the file and tensor."""
     cfg = ModelConfig.from_json(os.path.join(folder, CONFIG_FILE))
-    expected = param_shapes(cfg)
     # pass 1: headers only; find where each tensor lives and check it
     located: dict[str, tuple[str, dict, int]] = {}   # name -> (file, entry, data_start)
     for path, indexed_names in _weight_files(folder).items():
@@ -242,31 +241,23 @@ def load_model(folder: str, dtype=np.float32, frozen_dtype=None
     if skipped:
         warnings.warn(f"{folder}: ignoring {len(skipped)} tensor(s): {'; '.join(skipped[:3])}"
                       f"{' ...' if len(skipped) > 3 else ''}", CheckpointWarning, stacklevel=2)
-    missing = [n for n in expected if n not in located]
-    if missing:
-        raise CheckpointError(f"{folder}: {len(missing)} tensor(s) that config.json implies are "
-                              f"missing from the checkpoint, e.g. {missing[:3]}")
-    unexpected = [n for n in located if n not in expected]
-    if unexpected:
-        raise CheckpointError(f"{located[unexpected[0]][0]}: {len(unexpected)} unexpected "
-                              f"tensor(s) for this config, e.g. {unexpected[:3]}")
-    for name, shape in expected.items():
-        path, entry, _ = located[name]
-        if entry["shape"] != tuple(shape):
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(entry['shape'])}, "
-                                  f"expected {list(shape)} from config.json")
+    problem = config_mismatch(cfg, {n: entry["shape"] for n, (_, entry, _) in located.items()})
+    if problem:
+        message, name = problem
+        where = located[name][0] if name in located else folder
+        raise CheckpointError(f"{where}: {message} (config.json in {folder})")
     # pass 2: map one tensor at a time, copy it into its own array in the target dtype and
     # drop the mapping, so the process never holds the file's pages and the weights at once
     # (peak RSS = the weights + one tensor, which matters on a Pi)
     params: dict[str, np.ndarray] = {}
-    for name in expected:
+    for name in param_shapes(cfg):
         path, entry, data_start = located[name]
         target = frozen_dtype if (frozen_dtype is not None and len(entry["shape"]) == 2) else dtype
         try:
             params[name] = _copy_tensor(path, entry, data_start, target)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot read tensor {name!r} ({type(e).__name__}: {e})") from None
-    return cfg, {name: params[name] for name in expected}
+    return cfg, params
 
 
 def save_model(folder: str, cfg: ModelConfig, params: dict[str, np.ndarray],
@@ -276,16 +267,9 @@ def save_model(folder: str, cfg: ModelConfig, params: dict[str, np.ndarray],
     A new folder is built as a temp sibling and renamed into place; into an existing
     folder each file is replaced atomically (other files there are kept). Tensors are
     stored in the dtype they have (float32, float16, float64)."""
-    expected = param_shapes(cfg)
-    missing = [n for n in expected if n not in params]
-    unexpected = [n for n in params if n not in expected]
-    if missing or unexpected:
-        raise CheckpointError(f"save_model({folder!r}): params do not match the config: "
-                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, shape in expected.items():
-        if tuple(params[name].shape) != tuple(shape):
-            raise CheckpointError(f"save_model({folder!r}): tensor {name!r} has shape "
-                                  f"{list(params[name].shape)}, expected {list(shape)}")
+    problem = config_mismatch(cfg, {n: a.shape for n, a in params.items()})
+    if problem:
+        raise CheckpointError(f"save_model({folder!r}): {problem[0]}")
     config_text = json.dumps(cfg.to_dict(), indent=2) + "\n"
     files = {CONFIG_FILE: config_text, **(extra_files or {})}
 
