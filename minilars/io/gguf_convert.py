@@ -31,7 +31,6 @@ Two things llama.cpp changes that must be undone:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -40,7 +39,7 @@ import sys
 import numpy as np
 
 from minilars.config import ModelConfig
-from minilars.io.atomic import atomic_dir
+from minilars.io.atomic import atomic_dir, sha256_of_file
 from minilars.io.safetensors_io import CheckpointError
 from minilars.params import config_mismatch, param_shapes
 
@@ -324,14 +323,6 @@ def write_safetensors_streaming(path: str, shapes: dict[str, tuple[int, ...]], p
         os.fsync(f.fileno())
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _percent_printer(label: str, enabled: bool):
     """progress(done, total) printing '<label> NN%' to stderr at each new 10%."""
     last = [-1]
@@ -395,7 +386,7 @@ def convert_gguf(gguf_path: str, out_folder: str, progress: bool = True,
         for name, obj in side.items():
             text_file(tmp, name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
         files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
-                        "sha256": _sha256(os.path.join(tmp, name))}
+                        "sha256": sha256_of_file(os.path.join(tmp, name))}
                  for name in sorted(os.listdir(tmp))}
         manifest = {"format": 1, "converted_by": "minilars.io.gguf_convert",
                     "gguf_file": os.path.basename(gguf_path), "gguf_tensor_types": types,

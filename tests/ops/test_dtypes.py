@@ -3,7 +3,6 @@ NumPy 2's promotion rules (NEP 50) one np.float64 scalar silently turns a float3
 into float64: twice the bytes of a saved tensor, and a float64 gradient that the
 half-precision-weight kernels then reject."""
 import numpy as np
-import pytest
 
 from minilars.ops.attention import (attention_decode, attention_plain_backward,
                                     attention_plain_forward, attention_tiled_backward,
