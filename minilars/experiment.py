@@ -171,6 +171,7 @@ def method_cell(opts, task, method, seed, log):
             "tok_per_s": summary["tokens"] / summary["seconds"],
             "ledger_peak_mib": summary["ledger_peak_mib"], "rss_peak_mib": summary["rss_peak_mib"],
             "trainable": summary["trainable"]["trainable"], "steps": opts.steps,
+            "batch": topts.batch, "seq": topts.seq, "lr": topts.lr,
             "eval_seconds": time.perf_counter() - t0}
     write_json(path, cell)
     log(f"{task} {method} seed {seed}: acc {cell['acc']:.3f} acc_norm {cell['acc_norm']:.3f} "

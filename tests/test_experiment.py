@@ -36,6 +36,7 @@ def test_experiment_runs_and_reports(tmp_path, tasks):
     with open(os.path.join(out, "cells", f"{tasks}__lars__0.json")) as f:
         cell = json.load(f)
     assert cell["steps"] == 2 and cell["ledger_peak_mib"] > 0 and 0 <= cell["acc"] <= 1
+    assert (cell["batch"], cell["seq"]) == ((1, 96) if tasks == "kv_lookup" else (2, 48))
     report = open(os.path.join(out, "results.md")).read()
     assert "| lars |" in report and "mmlu_economics_5shot" in report
     assert ("## Long context" in report) == (tasks == "kv_lookup")
