@@ -258,16 +258,16 @@ def write_report(opts: ExperimentOptions) -> str:
     mc_tasks = [t for t in tasks if t != "kv_lookup"]
     trained = [t for t in mc_tasks if not t.startswith("mmlu_")]      # MMLU is scored only
     seeds = sorted({c["seed"] for c in cells if c["method"] != "zero-shot"})
-    n_eval = sorted({c["n"] for c in cells if c["task"] in trained})
+    n_of = lambda t: "/".join(str(n) for n in sorted({c["n"] for c in cells if c["task"] == t}))
     lines = [f"# minilars experiment: {os.path.basename(opts.model.rstrip('/'))}", "",
              f"Fine-tuning: {opts.steps} steps x batch {opts.batch} at seq {opts.seq}, recompute "
              f"policy `{opts.policy}`, learning rates {', '.join(f'{m} {opts.lr[m]:g}' for m in opts.methods)}. "
-             f"Accuracy (%) on a fixed seeded subset of {'/'.join(map(str, n_eval)) or '-'} eval "
-             f"questions per task (acc_norm for HellaSwag, PIQA and ARC, acc elsewhere), the same "
+             f"Accuracy (%) on a fixed seeded subset of n eval questions per task (n in each "
+             f"column's head; acc_norm for HellaSwag, PIQA and ARC, acc elsewhere), the same "
              f"questions for every method and seed; mean ± std over the training seeds present "
              f"({', '.join(map(str, seeds)) or 'none'}; a cell without ± has one seed). "
              f"Missing cells: `-`.", "",
-             "| method | " + " | ".join(mc_tasks) + " | avg | peak ledger MiB | peak RSS MiB | train tok/s |",
+             "| method | " + " | ".join(f"{t} (n={n_of(t)})" for t in mc_tasks) + " | avg | peak ledger MiB | peak RSS MiB | train tok/s |",
              "|---|" + "---|" * (len(mc_tasks) + 4)]
     points = []
     for method in methods:
@@ -295,7 +295,7 @@ def write_report(opts: ExperimentOptions) -> str:
         lines += ["", f"## Long context: key-value lookup at T={opts.longctx_seq}", "",
                   f"Synthetic: ~127 four-symbol keys with four-digit values in {opts.longctx_seq} "
                   f"tokens, the asked key at five depths; exact match of the greedily decoded "
-                  f"value on {opts.longctx_eval_examples} eval examples. Trained on "
+                  f"value on {n_of('kv_lookup')} eval examples. Trained on "
                   f"{opts.longctx_train_examples} examples whose keys come from another alphabet "
                   f"and seed, {opts.steps} steps x batch {opts.longctx_batch}. Loss on the "
                   f"value tokens only.", "",

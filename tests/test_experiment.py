@@ -72,5 +72,5 @@ def test_report_means_seeds_and_keeps_long_context_apart(tmp_path):
     kv = lines.index(next(l for l in lines if l.startswith("## Long context")))
     assert row("lora", kv) == "| lora | 30.0 | 2000 | 2100 | 50 |"
     assert row("zero-shot", kv) == "| zero-shot | - | - | - | - |"
-    assert "500 eval questions" in lines[2] and "(0, 1;" in lines[2]
+    assert "| method | arc_easy (n=500) | piqa (n=500) | avg |" in lines[4] and "(0, 1;" in lines[2]
     assert (out / "memory_vs_accuracy.svg").read_text().startswith("<svg")
