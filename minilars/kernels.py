@@ -291,6 +291,21 @@ def _check_matmul(where, a_name, a, W, a_dim_of_W):
         raise ValueError(f"{where}: W has dtype {W.dtype} but {a_name} has {a.dtype}")
 
 
+def _half_matmul_c(where: str, kernel, workspace, a: np.ndarray, W: np.ndarray,
+                   outer: int) -> np.ndarray:
+    """One call of a half-weight matmul kernel: out (rows, outer) from a (rows, inner) and
+    W's uint16 bits. Both kernels take (a, W, format, rows, inner, outer, out, threads,
+    work, work_size); their workspace functions take (rows, inner, outer, threads)."""
+    rows, inner = a.shape
+    threads = int(_lib.minilars_max_threads())
+    out = np.empty((rows, outer), dtype=np.float32)                  # (rows, outer)
+    work = _workspace(where, workspace(rows, inner, outer, threads))
+    rc = kernel(_ptr("float[]", a), _ptr("uint16_t[]", W), _weight_format(W), rows, inner,
+                outer, _ptr("float[]", out), threads, _ptr("float[]", work), work.size)
+    _check_rc(rc, where)
+    return out
+
+
 def matmul_xwT(x: np.ndarray, W: np.ndarray) -> np.ndarray:
     """y (N, out) = x (N, in) W^T for W (out, in) in float32/float64 (NumPy BLAS), float16
     or bfloat16 bits (uint16; C kernel with float32 accumulation when x is float32)."""
@@ -300,16 +315,8 @@ def matmul_xwT(x: np.ndarray, W: np.ndarray) -> np.ndarray:
         return x @ W.T
     if not _c_for(x):
         return matmul_xwT_numpy(x, W)
-    rows, in_features = x.shape
-    out_features, threads = W.shape[0], int(_lib.minilars_max_threads())
-    y = np.empty((rows, out_features), dtype=np.float32)             # (N, out)
-    work = _workspace(where, _lib.minilars_matmul_xwT_workspace(rows, in_features, out_features,
-                                                                threads))
-    rc = _lib.minilars_matmul_xwT(_ptr("float[]", x), _ptr("uint16_t[]", W), _weight_format(W),
-                                  rows, in_features, out_features, _ptr("float[]", y),
-                                  threads, _ptr("float[]", work), work.size)
-    _check_rc(rc, where)
-    return y
+    return _half_matmul_c(where, _lib.minilars_matmul_xwT, _lib.minilars_matmul_xwT_workspace,
+                          x, W, outer=W.shape[0])
 
 
 def matmul_dyW(dy: np.ndarray, W: np.ndarray) -> np.ndarray:
@@ -320,16 +327,8 @@ def matmul_dyW(dy: np.ndarray, W: np.ndarray) -> np.ndarray:
         return dy @ W
     if not _c_for(dy):
         return matmul_dyW_numpy(dy, W)
-    rows, out_features = dy.shape
-    in_features, threads = W.shape[1], int(_lib.minilars_max_threads())
-    dx = np.empty((rows, in_features), dtype=np.float32)             # (N, in)
-    work = _workspace(where, _lib.minilars_matmul_dyW_workspace(rows, out_features, in_features,
-                                                                threads))
-    rc = _lib.minilars_matmul_dyW(_ptr("float[]", dy), _ptr("uint16_t[]", W), _weight_format(W),
-                                  rows, out_features, in_features, _ptr("float[]", dx),
-                                  threads, _ptr("float[]", work), work.size)
-    _check_rc(rc, where)
-    return dx
+    return _half_matmul_c(where, _lib.minilars_matmul_dyW, _lib.minilars_matmul_dyW_workspace,
+                          dy, W, outer=W.shape[1])
 
 
 def half_to_f32_c(W: np.ndarray) -> np.ndarray:

@@ -220,7 +220,7 @@ def train(opts: TrainOptions, resume: bool = False, log=print) -> dict:
         if not (math.isfinite(loss) and math.isfinite(norm)):
             what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
             raise NonFiniteLoss(
-                f"step {step}: {what}; stopping. The last good checkpoint (step {last_saved}) "
+                f"step {step + 1}: {what}; stopping. The last good checkpoint (step {last_saved}) "
                 f"in {run_dir}/checkpoint is intact; lower --lr or check the data and "
                 f"resume with --resume {run_dir}")
         opt.step(model.params, grads, lr=lr)

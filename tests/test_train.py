@@ -119,7 +119,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, data_file, tm
     monkeypatch.setattr(train_module, "forward_backward", poisoned)
     opts = TrainOptions(model=folder, method="lora", data=data_file, seq=32, steps=10, batch=2,
                         lr=1e-3, out=str(tmp_path / "run"), save_every=2)
-    with pytest.raises(NonFiniteLoss, match=r"step 4: loss is nan.*checkpoint \(step 4\)"):
+    # the message numbers steps as the step lines do (1-based): step 5 failed, 4 is saved
+    with pytest.raises(NonFiniteLoss, match=r"step 5: loss is nan.*checkpoint \(step 4\)"):
         train(opts, log=lambda m: None)
     with open(tmp_path / "run" / "checkpoint" / "state.json") as f:
         state = json.load(f)
