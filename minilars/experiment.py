@@ -233,11 +233,13 @@ def _metric(task: str) -> str:
     return "acc_norm" if task.split("_")[0] in ("hellaswag", "piqa", "arc") else "acc"
 
 
-def _cell_text(values) -> str:
+def _cell_text(values, n_seeds: int = 1) -> str:
+    """mean ± std in %; a cell with fewer runs than the n_seeds the table holds says so."""
     m, s = _mean_std(values)
     if m is None:
         return "-"
-    return f"{100 * m:.1f} ± {100 * s:.1f}" if len(values) > 1 else f"{100 * m:.1f}"
+    text = f"{100 * m:.1f} ± {100 * s:.1f}" if len(values) > 1 else f"{100 * m:.1f}"
+    return text + (f" ({len(values)}/{n_seeds} seeds)" if len(values) < n_seeds else "")
 
 
 def _run_columns(sel) -> str:
@@ -265,8 +267,8 @@ def write_report(opts: ExperimentOptions) -> str:
              f"Accuracy (%) on a fixed seeded subset of n eval questions per task (n in each "
              f"column's head; acc_norm for HellaSwag, PIQA and ARC, acc elsewhere), the same "
              f"questions for every method and seed; mean ± std over the training seeds present "
-             f"({', '.join(map(str, seeds)) or 'none'}; a cell without ± has one seed). "
-             f"Missing cells: `-`.", "",
+             f"({', '.join(map(str, seeds)) or 'none'}; a cell without ± has one seed, and a cell "
+             f"with fewer seeds than that says how many it has). Missing cells: `-`.", "",
              "| method | " + " | ".join(f"{t} (n={n_of(t)})" for t in mc_tasks) + " | avg | peak ledger MiB | peak RSS MiB | train tok/s |",
              "|---|" + "---|" * (len(mc_tasks) + 4)]
     points = []
@@ -274,7 +276,7 @@ def write_report(opts: ExperimentOptions) -> str:
         row, means = [], []
         for task in mc_tasks:
             values = [c[_metric(task)] for c in cells if c["task"] == task and c["method"] == method]
-            row.append(_cell_text(values))
+            row.append(_cell_text(values, 1 if method == "zero-shot" else len(seeds)))
             if values and task in trained:
                 means.append(statistics.fmean(values))
         complete = len(means) == len(trained) and means
@@ -303,7 +305,8 @@ def write_report(opts: ExperimentOptions) -> str:
                   "|---|---|---|---|---|"]
         for method in methods:
             sel = [c for c in cells if c["task"] == "kv_lookup" and c["method"] == method]
-            lines.append(f"| {method} | {_cell_text([c['acc'] for c in sel])} | {_run_columns(sel)} |")
+            n_seeds = 1 if method == "zero-shot" else len(seeds)
+            lines.append(f"| {method} | {_cell_text([c['acc'] for c in sel], n_seeds)} | {_run_columns(sel)} |")
     report = os.path.join(opts.out, "results.md")
     write_text(report, "\n".join(lines) + "\n")
     if points:

@@ -66,11 +66,12 @@ def test_report_means_seeds_and_keeps_long_context_apart(tmp_path):
     lines = (out / "results.md").read_text().splitlines()
     row = lambda name, after=0: next(l for l in lines[after:] if l.startswith(f"| {name} |"))
     assert row("zero-shot") == "| zero-shot | 50.0 | 60.0 | 55.0 | - | - | - |"
-    # arc_easy lora: mean 65.0, sample std 7.1; avg (65 + 80) / 2; memory of the 3 MC runs
-    assert row("lora") == "| lora | 65.0 ± 7.1 | 80.0 | 72.5 | 510 | 610 | 50 |"
-    assert row("lars") == "| lars | 64.0 | - | - | 480 | 580 | 50 |"
+    # arc_easy lora: mean 65.0, sample std 7.1; avg (65 + 80) / 2; memory of the 3 MC runs;
+    # the table holds seeds 0 and 1, so a cell with one of them says so
+    assert row("lora") == "| lora | 65.0 ± 7.1 | 80.0 (1/2 seeds) | 72.5 | 510 | 610 | 50 |"
+    assert row("lars") == "| lars | 64.0 (1/2 seeds) | - | - | 480 | 580 | 50 |"
     kv = lines.index(next(l for l in lines if l.startswith("## Long context")))
-    assert row("lora", kv) == "| lora | 30.0 | 2000 | 2100 | 50 |"
+    assert row("lora", kv) == "| lora | 30.0 (1/2 seeds) | 2000 | 2100 | 50 |"
     assert row("zero-shot", kv) == "| zero-shot | - | - | - | - |"
     assert "| method | arc_easy (n=500) | piqa (n=500) | avg |" in lines[4] and "(0, 1;" in lines[2]
     assert (out / "memory_vs_accuracy.svg").read_text().startswith("<svg")
