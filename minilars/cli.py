@@ -417,7 +417,9 @@ def cmd_experiment(args) -> int:
                              data_dir=args.data_dir, longctx_seq=args.longctx_seq,
                              longctx_train_examples=args.longctx_train,
                              longctx_eval_examples=args.longctx_eval,
-                             longctx_batch=args.longctx_batch)
+                             longctx_batch=args.longctx_batch, jobs=args.jobs)
+    if opts.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {opts.jobs}")
     for m in opts.methods:
         if m not in METHODS:
             raise UsageError(f"unknown method {m!r} in --methods; expected {METHODS}")
@@ -449,6 +451,8 @@ def _add_experiment_command(sub) -> None:
     p.add_argument("--longctx-eval", type=int, default=50, help="kv_lookup evaluation examples")
     p.add_argument("--longctx-batch", type=int, default=1, help="batch of the kv_lookup runs")
     p.add_argument("--data-dir", default="data")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cells run at once, each in its own process with cores/jobs BLAS threads")
     p.add_argument("--report-only", action="store_true", help="rewrite results.md from finished cells")
     p.set_defaults(func=cmd_experiment)
 
@@ -532,8 +536,9 @@ def main(argv=None) -> int:
         return 1
     except RuntimeError as e:
         from minilars.data.fetch import DataError
+        from minilars.experiment import CellError
         from minilars.io.fetch import FetchError
-        if not isinstance(e, (DataError, FetchError)):
+        if not isinstance(e, (DataError, FetchError, CellError)):
             raise
         print(f"minilars {args.command}: error: {e}", file=sys.stderr)
         return 1

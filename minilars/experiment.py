@@ -4,7 +4,8 @@ data, sequence length and step budget, with accuracy, peak memory and tokens/s.
 Each cell (task, method, seed) is trained with `minilars.train`, then scored on a fixed
 seeded subset of the task's evaluation split (the same questions for every method and
 seed). Cells are written to OUT/cells/*.json as they finish, so an interrupted experiment
-continues where it stopped. At the end OUT/results.md holds the table (mean and std over
+continues where it stopped. `jobs` > 1 runs that many cells at once, each in a process of
+its own (on 2 cores, two one-thread cells get through more than one two-thread cell). At the end OUT/results.md holds the table (mean and std over
 seeds) and OUT/memory_vs_accuracy.svg the plot.
 
 Tasks: multiple-choice tasks from `minilars data fetch`; "mmlu_<group>" (evaluation only,
@@ -43,6 +44,7 @@ class ExperimentOptions:
     longctx_eval_examples: int = 50
     longctx_batch: int = 1
     data_dir: str = "data"
+    jobs: int = 1                       # cells run at once, each in a process of its own
 
 
 def _cell_path(opts, task, method, seed):
@@ -179,34 +181,99 @@ def method_cell(opts, task, method, seed, log):
         f"ledger {cell['ledger_peak_mib']:.0f} MiB RSS {cell['rss_peak_mib']:.0f} MiB")
 
 
+class CellError(RuntimeError):
+    """A cell of the experiment failed (its training process, or a parallel cell)."""
+
+
 def train_in_subprocess(topts) -> dict:
-    """Train one cell in a fresh process, so its peak RSS is that run's alone."""
+    """Train one cell in a fresh process, so its peak RSS is that run's alone. Its step
+    lines are in RUN_DIR/log.jsonl; a failure raises CellError with the process's error."""
     import dataclasses
     import shutil
     import subprocess
     import sys
     shutil.rmtree(topts.out, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "minilars.experiment", "train-cell",
-                    json.dumps(dataclasses.asdict(topts))], check=True,
-                   stdout=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, "-m", "minilars.experiment", "train-cell",
+                           json.dumps(dataclasses.asdict(topts))],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise CellError(f"training {topts.out} failed (exit {proc.returncode}): "
+                        f"{lines[-1] if lines else 'no error message'}")
     with open(os.path.join(topts.out, "summary.json")) as f:
         return json.load(f)
+
+
+def planned_cells(opts: ExperimentOptions) -> list[tuple[str, str, int]]:
+    """Every (task, method, seed) cell of the experiment, in the order they run."""
+    cells = []
+    for task in opts.tasks:
+        cells.append((task, "zero-shot", 0))
+        cells += [(task, method, seed) for method in opts.methods for seed in opts.seeds]
+    return cells + [(f"mmlu_{group}", "zero-shot", 0) for group in opts.mmlu]
+
+
+def run_cell(opts: ExperimentOptions, task: str, method: str, seed: int, log=print) -> None:
+    if method == "zero-shot":
+        zero_shot_cell(opts, task, log)
+    else:
+        method_cell(opts, task, method, seed, log)
 
 
 def run_experiment(opts: ExperimentOptions, log=print) -> str:
     t0 = time.perf_counter()
     os.makedirs(os.path.join(opts.out, "cells"), exist_ok=True)
     write_json(os.path.join(opts.out, "experiment.json"), opts.__dict__)
-    for task in opts.tasks:
-        zero_shot_cell(opts, task, log)
-        for method in opts.methods:
-            for seed in opts.seeds:
-                method_cell(opts, task, method, seed, log)
-    for group in opts.mmlu:
-        zero_shot_cell(opts, f"mmlu_{group}", log)
+    todo = [c for c in planned_cells(opts) if not _done(_cell_path(opts, *c))]
+    if opts.jobs == 1:
+        for cell in todo:
+            run_cell(opts, *cell, log=log)
+    else:
+        run_cells_in_parallel(opts, todo, log)
     report = write_report(opts)
     log(f"experiment done in {time.perf_counter() - t0:.0f} s; {report}")
     return report
+
+
+def run_cells_in_parallel(opts: ExperimentOptions, todo: list, log=print) -> None:
+    """Up to opts.jobs cells at once, each in a process of its own (`python -m
+    minilars.experiment cell ...`) with cores // jobs BLAS and OpenMP threads unless the
+    environment sets them. A cell's output goes to OUT/logs/TASK__METHOD__SEED.log. A failed
+    cell does not stop the others; the run then fails naming it, and a rerun retries it."""
+    import subprocess
+    import sys
+    threads = str(max(1, (os.cpu_count() or 1) // opts.jobs))
+    env = dict(os.environ)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, threads)
+    logs = os.path.join(opts.out, "logs")
+    os.makedirs(logs, exist_ok=True)
+    queue, running, failed = list(todo), {}, []
+    while queue or running:
+        while queue and len(running) < opts.jobs:
+            task, method, seed = queue.pop(0)
+            name = f"{task}__{method}__{seed}"
+            path = os.path.join(logs, name + ".log")
+            with open(path, "w") as out:     # the child keeps its own copy of the descriptor
+                proc = subprocess.Popen([sys.executable, "-m", "minilars.experiment", "cell",
+                                         json.dumps(opts.__dict__), task, method, str(seed)],
+                                        stdout=out, stderr=subprocess.STDOUT, env=env)
+            running[proc] = (name, path)
+            log(f"started {name} ({env['OPENBLAS_NUM_THREADS']} BLAS threads; log {path})")
+        time.sleep(0.2)
+        for proc in [p for p in running if p.poll() is not None]:
+            name, path = running.pop(proc)
+            with open(path) as f:
+                last = ([line.strip() for line in f if line.strip()] or [""])[-1]
+            if proc.returncode:
+                failed.append(name)
+                log(f"{name} failed (exit {proc.returncode}): {last}")
+            else:
+                log(last)
+    if failed:
+        raise CellError(f"{len(failed)} cell(s) failed: {', '.join(failed)}; see their logs in "
+                           f"{logs}. The finished cells are kept; rerunning continues from them")
 
 
 # ------------------------------------------------------------------ the report
@@ -292,7 +359,8 @@ def write_report(opts: ExperimentOptions) -> str:
               "so they are not in the average. Memory: the peak of a training step in the "
               "ledger (named bytes) and the peak RSS of the training process (each cell trains "
               "in a process of its own). tok/s: tokens per second of training, counting the padding "
-              "of each batch to its longest example."]
+              "of each batch to its longest example, on a machine that may have run other cells "
+              "at the same time (`--jobs`): compare it within one run."]
     if "kv_lookup" in tasks:
         lines += ["", f"## Long context: key-value lookup at T={opts.longctx_seq}", "",
                   f"Synthetic: ~127 four-symbol keys with four-digit values in {opts.longctx_seq} "
@@ -340,10 +408,16 @@ def svg_scatter(points, width=480, height=320) -> str:
     return "\n".join(parts) + "\n"
 
 
-if __name__ == "__main__":      # python -m minilars.experiment train-cell '<TrainOptions JSON>'
+if __name__ == "__main__":
+    # python -m minilars.experiment train-cell '<TrainOptions JSON>'
+    # python -m minilars.experiment cell '<ExperimentOptions JSON>' TASK METHOD SEED
     import sys
     if len(sys.argv) == 3 and sys.argv[1] == "train-cell":
         from minilars.train import TrainOptions, train
         train(TrainOptions(**json.loads(sys.argv[2])))
+    elif len(sys.argv) == 6 and sys.argv[1] == "cell":
+        run_cell(ExperimentOptions(**json.loads(sys.argv[2])), sys.argv[3], sys.argv[4],
+                 int(sys.argv[5]), log=lambda line: print(line, flush=True))
     else:
-        sys.exit("usage: python -m minilars.experiment train-cell '<TrainOptions JSON>'")
+        sys.exit("usage: python -m minilars.experiment train-cell '<TrainOptions JSON>'\n"
+                 "       python -m minilars.experiment cell '<ExperimentOptions JSON>' TASK METHOD SEED")

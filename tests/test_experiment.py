@@ -44,6 +44,58 @@ def test_experiment_runs_and_reports(tmp_path, tasks):
     assert main(args) == 0
 
 
+def test_parallel_cells_equal_serial_cells(tmp_path):
+    """--jobs 2 runs each cell in a process of its own; the cells it writes are the ones a
+    serial run writes, with the same training losses and scores (seeded data and init)."""
+    model = make_tiny_folder(str(tmp_path / "model"))
+    data = str(tmp_path / "data")
+    write_task(data, "arc_easy", "train", 12)
+    write_task(data, "arc_easy", "test", 6)
+    results = {}
+    for jobs in (1, 2):
+        out = str(tmp_path / f"exp{jobs}")
+        assert main(["experiment", "--model", model, "--out", out, "--tasks", "arc_easy",
+                     "--methods", "lars,ia3", "--seeds", "0,1", "--steps", "2", "--batch", "2",
+                     "--seq", "48", "--eval-limit", "4", "--mmlu", "", "--data-dir", data,
+                     "--jobs", str(jobs)]) == 0
+        cells = {}
+        for name in os.listdir(os.path.join(out, "cells")):
+            with open(os.path.join(out, "cells", name)) as f:
+                cells[name] = json.load(f)
+        results[jobs] = cells
+    assert sorted(results[1]) == sorted(results[2]) == sorted(
+        f"arc_easy__{m}__{s}.json" for m, s in
+        [("zero-shot", 0), ("lars", 0), ("lars", 1), ("ia3", 0), ("ia3", 1)])
+    for name, serial in results[1].items():
+        parallel = results[2][name]
+        assert parallel["acc"] == serial["acc"]
+        if "final_loss" in serial:
+            assert parallel["final_loss"] == pytest.approx(serial["final_loss"], rel=1e-5)
+    assert os.path.exists(tmp_path / "exp2" / "logs" / "arc_easy__lars__1.log")
+
+
+def test_a_failed_parallel_cell_is_named_and_the_others_are_kept(tmp_path, capsys):
+    model = make_tiny_folder(str(tmp_path / "model"))
+    data = str(tmp_path / "data")
+    write_task(data, "arc_easy", "train", 12)
+    write_task(data, "arc_easy", "test", 6)
+    out = str(tmp_path / "exp")
+    # no training split for piqa: its cells fail, arc_easy's finish
+    write_task(data, "piqa", "validation", 6)
+    code = main(["experiment", "--model", model, "--out", out, "--tasks", "arc_easy,piqa",
+                 "--methods", "lars", "--seeds", "0", "--steps", "2", "--batch", "2", "--seq", "48",
+                 "--eval-limit", "4", "--mmlu", "", "--data-dir", data, "--jobs", "2"])
+    assert code == 1
+    assert "1 cell(s) failed: piqa__lars__0" in capsys.readouterr().err
+    # the cell's log ends with the training process's own error, not a bare exit status
+    with open(os.path.join(out, "logs", "piqa__lars__0.log")) as f:
+        last = f.read().splitlines()[-1]
+    assert "runs/piqa__lars__0 failed (exit 1)" in last and "piqa/train.jsonl.gz not found" in last
+    cells = sorted(os.listdir(os.path.join(out, "cells")))
+    assert cells == ["arc_easy__lars__0.json", "arc_easy__zero-shot__0.json",
+                     "piqa__zero-shot__0.json"]
+
+
 def test_report_means_seeds_and_keeps_long_context_apart(tmp_path):
     from minilars.experiment import ExperimentOptions, write_report
     out = tmp_path / "exp"
