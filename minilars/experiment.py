@@ -5,7 +5,7 @@ Each cell (task, method, seed) is trained with `minilars.train`, then scored on 
 seeded subset of the task's evaluation split (the same questions for every method and
 seed). Cells are written to OUT/cells/*.json as they finish, so an interrupted experiment
 continues where it stopped. `jobs` > 1 runs that many cells at once, each in a process of
-its own (on 2 cores, two one-thread cells get through more than one two-thread cell). At the end OUT/results.md holds the table (mean and std over
+its own with cores // jobs BLAS threads. At the end OUT/results.md holds the table (mean and std over
 seeds) and OUT/memory_vs_accuracy.svg the plot.
 
 Tasks: multiple-choice tasks from `minilars data fetch`; "mmlu_<group>" (evaluation only,
