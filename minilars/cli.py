@@ -420,6 +420,16 @@ def cmd_experiment(args) -> int:
                              longctx_batch=args.longctx_batch, jobs=args.jobs)
     if opts.jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {opts.jobs}")
+    from minilars.data.fetch import TASKS
+    from minilars.data.mmlu import GROUP_SUBJECTS
+    for t in opts.tasks:
+        if t != "kv_lookup" and t not in TASKS:
+            raise UsageError(f"unknown task {t!r} in --tasks; expected kv_lookup or one of "
+                             f"{', '.join(TASKS)}")
+    for g in opts.mmlu:
+        if g not in GROUP_SUBJECTS:
+            raise UsageError(f"unknown MMLU group {g!r} in --mmlu; expected one of "
+                             f"{', '.join(GROUP_SUBJECTS)}")
     for m in opts.methods:
         if m not in METHODS:
             raise UsageError(f"unknown method {m!r} in --methods; expected {METHODS}")

@@ -96,6 +96,21 @@ def test_a_failed_parallel_cell_is_named_and_the_others_are_kept(tmp_path, capsy
                      "piqa__zero-shot__0.json"]
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--tasks", "arc_easy,arc_eazy", "unknown task 'arc_eazy' in --tasks"),
+    ("--mmlu", "economy", "unknown MMLU group 'economy' in --mmlu"),
+    ("--methods", "lars,lorra", "unknown method 'lorra' in --methods"),
+    ("--jobs", "0", "--jobs must be at least 1"),
+])
+def test_experiment_arguments_are_checked_before_any_cell_runs(tmp_path, capsys, flag, value,
+                                                               message):
+    out = tmp_path / "exp"
+    args = ["experiment", "--model", str(tmp_path / "no-model"), "--out", str(out), flag, value]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_report_means_seeds_and_keeps_long_context_apart(tmp_path):
     from minilars.experiment import ExperimentOptions, write_report
     out = tmp_path / "exp"
