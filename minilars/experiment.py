@@ -66,7 +66,8 @@ def zero_shot_cell(opts, task, log):
     if task.startswith("mmlu_"):
         for shots in (0, 5):
             rows = mmlu_rows(task, shots, opts.eval_limit)
-            res = score_multiple_choice(model, tok, rows, max_len=1024)
+            res = score_multiple_choice(model, tok, rows, max_len=1024,
+                                        progress=_progress(f"{task} {shots}-shot "))
             write_json(_cell_path(opts, f"{task}_{shots}shot", "zero-shot", 0),
                        {"task": f"{task}_{shots}shot", "method": "zero-shot", "seed": 0,
                         "acc": res["acc"], "acc_norm": res["acc_norm"], "n": res["n"],
@@ -78,11 +79,19 @@ def zero_shot_cell(opts, task, log):
         res = longctx_score(model, tok, opts)
     else:
         rows = load_eval_rows(task, opts.data_dir, opts.eval_limit, seed=0)
-        res = score_multiple_choice(model, tok, rows, max_len=opts.seq * 2)
+        res = score_multiple_choice(model, tok, rows, max_len=opts.seq * 2,
+                                    progress=_progress(f"{task} zero-shot "))
     write_json(path, {"task": task, "method": "zero-shot", "seed": 0, "acc": res["acc"],
                       "acc_norm": res.get("acc_norm", res["acc"]), "n": res["n"],
                       "eval_seconds": time.perf_counter() - t0})
     log(f"{task} zero-shot: acc {res['acc']:.3f} acc_norm {res.get('acc_norm', res['acc']):.3f}")
+
+
+def _progress(label: str):
+    """A progress bar on a terminal; none in a log file (parallel cells)."""
+    import sys
+    from minilars.evaluate import print_progress
+    return (lambda done, total: print_progress(done, total, label)) if sys.stderr.isatty() else None
 
 
 def mmlu_rows(task, shots, limit):
@@ -166,7 +175,8 @@ def method_cell(opts, task, method, seed, log):
         res = longctx_score(model, tok, opts)
     else:
         rows = load_eval_rows(task, opts.data_dir, opts.eval_limit, seed=0)
-        res = score_multiple_choice(model, tok, rows, max_len=opts.seq * 2)
+        res = score_multiple_choice(model, tok, rows, max_len=opts.seq * 2,
+                                    progress=_progress(f"{task} {method} seed {seed} "))
     cell = {"task": task, "method": method, "seed": seed, "acc": res["acc"],
             "acc_norm": res.get("acc_norm", res["acc"]), "n": res["n"],
             "final_loss": summary["final_loss"], "train_seconds": summary["seconds"],
@@ -187,7 +197,8 @@ class CellError(RuntimeError):
 
 def train_in_subprocess(topts) -> dict:
     """Train one cell in a fresh process, so its peak RSS is that run's alone. Its step
-    lines are in RUN_DIR/log.jsonl; a failure raises CellError with the process's error."""
+    lines go to our stdout (and RUN_DIR/log.jsonl); a failure raises CellError with the
+    process's error."""
     import dataclasses
     import shutil
     import subprocess
@@ -195,7 +206,7 @@ def train_in_subprocess(topts) -> dict:
     shutil.rmtree(topts.out, ignore_errors=True)
     proc = subprocess.run([sys.executable, "-m", "minilars.experiment", "train-cell",
                            json.dumps(dataclasses.asdict(topts))],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True)
     if proc.returncode:
         sys.stderr.write(proc.stderr)
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
