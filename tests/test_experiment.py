@@ -19,17 +19,29 @@ def write_task(data_dir, task, split, n):
         f.write("".join(json.dumps(r) + "\n" for r in rows))
 
 
-@pytest.mark.parametrize("tasks", ["arc_easy", "kv_lookup"])
-def test_experiment_runs_and_reports(tmp_path, tasks):
+@pytest.fixture
+def tiny(tmp_path):
+    """(model folder, data folder) of a tiny model and an arc_easy laid out as `data fetch` does."""
     model = make_tiny_folder(str(tmp_path / "model"))
     data = str(tmp_path / "data")
     write_task(data, "arc_easy", "train", 12)
     write_task(data, "arc_easy", "test", 6)
+    return model, data
+
+
+def small_run(model, data, out, *extra):
+    """`minilars experiment` arguments for a two-step run on the tiny model."""
+    return ["experiment", "--model", model, "--out", out, "--steps", "2", "--batch", "2",
+            "--seq", "48", "--eval-limit", "4", "--data-dir", data, *extra]
+
+
+@pytest.mark.parametrize("tasks", ["arc_easy", "kv_lookup"])
+def test_experiment_runs_and_reports(tmp_path, tiny, tasks):
+    model, data = tiny
     out = str(tmp_path / "exp")
-    args = ["experiment", "--model", model, "--out", out, "--tasks", tasks, "--methods", "lars,lora",
-            "--seeds", "0", "--steps", "2", "--batch", "2", "--seq", "48", "--eval-limit", "4",
-            "--mmlu", "economics", "--data-dir", data, "--longctx-seq", "96",
-            "--longctx-train", "5", "--longctx-eval", "5"]
+    args = small_run(model, data, out, "--tasks", tasks, "--methods", "lars,lora", "--seeds", "0",
+                     "--mmlu", "economics", "--longctx-seq", "96", "--longctx-train", "5",
+                     "--longctx-eval", "5")
     assert main(args) == 0
     cells = sorted(os.listdir(os.path.join(out, "cells")))
     assert f"{tasks}__lars__0.json" in cells and f"{tasks}__zero-shot__0.json" in cells
@@ -44,20 +56,15 @@ def test_experiment_runs_and_reports(tmp_path, tasks):
     assert main(args) == 0
 
 
-def test_parallel_cells_equal_serial_cells(tmp_path):
+def test_parallel_cells_equal_serial_cells(tmp_path, tiny):
     """--jobs 2 runs each cell in a process of its own; the cells it writes are the ones a
     serial run writes, with the same training losses and scores (seeded data and init)."""
-    model = make_tiny_folder(str(tmp_path / "model"))
-    data = str(tmp_path / "data")
-    write_task(data, "arc_easy", "train", 12)
-    write_task(data, "arc_easy", "test", 6)
+    model, data = tiny
     results = {}
     for jobs in (1, 2):
         out = str(tmp_path / f"exp{jobs}")
-        assert main(["experiment", "--model", model, "--out", out, "--tasks", "arc_easy",
-                     "--methods", "lars,ia3", "--seeds", "0,1", "--steps", "2", "--batch", "2",
-                     "--seq", "48", "--eval-limit", "4", "--mmlu", "", "--data-dir", data,
-                     "--jobs", str(jobs)]) == 0
+        assert main(small_run(model, data, out, "--tasks", "arc_easy", "--methods", "lars,ia3",
+                              "--seeds", "0,1", "--mmlu", "", "--jobs", str(jobs))) == 0
         cells = {}
         for name in os.listdir(os.path.join(out, "cells")):
             with open(os.path.join(out, "cells", name)) as f:
@@ -74,17 +81,13 @@ def test_parallel_cells_equal_serial_cells(tmp_path):
     assert os.path.exists(tmp_path / "exp2" / "logs" / "arc_easy__lars__1.log")
 
 
-def test_a_failed_parallel_cell_is_named_and_the_others_are_kept(tmp_path, capsys):
-    model = make_tiny_folder(str(tmp_path / "model"))
-    data = str(tmp_path / "data")
-    write_task(data, "arc_easy", "train", 12)
-    write_task(data, "arc_easy", "test", 6)
+def test_a_failed_parallel_cell_is_named_and_the_others_are_kept(tmp_path, tiny, capsys):
+    model, data = tiny
     out = str(tmp_path / "exp")
     # no training split for piqa: its cells fail, arc_easy's finish
     write_task(data, "piqa", "validation", 6)
-    code = main(["experiment", "--model", model, "--out", out, "--tasks", "arc_easy,piqa",
-                 "--methods", "lars", "--seeds", "0", "--steps", "2", "--batch", "2", "--seq", "48",
-                 "--eval-limit", "4", "--mmlu", "", "--data-dir", data, "--jobs", "2"])
+    code = main(small_run(model, data, out, "--tasks", "arc_easy,piqa", "--methods", "lars",
+                          "--seeds", "0", "--mmlu", "", "--jobs", "2"))
     assert code == 1
     assert "1 cell(s) failed: piqa__lars__0" in capsys.readouterr().err
     # the cell's log ends with the training process's own error, not a bare exit status
