@@ -15,6 +15,7 @@ the greedily decoded value; trained on keys from another alphabet and seed).
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -349,7 +350,7 @@ def write_report(opts: ExperimentOptions) -> str:
              f"with fewer seeds than that says how many it has). Missing cells: `-`.", "",
              "| method | " + " | ".join(f"{t} (n={n_of(t)})" for t in mc_tasks) + " | avg | peak ledger MiB | peak RSS MiB | train tok/s |",
              "|---|" + "---|" * (len(mc_tasks) + 4)]
-    points = []
+    points, baseline = [], None
     for method in methods:
         row, means = [], []
         for task in mc_tasks:
@@ -359,14 +360,20 @@ def write_report(opts: ExperimentOptions) -> str:
                 means.append(statistics.fmean(values))
         complete = len(means) == len(trained) and means
         avg = statistics.fmean(means) if complete else None
+        per_seed = _seed_averages(cells, method, trained)
+        spread = statistics.stdev(per_seed) if len(per_seed) > 1 else None
+        avg_text = "-" if avg is None else f"{100 * avg:.1f}" + (
+            "" if spread is None else f" ± {100 * spread:.1f}")
         runs = [c for c in cells if c["method"] == method and c["task"] in trained]
-        lines.append(f"| {method} | " + " | ".join(row) +
-                     f" | {'-' if avg is None else f'{100 * avg:.1f}'} | {_run_columns(runs)} |")
+        lines.append(f"| {method} | " + " | ".join(row) + f" | {avg_text} | {_run_columns(runs)} |")
         mems = [c["ledger_peak_mib"] for c in runs if "ledger_peak_mib" in c]
-        if mems and avg is not None:
-            points.append((method, statistics.fmean(mems), 100 * avg))
+        if method == "zero-shot" and avg is not None:
+            baseline = 100 * avg
+        elif mems and avg is not None:
+            points.append((method, statistics.fmean(mems), 100 * avg,
+                           None if spread is None else 100 * spread))
     lines += ["", f"avg: mean over {', '.join(trained)} (shown only when every one has a "
-              "result). MMLU columns are the base model, zero- and 5-shot, never trained on, "
+              "result); its ± is the std over the seeds that have every one of them. MMLU columns are the base model, zero- and 5-shot, never trained on, "
               "so they are not in the average. Memory: the peak of a training step in the "
               "ledger (named bytes) and the peak RSS of the training process (each cell trains "
               "in a process of its own). tok/s: tokens per second of training, counting the padding "
@@ -389,32 +396,71 @@ def write_report(opts: ExperimentOptions) -> str:
     report = os.path.join(opts.out, "results.md")
     write_text(report, "\n".join(lines) + "\n")
     if points:
-        write_text(os.path.join(opts.out, "memory_vs_accuracy.svg"), svg_scatter(points))
+        title = (f"{', '.join(trained)}: {opts.steps} steps at seq {opts.seq}, "
+                 f"policy {opts.policy}")
+        write_text(os.path.join(opts.out, "memory_vs_accuracy.svg"),
+                   svg_scatter(points, baseline=baseline, title=title))
     return report
 
 
-def svg_scatter(points, width=480, height=320) -> str:
-    """A dependency-free SVG scatter: x = peak MiB, y = mean accuracy %, one label each."""
-    xs, ys = [p[1] for p in points], [p[2] for p in points]
-    x0, x1 = min(xs) * 0.9, max(xs) * 1.1 + 1
-    y0, y1 = min(ys) - 2, max(ys) + 2
-    X = lambda x: 60 + (x - x0) / (x1 - x0) * (width - 90)
-    Y = lambda y: height - 40 - (y - y0) / (y1 - y0) * (height - 70)
+def _seed_averages(cells, method, tasks) -> list[float]:
+    """Per training seed, the mean accuracy over `tasks`, for the seeds that have all of them."""
+    by_seed: dict[int, dict[str, float]] = {}
+    for c in cells:
+        if c["method"] == method and c["task"] in tasks:
+            by_seed.setdefault(c["seed"], {})[c["task"]] = c[_metric(c["task"])]
+    return [statistics.fmean(accs.values()) for seed, accs in sorted(by_seed.items())
+            if len(accs) == len(tasks)]
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About n round values between lo and hi (steps of 1, 2 or 5 times a power of ten)."""
+    raw = (hi - lo) / max(n - 1, 1)
+    power = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1.0
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(lo / step) * step
+    return [first + k * step for k in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def svg_scatter(points, baseline=None, title="", width=520, height=340) -> str:
+    """A dependency-free SVG scatter of (name, peak MiB, mean accuracy %, std % or None):
+    one labelled point per method, ± std error bars where there are seeds to give one, and
+    a dashed line at the zero-shot accuracy (no training, so no training memory)."""
+    xs = [p[1] for p in points]
+    ys = [p[2] + sign * (p[3] or 0) for p in points for sign in (-1, 1)]
+    ys += [] if baseline is None else [baseline]
+    x0, x1 = min(xs) * 0.95, max(xs) * 1.05 + 1
+    y0, y1 = min(ys) - 1, max(ys) + 1
+    left, right, top, bottom = 64, width - 24, 40, height - 44
+    X = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
+    Y = lambda y: bottom - (y - y0) / (y1 - y0) * (bottom - top)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'font-family="sans-serif" font-size="12">',
              f'<rect width="{width}" height="{height}" fill="white"/>',
-             f'<line x1="60" y1="{height - 40}" x2="{width - 20}" y2="{height - 40}" stroke="black"/>',
-             f'<line x1="60" y1="30" x2="60" y2="{height - 40}" stroke="black"/>',
-             f'<text x="{width / 2}" y="{height - 8}" text-anchor="middle">peak training memory (ledger, MiB)</text>',
-             f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" '
-             f'text-anchor="middle">mean accuracy (%)</text>',
-             f'<text x="60" y="{height - 24}">{x0:.0f}</text>',
-             f'<text x="{width - 20}" y="{height - 24}" text-anchor="end">{x1:.0f}</text>',
-             f'<text x="56" y="{height - 40}" text-anchor="end">{y0:.1f}</text>',
-             f'<text x="56" y="34" text-anchor="end">{y1:.1f}</text>']
-    for name, x, y in points:
-        parts.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="5" fill="#3366cc"/>')
-        parts.append(f'<text x="{X(x) + 8:.1f}" y="{Y(y) + 4:.1f}">{name}</text>')
+             f'<text x="{width / 2}" y="20" text-anchor="middle">{title}</text>']
+    for t in _ticks(x0, x1):
+        parts += [f'<line x1="{X(t):.1f}" y1="{top}" x2="{X(t):.1f}" y2="{bottom}" stroke="#ddd"/>',
+                  f'<text x="{X(t):.1f}" y="{bottom + 16}" text-anchor="middle">{t:g}</text>']
+    for t in _ticks(y0, y1):
+        parts += [f'<line x1="{left}" y1="{Y(t):.1f}" x2="{right}" y2="{Y(t):.1f}" stroke="#ddd"/>',
+                  f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" text-anchor="end">{t:g}</text>']
+    parts += [f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>',
+              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="black"/>',
+              f'<text x="{(left + right) / 2}" y="{height - 8}" text-anchor="middle">'
+              f'peak training memory (ledger, MiB)</text>',
+              f'<text x="16" y="{(top + bottom) / 2}" transform="rotate(-90 16 {(top + bottom) / 2})" '
+              f'text-anchor="middle">mean accuracy (%)</text>']
+    if baseline is not None:
+        parts += [f'<line x1="{left}" y1="{Y(baseline):.1f}" x2="{right}" y2="{Y(baseline):.1f}" '
+                  f'stroke="#999" stroke-dasharray="6 4"/>',
+                  f'<text x="{right - 4}" y="{Y(baseline) - 5:.1f}" text-anchor="end" fill="#666">'
+                  f'zero-shot {baseline:.1f}</text>']
+    for name, x, y, std in points:
+        if std:
+            parts.append(f'<line x1="{X(x):.1f}" y1="{Y(y - std):.1f}" x2="{X(x):.1f}" '
+                         f'y2="{Y(y + std):.1f}" stroke="#3366cc"/>')
+        parts += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="5" fill="#3366cc"/>',
+                  f'<text x="{X(x) + 8:.1f}" y="{Y(y) + 4:.1f}">{name}</text>']
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 

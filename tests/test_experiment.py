@@ -145,3 +145,34 @@ def test_report_means_seeds_and_keeps_long_context_apart(tmp_path):
     assert row("zero-shot", kv) == "| zero-shot | - | - | - | - |"
     assert "| method | arc_easy (n=500) | piqa (n=500) | avg |" in lines[4] and "(0, 1;" in lines[2]
     assert (out / "memory_vs_accuracy.svg").read_text().startswith("<svg")
+
+
+def test_average_spread_is_over_complete_seeds_and_the_plot_shows_it(tmp_path):
+    from minilars.experiment import ExperimentOptions, write_report
+    out = tmp_path / "exp"
+    (out / "cells").mkdir(parents=True)
+    accs = {("arc_easy", 0): 0.60, ("piqa", 0): 0.70, ("arc_easy", 1): 0.64,
+            ("piqa", 1): 0.74, ("arc_easy", 2): 0.90}          # seed 2 lacks piqa
+    for (task, seed), acc in accs.items():
+        (out / "cells" / f"{task}__lars__{seed}.json").write_text(json.dumps(
+            {"task": task, "method": "lars", "seed": seed, "acc": acc, "acc_norm": acc,
+             "n": 500, "ledger_peak_mib": 500.0, "rss_peak_mib": 600.0, "tok_per_s": 50.0}))
+    for task in ("arc_easy", "piqa"):
+        (out / "cells" / f"{task}__zero-shot__0.json").write_text(json.dumps(
+            {"task": task, "method": "zero-shot", "seed": 0, "acc": 0.5, "acc_norm": 0.5, "n": 500}))
+    write_report(ExperimentOptions(model="m", out=str(out), tasks=["arc_easy", "piqa"],
+                                   methods=["lars"]))
+    lars = next(l for l in (out / "results.md").read_text().splitlines() if l.startswith("| lars |"))
+    # avg = mean of the task means (arc 71.3 over 3 seeds, piqa 72.0 over 2); its spread is the
+    # std of the per-seed averages of seeds 0 and 1 (65 and 69), the only complete ones
+    assert lars == "| lars | 71.3 ± 16.3 | 72.0 ± 2.8 (2/3 seeds) | 71.7 ± 2.8 | 500 | 600 | 50 |"
+    svg = (out / "memory_vs_accuracy.svg").read_text()
+    assert "zero-shot 50.0" in svg                      # the dashed baseline
+    assert svg.count('stroke="#3366cc"') == 1           # one error bar, for the one method
+
+
+def test_ticks_are_round_and_inside_the_range():
+    from minilars.experiment import _ticks
+    assert _ticks(52.0, 58.8) == [52.0, 54.0, 56.0, 58.0]
+    assert _ticks(485, 634) == [500, 550, 600]
+    assert all(0.1 <= t <= 0.9 for t in _ticks(0.1, 0.9))
