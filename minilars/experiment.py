@@ -5,8 +5,8 @@ Each cell (task, method, seed) is trained with `minilars.train`, then scored on 
 seeded subset of the task's evaluation split (the same questions for every method and
 seed). Cells are written to OUT/cells/*.json as they finish, so an interrupted experiment
 continues where it stopped. `jobs` > 1 runs that many cells at once, each in a process of
-its own with cores // jobs BLAS threads. At the end OUT/results.md holds the table (mean and std over
-seeds) and OUT/memory_vs_accuracy.svg the plot.
+its own with cores // jobs BLAS threads. At the end OUT/results.md holds the table (mean
+and std over seeds) and OUT/memory_vs_accuracy.svg the plot.
 
 Tasks: multiple-choice tasks from `minilars data fetch`; "mmlu_<group>" (evaluation only,
 zero- and 5-shot); "kv_lookup" (synthetic long-context key-value retrieval, exact match of
@@ -285,7 +285,7 @@ def run_cells_in_parallel(opts: ExperimentOptions, todo: list, log=print) -> Non
                 log(last)
     if failed:
         raise CellError(f"{len(failed)} cell(s) failed: {', '.join(failed)}; see their logs in "
-                           f"{logs}. The finished cells are kept; rerunning continues from them")
+                        f"{logs}. The finished cells are kept; rerunning continues from them")
 
 
 # ------------------------------------------------------------------ the report
@@ -373,8 +373,9 @@ def write_report(opts: ExperimentOptions) -> str:
             points.append((method, statistics.fmean(mems), 100 * avg,
                            None if spread is None else 100 * spread))
     lines += ["", f"avg: mean over {', '.join(trained)} (shown only when every one has a "
-              "result); its ± is the std over the seeds that have every one of them. MMLU columns are the base model, zero- and 5-shot, never trained on, "
-              "so they are not in the average. Memory: the peak of a training step in the "
+              "result); its ± is the std over the seeds that have every one of them. MMLU "
+              "columns are the base model, zero- and 5-shot, never trained on, so they are not "
+              "in the average. Memory: the peak of a training step in the "
               "ledger (named bytes) and the peak RSS of the training process (each cell trains "
               "in a process of its own). tok/s: tokens per second of training, counting the padding "
               "of each batch to its longest example, on a machine that may have run other cells "
