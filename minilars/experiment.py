@@ -339,6 +339,7 @@ def write_report(opts: ExperimentOptions) -> str:
     mc_tasks = [t for t in tasks if t != "kv_lookup"]
     trained = [t for t in mc_tasks if not t.startswith("mmlu_")]      # MMLU is scored only
     seeds = sorted({c["seed"] for c in cells if c["method"] != "zero-shot"})
+    runs_expected = lambda method: 1 if method == "zero-shot" else len(seeds)   # zero-shot has no seeds
     n_of = lambda t: "/".join(str(n) for n in sorted({c["n"] for c in cells if c["task"] == t}))
     lines = [f"# minilars experiment: {os.path.basename(opts.model.rstrip('/'))}", "",
              f"Fine-tuning: {opts.steps} steps x batch {opts.batch} at seq {opts.seq}, recompute "
@@ -355,7 +356,7 @@ def write_report(opts: ExperimentOptions) -> str:
         row, means = [], []
         for task in mc_tasks:
             values = [c[_metric(task)] for c in cells if c["task"] == task and c["method"] == method]
-            row.append(_cell_text(values, 1 if method == "zero-shot" else len(seeds)))
+            row.append(_cell_text(values, runs_expected(method)))
             if values and task in trained:
                 means.append(statistics.fmean(values))
         complete = len(means) == len(trained) and means
@@ -392,8 +393,8 @@ def write_report(opts: ExperimentOptions) -> str:
                   "|---|---|---|---|---|"]
         for method in methods:
             sel = [c for c in cells if c["task"] == "kv_lookup" and c["method"] == method]
-            n_seeds = 1 if method == "zero-shot" else len(seeds)
-            lines.append(f"| {method} | {_cell_text([c['acc'] for c in sel], n_seeds)} | {_run_columns(sel)} |")
+            lines.append(f"| {method} | {_cell_text([c['acc'] for c in sel], runs_expected(method))} "
+                         f"| {_run_columns(sel)} |")
     report = os.path.join(opts.out, "results.md")
     write_text(report, "\n".join(lines) + "\n")
     if points:
