@@ -1,5 +1,5 @@
 /* minilars C core. See minilars_kernels.h for what each kernel reads and writes; the
- * NumPy twins (minilars/adapters/lars.py, minilars/kernels.py) are the specification.
+ * NumPy twins (minilars/ops/lars_gate.py, minilars/kernels.py) are the specification.
  *
  * Portable C99 plus, when the compiler is GCC or Clang, vector extensions for the
  * matmul micro-kernel; OpenMP is optional (the build script tests for it).

@@ -1,7 +1,7 @@
 /* minilars C core: the few kernels where NumPy spends time or memory it need not.
  *
  * Every kernel has a NumPy twin that is its specification:
- *   LARS gate        minilars/adapters/lars.py   lars_gate_forward / lars_gate_backward
+ *   LARS gate        minilars/ops/lars_gate.py   lars_gate_forward / lars_gate_backward
  *   matmuls          minilars/kernels.py         matmul_xwT_numpy / matmul_dyW_numpy
  *
  * Conventions, for every function below:

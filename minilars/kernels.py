@@ -16,7 +16,7 @@ The C kernels allocate nothing: each call allocates its scratch here as a NumPy 
 (sized by the kernel's *_workspace function), so tracemalloc and the ledger see it.
 
 Kernels and their twins (the twin is the specification):
-    lars_gate_forward / lars_gate_backward   minilars.adapters.lars (same names)
+    lars_gate_forward / lars_gate_backward   minilars.ops.lars_gate (same names)
     matmul_xwT   y = x W^T    matmul_xwT_numpy
     matmul_dyW   dx = dy W    matmul_dyW_numpy
 W may be float32/float64 (NumPy BLAS), float16, or bfloat16 stored as uint16.
@@ -26,6 +26,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
+
+from minilars.ops import lars_gate as lars_spec
 
 _WEIGHT_TILE = 256       # rows of W converted at once by the NumPy twins
 
@@ -177,11 +179,10 @@ def _c_for(*arrays) -> bool:
 def lars_gate_forward(x: np.ndarray, U: np.ndarray, V: np.ndarray, alpha, block: int,
                       eps: float = 1e-5) -> np.ndarray:
     """x (..., in) -> x~ (..., in), the LARS gate applied blockwise (see
-    minilars.adapters.lars). Reads x, U (in, r), V (r, in/block), alpha; returns a new array."""
+    minilars.ops.lars_gate). Reads x, U (in, r), V (r, in/block), alpha; returns a new array."""
     where = "lars_gate_forward"
     x2d, alpha_value = _check_lars(where, x, U, V, alpha, block)
     if not _c_for(x):
-        from minilars.adapters import lars as lars_spec   # the twin (lazy: lars imports us)
         return lars_spec.lars_gate_forward(x, U, V, alpha, block, eps)
     rows, in_features = x2d.shape
     rank, threads = U.shape[1], int(_lib.minilars_max_threads())
@@ -203,7 +204,6 @@ def lars_gate_backward(dx_tilde: np.ndarray, x: np.ndarray, U: np.ndarray, V: np
     where = "lars_gate_backward"
     x2d, alpha_value = _check_lars(where, x, U, V, alpha, block, extra=[("dx_tilde", dx_tilde)])
     if not _c_for(x):
-        from minilars.adapters import lars as lars_spec
         return lars_spec.lars_gate_backward(dx_tilde, x, U, V, alpha, block, eps, need_dx)
     rows, in_features = x2d.shape
     dxt2d = dx_tilde.reshape(rows, in_features)

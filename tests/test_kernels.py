@@ -1,6 +1,6 @@
 """C kernels against their NumPy twins, argument checks at the boundary, path selection.
 
-The twins are the specification (minilars.adapters.lars for the LARS gate,
+The twins are the specification (minilars.ops.lars_gate for the LARS gate,
 minilars.kernels.matmul_*_numpy for the matmuls). Tests that need the compiled module
 are skipped when it is not built; the NumPy-path tests always run.
 """
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from minilars import kernels
-from minilars.adapters import lars as lars_spec
+from minilars.ops import lars_gate as lars_spec
 
 needs_c = pytest.mark.skipif(not kernels.c_available(), reason="minilars._cext not built")
 MAX_EXAMPLES = int(os.environ.get("MINILARS_HYPOTHESIS_EXAMPLES", "30"))

@@ -10,18 +10,18 @@ float32 copy of W); float32/float64 weights go to NumPy's BLAS.
 """
 import numpy as np
 
+from minilars import kernels
+
 
 def _matmul_xwT(x2d: np.ndarray, W: np.ndarray) -> np.ndarray:
     if W.dtype == x2d.dtype:
         return x2d @ W.T
-    from minilars import kernels
     return kernels.matmul_xwT(np.ascontiguousarray(x2d), W)
 
 
 def _matmul_dyW(dy2d: np.ndarray, W: np.ndarray) -> np.ndarray:
     if W.dtype == dy2d.dtype:
         return dy2d @ W
-    from minilars import kernels
     return kernels.matmul_dyW(np.ascontiguousarray(dy2d), W)
 
 
