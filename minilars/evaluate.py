@@ -10,28 +10,17 @@ Perplexity: exp of the mean next-token loss over non-overlapping windows of `seq
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 import numpy as np
 
+from minilars.data.mmlu import load_mmlu
+from minilars.data.tasks import eval_split, load_task
+from minilars.generate import KVCache, forward_cached, repeat_cache
 from minilars.model import Model, StepOptions, check_inputs, forward_hidden, forward_loss
 from minilars.ops.linear import _matmul_xwT
 from minilars.ops.loss import logsumexp
 from minilars.params import lm_head_name
-
-
-def eval_split(task: str, data_dir: str = "data") -> str:
-    """The scored split of a task: validation where it exists, else test."""
-    from minilars.data.fetch import TASKS
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}, or mmlu_<group> "
-                         "for an MMLU group (economics, biology, physics, health, math)")
-    for split in ("validation", "val", "test"):
-        if os.path.exists(os.path.join(data_dir, task, f"{split}.jsonl.gz")):
-            return split
-    raise FileNotFoundError(f"{data_dir}/{task}: no validation or test split; run "
-                            f"`minilars data fetch --dir {data_dir}` first")
 
 
 def mc_requests(row: dict) -> list[tuple[str, str]]:
@@ -81,7 +70,6 @@ def shared_context_logprobs(model: Model, tok, context: str, continuations: list
     context runs once into a KV cache, then all continuations run as one batch against
     copies of it. Same numbers as continuation_logprobs, a fraction of the work when the
     context is long and the choices short (ARC, HellaSwag, BoolQ, PIQA, MMLU)."""
-    from minilars.generate import KVCache, forward_cached, repeat_cache
     conts = [tok.encode(c) for c in continuations]
     if any(not c for c in conts):
         raise ValueError(f"a continuation of {continuations!r} encodes to no tokens")
@@ -191,10 +179,8 @@ def load_eval_rows(task: str, data_dir: str = "data", limit: int | None = None, 
                    split: str | None = None) -> list[dict]:
     """A task's scored split (or an MMLU group, "mmlu_<group>"), optionally a seeded subset."""
     if task.startswith("mmlu_"):
-        from minilars.data.mmlu import load_mmlu
         rows = load_mmlu(task[len("mmlu_"):], split or "test")
     else:
-        from minilars.data.fetch import load_task
         rows = load_task(task, split or eval_split(task, data_dir), data_dir)
     if limit is not None and limit < len(rows):
         keep = np.random.default_rng([seed, 11]).permutation(len(rows))[:limit]

@@ -2,8 +2,10 @@
 
 The prompt goes through the model once (prefill); every later step feeds one token and
 reuses the keys and values of all earlier positions from the cache:
-    k_cache[layer], v_cache[layer]   (B, nkv, max_len, hd)
-so a step costs O(current length) instead of re-running the whole sequence.
+    k[layer], v[layer]   (B, nkv, max_len, hd)
+so a step costs O(current length) instead of re-running the whole sequence. The blocks
+are the training blocks (model.block_forward): the cache only changes where attention
+gets its keys and values.
 """
 from __future__ import annotations
 
@@ -11,14 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minilars.memory import Ledger
-from minilars.model import Model, Saved, _heads, check_inputs, project
+from minilars.model import Model, check_inputs, forward_hidden
 from minilars.ops.attention import attention_decode
-from minilars.ops.embedding import embedding_forward
 from minilars.ops.linear import linear_forward
-from minilars.ops.mlp import swiglu_forward
-from minilars.ops.rmsnorm import rmsnorm_forward
-from minilars.ops.rope import rope_forward, rope_tables
 from minilars.params import lm_head_name
 
 
@@ -36,6 +33,19 @@ class KVCache:
         return cls([np.zeros(shape, model.dtype) for _ in range(L)],
                    [np.zeros(shape, model.dtype) for _ in range(L)])
 
+    def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Write k, v (B, nkv, t, hd) of positions length .. length+t-1 into the cache and
+        attend q (B, nh, t, hd) to every position so far: out (B, t, nh, hd). The caller
+        (forward_hidden) advances `length` once every layer has written."""
+        start, t = self.length, q.shape[2]
+        if start + t > self.k[layer].shape[2]:
+            raise ValueError(f"the KV cache holds {self.k[layer].shape[2]} positions; "
+                             f"{start + t} were asked for")
+        self.k[layer][:, :, start:start + t] = k
+        self.v[layer][:, :, start:start + t] = v
+        return attention_decode(q, self.k[layer][:, :, :start + t],
+                                self.v[layer][:, :, :start + t], start)
+
 
 def repeat_cache(cache: KVCache, n: int, extra: int) -> KVCache:
     """A batch-1 cache copied n times, with room for `extra` more positions."""
@@ -48,34 +58,10 @@ def forward_cached(model: Model, tokens: np.ndarray, cache: KVCache,
                    return_hidden: bool = False) -> np.ndarray:
     """tokens (B, t) at positions cache.length ... -> logits of the last position (B, V),
     or with return_hidden the final normed hidden states of every position (B, t, C)."""
-    cfg, p = model.cfg, model.params
-    B, t = tokens.shape
-    start = cache.length
-    if start + t > cache.k[0].shape[2]:
-        raise ValueError(f"the KV cache holds {cache.k[0].shape[2]} positions; "
-                         f"{start + t} were asked for")
-    cos, sin = rope_tables(t, cfg.head_dim, cfg.rope_theta, model.dtype, start=start)
-    nothing = Saved(Ledger(), -1, enabled=False, training=False)
-    h = embedding_forward(tokens, p["model.embed_tokens.weight"], model.dtype)
-    for i in range(cfg.num_hidden_layers):
-        pre = f"model.layers.{i}."
-        a, _ = rmsnorm_forward(h, p[pre + "input_layernorm.weight"], cfg.rms_norm_eps)
-        q = rope_forward(_heads(project(model, i, "q_proj", a, nothing), cfg.num_attention_heads), cos, sin)
-        k = rope_forward(_heads(project(model, i, "k_proj", a, nothing), cfg.num_key_value_heads), cos, sin)
-        v = _heads(project(model, i, "v_proj", a, nothing), cfg.num_key_value_heads)
-        cache.k[i][:, :, start:start + t] = k
-        cache.v[i][:, :, start:start + t] = v
-        out = attention_decode(q, cache.k[i][:, :, :start + t], cache.v[i][:, :, :start + t], start)
-        h = h + project(model, i, "o_proj", out.reshape(B, t, -1), nothing)
-        m, _ = rmsnorm_forward(h, p[pre + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-        act = swiglu_forward(project(model, i, "gate_proj", m, nothing),
-                             project(model, i, "up_proj", m, nothing))
-        h = h + project(model, i, "down_proj", act, nothing)
-    cache.length = start + t
+    hidden = forward_hidden(model, tokens, cache=cache)                 # (B, t, C)
     if return_hidden:
-        return rmsnorm_forward(h, p["model.norm.weight"], cfg.rms_norm_eps)[0]
-    xf, _ = rmsnorm_forward(h[:, -1], p["model.norm.weight"], cfg.rms_norm_eps)
-    return linear_forward(xf, p[lm_head_name(cfg)])
+        return hidden
+    return linear_forward(np.ascontiguousarray(hidden[:, -1]), model.params[lm_head_name(model.cfg)])
 
 
 def sample_next(logits: np.ndarray, temperature: float, top_p: float,

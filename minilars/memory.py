@@ -14,7 +14,6 @@ costs. An entry is released when the backward that needed it has consumed it.
 from __future__ import annotations
 
 import mmap
-import tracemalloc
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -49,6 +48,7 @@ class Entry:
     dtype: str
     nbytes: int         # bytes of the owning buffer
     buffer_id: int
+    why: str = ""       # the declaration's reason for keeping it (minilars.saved.Keep)
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Ledger:
 
     # ---- registering and releasing ----
     def keep(self, layer: int, op: str, name: str, array: np.ndarray,
-             category: str = "activations") -> np.ndarray:
+             category: str = "activations", why: str = "") -> np.ndarray:
         """Register `array` as kept for backward (or as a parameter, gradient, optimizer
         state when `category` says so). Returns the array, so a forward can write
         `x = ledger.keep(...)`."""
@@ -77,7 +77,7 @@ class Ledger:
         bid = id(root)
         nbytes = buffer_nbytes(array)
         self.entries[key] = Entry(category, layer, op, name, tuple(array.shape),
-                                  str(array.dtype), nbytes, bid)
+                                  str(array.dtype), nbytes, bid, why)
         if bid in self.buffers:
             self.buffers[bid][1] += 1
         else:
@@ -118,64 +118,55 @@ class Ledger:
         self._update_peak()
 
     # ---- reading ----
-    @property
-    def live_total(self) -> int:
-        return sum(self.live.values())
-
     def live_entries(self, category: str | None = None) -> list[Entry]:
         return [e for e in self.entries.values() if category is None or e.category == category]
 
     def peak_table_by_op(self) -> list[dict]:
         """Saved activations alive at the peak, summed per (op, name) over layers."""
-        rows: dict = defaultdict(lambda: {"count": 0, "bytes": 0, "shape": None, "dtype": None})
+        rows: dict = defaultdict(lambda: {"count": 0, "bytes": 0, "shape": None, "dtype": None,
+                                          "why": ""})
         seen = set()
         for e in self.peak_entries:
             if e.category != "activations":
                 continue
             row = rows[(e.op, e.name)]
             row["count"] += 1
-            row["shape"], row["dtype"] = e.shape, e.dtype
+            row["shape"], row["dtype"], row["why"] = e.shape, e.dtype, e.why
             if e.buffer_id not in seen:      # a buffer shared by two names counts once
                 seen.add(e.buffer_id)
                 row["bytes"] += e.nbytes
         return [{"op": op, "name": name, **row} for (op, name), row in
                 sorted(rows.items(), key=lambda kv: -kv[1]["bytes"])]
 
-    def format_report(self, traced_peak: int | None = None) -> str:
-        lines = ["category        peak MiB   (at the ledger's peak moment)"]
-        for c in CATEGORIES:
-            lines.append(f"  {c:<13} {mib(self.peak_by_category[c]):9.1f}")
-        lines.append(f"  {'ledger total':<13} {mib(self.peak_total):9.1f}")
-        if traced_peak is not None:
-            lines.append(f"  {'traced peak':<13} {mib(traced_peak):9.1f}   "
-                         f"(unattributed workspace {mib(traced_peak - self.peak_total):.1f})")
-        lines.append("")
-        lines.append("saved for backward at the peak, per op (summed over layers)")
-        lines.append(f"  {'op':<16} {'tensor':<14} {'n':>3} {'shape':<22} {'MiB':>9}")
-        for r in self.peak_table_by_op():
-            lines.append(f"  {r['op']:<16} {r['name']:<14} {r['count']:>3} "
-                         f"{str(r['shape']):<22} {mib(r['bytes']):9.2f}")
-        return "\n".join(lines)
-
 
 def mib(nbytes: float) -> float:
     return nbytes / 2**20
 
 
-class TracedPeak:
-    """Context manager: the process's real peak allocation (tracemalloc) inside a block,
-    measured from the bytes already traced when it started (so the baseline counts)."""
+def register_params(model, ledger: Ledger) -> None:
+    """Every parameter into the ledger: "trainable" if it trains, else "frozen"."""
+    for name, array in model.params.items():
+        category = "trainable" if name in model.trainable else "frozen"
+        ledger.keep(-1, "param", name, array, category=category)
 
-    def __enter__(self):
-        self.started_here = not tracemalloc.is_tracing()
-        if self.started_here:
-            tracemalloc.start()
-        tracemalloc.reset_peak()
-        self.peak = 0
-        return self
 
-    def __exit__(self, *exc):
-        _, self.peak = tracemalloc.get_traced_memory()
-        if self.started_here:
-            tracemalloc.stop()
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (VmHWM), Linux; 0 where unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
         return False

@@ -8,9 +8,12 @@
         m = rmsnorm(h, w_post);  h = h + (silu(m Wg^T) * (m Wu^T)) Wd^T
     loss = cross-entropy(rmsnorm(h, w_final) E^T, targets)    chunked, backward fused
 
-Every tensor a forward keeps for its backward goes through `Saved.keep(op, name, x)`,
-which mirrors it in the memory ledger under (layer, op, name); the backward releases each
-op's tensors as soon as it has consumed them.
+minilars.reference writes the same forward in fifty plain lines; this one adds what
+training needs. What a block keeps for its backward is declared first (block_saved: every
+tensor by op and name, with its shape, dtype, buffer and why), and the forward keeps
+through `Saved`, which holds it to that declaration and mirrors it in the memory ledger;
+the backward releases each op's tensors as soon as it has consumed them. The memory
+planner reads the same declarations.
 
 Recompute policies:
   none   every block keeps what its backward needs.
@@ -19,7 +22,8 @@ Recompute policies:
          n_layers x (B, T, C) plus one block's working set, for one extra forward.
 
 Layers below the lowest one that holds a trainable tensor run forward only: nothing is
-saved for them and the backward stops above them.
+saved for them and the backward stops above them. With a KV cache (generation), the same
+block code attends to the cached keys and values of earlier positions.
 """
 from __future__ import annotations
 
@@ -27,19 +31,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from minilars.adapters.common import Site
 from minilars.config import ModelConfig
 from minilars.memory import Ledger
 from minilars.ops.attention import (DEFAULT_TILE, attention_plain_backward,
-                                    attention_plain_forward, attention_tiled_backward,
-                                    attention_tiled_forward)
+                                    attention_plain_forward, attention_saves,
+                                    attention_tiled_backward, attention_tiled_forward)
 from minilars.ops.embedding import check_tokens, embedding_backward, embedding_forward
-from minilars.ops.linear import _matmul_dyW, _matmul_xwT, linear_backward, linear_forward
+from minilars.ops.linear import _matmul_dyW, _matmul_xwT, linear_backward, linear_forward, linear_saves
 from minilars.ops.loss import (DEFAULT_CHUNK, IGNORE, count_targets, cross_entropy_chunked,
-                               cross_entropy_plain)
-from minilars.ops.mlp import swiglu_backward, swiglu_forward
-from minilars.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
-from minilars.ops.rope import rope_backward, rope_forward, rope_tables
-from minilars.params import init_params, linear_param_name, lm_head_name
+                               cross_entropy_plain, loss_saves)
+from minilars.ops.mlp import swiglu_backward, swiglu_forward, swiglu_saves
+from minilars.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward, rmsnorm_saves
+from minilars.ops.rope import rope_backward, rope_forward, rope_saves, rope_tables
+from minilars.params import init_params, linear_module, linear_shapes, lm_head_name
+from minilars.saved import Keep, Saved
 
 POLICIES = ("none", "layer")
 ATTENTION_FORMS = ("plain", "tiled")
@@ -48,20 +54,21 @@ LOSS_FORMS = ("plain", "chunked")
 
 @dataclass
 class Model:
-    """Config + HF-named parameters + which of them train + adapters on linears.
+    """Config + HF-named parameters + which of them train + the adapter on its linears.
 
     trainable: names (in `params`) that get gradients. Full fine-tuning: all of them.
-    adapters:  module name (e.g. "model.layers.0.self_attn.q_proj") -> adapter state; the
-               adapter's own tensors live in `params` under PEFT-style names and are
-               listed in `trainable`.
+    adapter:   the adapter's settings (minilars.adapters: LoRA, IA3, LARS) or None.
+    adapted:   the (layer, linear) pairs the adapter sits on. Its tensors live in
+               `params` under PEFT-style names and are what `trainable` lists.
     dtype:     compute dtype (float32, or float64 for gradient checks). Frozen matrices
                may be stored in float16; activations are always in `dtype`.
     """
     cfg: ModelConfig
     params: dict
     trainable: set = field(default_factory=set)
-    adapters: dict = field(default_factory=dict)
     dtype: type = np.float32
+    adapter: object = None
+    adapted: tuple = ()
 
     @classmethod
     def random(cls, cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> "Model":
@@ -73,11 +80,7 @@ class Model:
         return self
 
     def base_param_count(self) -> int:
-        return sum(v.size for k, v in self.params.items() if not _is_adapter_param(k))
-
-
-def _is_adapter_param(name: str) -> bool:
-    return any(tag in name for tag in (".lora_", ".ia3_", ".lars_"))
+        return self.cfg.n_params
 
 
 @dataclass(frozen=True)
@@ -100,32 +103,6 @@ class StepOptions:
 
 
 @dataclass
-class Saved:
-    """What one layer keeps for its backward, by (op, name), mirrored in the ledger.
-    With enabled=False (forward-only, or a checkpointed block) nothing is kept; training
-    says whether this forward is part of a training step (LoRA dropout applies) or not."""
-    ledger: Ledger
-    layer: int
-    enabled: bool = True
-    training: bool = True         # False in evaluation and generation: no dropout
-    tensors: dict = field(default_factory=dict)
-
-    def keep(self, op: str, name: str, array: np.ndarray) -> np.ndarray:
-        if self.enabled:
-            self.tensors[(op, name)] = array
-            self.ledger.keep(self.layer, op, name, array)
-        return array
-
-    def get(self, op: str, name: str) -> np.ndarray | None:
-        return self.tensors.get((op, name))
-
-    def release(self, op: str) -> None:
-        for key in [k for k in self.tensors if k[0] == op]:
-            del self.tensors[key]
-        self.ledger.release_op(self.layer, op)
-
-
-@dataclass
 class Rope:
     cos: np.ndarray   # (T, hd)
     sin: np.ndarray   # (T, hd)
@@ -133,16 +110,19 @@ class Rope:
 
 # ------------------------------------------------------------------------ input checks
 
-def check_inputs(cfg: ModelConfig, tokens: np.ndarray, targets: np.ndarray | None = None):
+def check_inputs(cfg: ModelConfig, tokens: np.ndarray, targets: np.ndarray | None = None,
+                 start: int = 0):
+    """tokens (B, T) of valid ids at positions start .. start + T - 1 (and targets of the
+    same shape): a named error for anything else, before any work."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be a (batch, seq) array, got shape {tokens.shape}")
     B, T = tokens.shape
     if T == 0 or B == 0:
         raise ValueError(f"tokens must not be empty, got shape {tokens.shape}")
-    if T > cfg.max_position_embeddings:
-        raise ValueError(f"sequence length {T} exceeds the model's max_position_embeddings "
-                         f"({cfg.max_position_embeddings})")
+    if start + T > cfg.max_position_embeddings:
+        raise ValueError(f"sequence length {start + T} exceeds the model's "
+                         f"max_position_embeddings ({cfg.max_position_embeddings})")
     check_tokens(tokens, cfg.vocab_size)
     if targets is not None:
         if np.shape(targets) != tokens.shape:
@@ -161,38 +141,94 @@ def next_token_targets(tokens: np.ndarray, loss_mask: np.ndarray | None = None) 
     return targets
 
 
+# ------------------------------------------------------------------------ what is kept, declared
+
+def linear_saved(model: Model, layer: int, linear: str, x_buffer: str, x_shape: tuple) -> list:
+    """What one of the block's linears keeps: its adapter's declaration, else its input
+    when its weight trains, else nothing."""
+    if (layer, linear) in model.adapted:
+        out_features = linear_shapes(model.cfg)[linear][0]
+        return model.adapter.saves(linear, x_buffer, x_shape, out_features, model.dtype)
+    need_dW = linear_module(layer, linear) + ".weight" in model.trainable
+    return linear_saves(linear, x_buffer, x_shape, model.dtype, need_dW)
+
+
+def block_saved(model: Model, i: int, B: int, T: int, opts: StepOptions) -> dict:
+    """Everything block i keeps for its backward, op by op in the order its forward keeps
+    them: (op, name) -> Keep. The block's shared buffers are h_in (its input), attn_in
+    (the normed input of q, k, v), attn_out (attention's output, o_proj's input), h_mid,
+    mlp_in (the normed input of gate and up) and act (down_proj's input)."""
+    cfg, dt = model.cfg, model.dtype
+    C, F, nh, nkv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                         cfg.num_key_value_heads, cfg.head_dim)
+    keeps = [*rmsnorm_saves("attn_norm", "h_in", (B, T, C), dt),
+             *linear_saved(model, i, "q_proj", "attn_in", (B, T, C)),
+             *linear_saved(model, i, "k_proj", "attn_in", (B, T, C)),
+             *linear_saved(model, i, "v_proj", "attn_in", (B, T, C)),
+             *attention_saves(opts.attention, B, nh, nkv, T, hd, dt, out_buffer="attn_out"),
+             *linear_saved(model, i, "o_proj", "attn_out", (B, T, nh * hd)),
+             *rmsnorm_saves("mlp_norm", "h_mid", (B, T, C), dt),
+             *linear_saved(model, i, "gate_proj", "mlp_in", (B, T, C)),
+             *linear_saved(model, i, "up_proj", "mlp_in", (B, T, C)),
+             *swiglu_saves((B, T, F), dt),
+             *linear_saved(model, i, "down_proj", "act", (B, T, F))]
+    return {(k.op, k.name): k for k in keeps}
+
+
+def checkpoint_saved(model: Model, B: int, T: int) -> dict:
+    """Policy "layer": all a block keeps until its backward is its input."""
+    keep = Keep("checkpoint", "block_input", (B, T, model.cfg.hidden_size), model.dtype,
+                "policy layer: the backward recomputes the block from its input",
+                buffer="h_in")
+    return {(keep.op, keep.name): keep}
+
+
+def step_saved(model: Model, B: int, T: int) -> dict:
+    """What the step keeps outside the blocks (layer -1): the rope tables, the final
+    norm's input and rstd, and the loss gradient waiting for the backward."""
+    cfg, dt = model.cfg, model.dtype
+    keeps = [*rope_saves(T, cfg.head_dim, dt),
+             *rmsnorm_saves("final_norm", "h_final", (B, T, cfg.hidden_size), dt),
+             *loss_saves(B * T, cfg.hidden_size, dt)]
+    return {(k.op, k.name): k for k in keeps}
+
+
 # ------------------------------------------------------------------------ linears + adapters
 
-def _module_name(layer: int, linear: str) -> str:
-    return linear_param_name(layer, linear)[: -len(".weight")]
+def linear_site(model: Model, layer: int, linear: str) -> Site:
+    """An adapted linear as its adapter sees it: W, b and the adapter's own tensors."""
+    module, p = linear_module(layer, linear), model.params
+    return Site(layer, linear, module, p[module + ".weight"], p.get(module + ".bias"),
+                {s: p[f"{module}.{s}"] for s in model.adapter.tensors})
 
 
 def project(model: Model, layer: int, linear: str, x: np.ndarray, saved: Saved) -> np.ndarray:
-    """One of the block's linears, with its adapter if it has one. x (B, T, in) -> (B, T, out)."""
-    module = _module_name(layer, linear)
-    W = model.params[module + ".weight"]
-    b = model.params.get(module + ".bias")
-    adapter = model.adapters.get(module)
-    if adapter is not None:
-        from minilars.adapters import adapter_forward
-        return adapter_forward(adapter, model, module, x, W, b, saved, linear)
+    """One of the block's linears, with its adapter if it has one. x (B, T, in) -> (B, T, out).
+    Keeps x only when W trains (dW = dy^T x); an adapter keeps what it declares."""
+    if (layer, linear) in model.adapted:
+        return model.adapter.forward(linear_site(model, layer, linear), x, saved)
+    module = linear_module(layer, linear)
     if module + ".weight" in model.trainable:
-        saved.keep(linear, "x", x)          # only a trainable W needs its input kept
-    return linear_forward(x, W, b)
+        saved.keep(linear, "x", x)
+    return linear_forward(x, model.params[module + ".weight"], model.params.get(module + ".bias"))
 
 
 def project_backward(model: Model, layer: int, linear: str, dy: np.ndarray, saved: Saved,
                      grads: dict, need_dx: bool = True) -> np.ndarray | None:
-    module = _module_name(layer, linear)
-    W = model.params[module + ".weight"]
-    adapter = model.adapters.get(module)
-    if adapter is not None:
-        from minilars.adapters import adapter_backward
-        dx = adapter_backward(adapter, model, module, dy, W, saved, linear, grads, need_dx)
+    """dx of one of the block's linears (None if not needed); adds the gradients of what
+    trains there into `grads` and releases the linear's kept tensors."""
+    module = linear_module(layer, linear)
+    if (layer, linear) in model.adapted:
+        dx, adapter_grads = model.adapter.backward(linear_site(model, layer, linear), dy,
+                                                   saved, need_dx)
+        for suffix, g in adapter_grads.items():
+            if f"{module}.{suffix}" in model.trainable:
+                grads[f"{module}.{suffix}"] += g
     else:
         wname, bname = module + ".weight", module + ".bias"
-        dx, dW, db = linear_backward(dy, saved.get(linear, "x"), W, need_dx=need_dx,
-                                     need_dW=wname in model.trainable,
+        need_dW = wname in model.trainable
+        dx, dW, db = linear_backward(dy, saved.get(linear, "x") if need_dW else None,
+                                     model.params[wname], need_dx=need_dx, need_dW=need_dW,
                                      need_db=bname in model.trainable)
         if dW is not None:
             grads[wname] += dW
@@ -216,16 +252,15 @@ def _merge_heads(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 2, 1, 3)).reshape(B, T, n * hd)
 
 
-def block_forward(model: Model, i: int, h: np.ndarray, rope: Rope, saved: Saved,
-                  opts: StepOptions) -> np.ndarray:
-    """h (B, T, C) -> h (B, T, C). Keeps into `saved` what block_backward will need."""
+def attention_forward(model: Model, i: int, h: np.ndarray, rope: Rope, saved: Saved,
+                      opts: StepOptions, cache=None) -> np.ndarray:
+    """The attention half of block i: o_proj(attention(rope(q), rope(k), v)) of
+    rmsnorm(h), (B, T, C). With a KV cache the keys and values of earlier positions come
+    from the cache (cache.attend) and nothing is kept."""
     cfg, p = model.cfg, model.params
-    pre = f"model.layers.{i}."
     B, T, C = h.shape
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-
-    # attention half
-    a, rstd = rmsnorm_forward(h, p[pre + "input_layernorm.weight"], cfg.rms_norm_eps)
+    a, rstd = rmsnorm_forward(h, p[f"model.layers.{i}.input_layernorm.weight"], cfg.rms_norm_eps)
     saved.keep("attn_norm", "x", h)
     saved.keep("attn_norm", "rstd", rstd)
     q = project(model, i, "q_proj", a, saved)                           # (B, T, nh*hd)
@@ -234,23 +269,29 @@ def block_forward(model: Model, i: int, h: np.ndarray, rope: Rope, saved: Saved,
     del a
     q = rope_forward(_heads(q, nh), rope.cos, rope.sin)                 # (B, nh, T, hd)
     k = rope_forward(_heads(k, nkv), rope.cos, rope.sin)                # (B, nkv, T, hd)
-    v = np.ascontiguousarray(_heads(v, nkv))                            # (B, nkv, T, hd)
-    saved.keep("attention", "q", q)
-    saved.keep("attention", "k", k)
-    saved.keep("attention", "v", v)
-    if opts.attention == "plain":
-        out, P = attention_plain_forward(q, k, v)                       # out (B, T, nh, hd)
-        saved.keep("attention", "P", P)                                 # (B, nh, T, T)
+    if cache is not None:
+        out = cache.attend(i, q, k, _heads(v, nkv))                     # (B, T, nh, hd)
     else:
-        out, lse = attention_tiled_forward(q, k, v, opts.tile)
-        saved.keep("attention", "out", out)
-        saved.keep("attention", "lse", lse)                             # (B, nh, T)
+        v = np.ascontiguousarray(_heads(v, nkv))                        # (B, nkv, T, hd)
+        saved.keep("attention", "q", q)
+        saved.keep("attention", "k", k)
+        saved.keep("attention", "v", v)
+        if opts.attention == "plain":
+            out, P = attention_plain_forward(q, k, v)                   # out (B, T, nh, hd)
+            saved.keep("attention", "P", P)                             # (B, nh, T, T)
+        else:
+            out, lse = attention_tiled_forward(q, k, v, opts.tile)
+            saved.keep("attention", "out", out)
+            saved.keep("attention", "lse", lse)                         # (B, nh, T)
     del q, k, v
-    h = h + project(model, i, "o_proj", out.reshape(B, T, nh * cfg.head_dim), saved)
-    del out
+    return project(model, i, "o_proj", out.reshape(B, T, nh * cfg.head_dim), saved)
 
-    # MLP half
-    m, rstd = rmsnorm_forward(h, p[pre + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+
+def mlp_forward(model: Model, i: int, h: np.ndarray, saved: Saved) -> np.ndarray:
+    """The MLP half of block i: down(silu(gate(m)) * up(m)), m = rmsnorm(h), (B, T, C)."""
+    cfg = model.cfg
+    m, rstd = rmsnorm_forward(h, model.params[f"model.layers.{i}.post_attention_layernorm.weight"],
+                              cfg.rms_norm_eps)
     saved.keep("mlp_norm", "x", h)
     saved.keep("mlp_norm", "rstd", rstd)
     g = project(model, i, "gate_proj", m, saved)                        # (B, T, F)
@@ -260,17 +301,20 @@ def block_forward(model: Model, i: int, h: np.ndarray, rope: Rope, saved: Saved,
     saved.keep("swiglu", "u", u)
     act = swiglu_forward(g, u)                                          # (B, T, F)
     del g, u
-    return h + project(model, i, "down_proj", act, saved)
+    return project(model, i, "down_proj", act, saved)
 
 
-def block_backward(model: Model, i: int, dh_out: np.ndarray, rope: Rope, saved: Saved,
-                   grads: dict, opts: StepOptions, need_dx: bool = True):
-    """dh_out (B, T, C) -> dh_in (B, T, C) (None if not needed); releases what it consumes."""
-    cfg, p, trainable = model.cfg, model.params, model.trainable
-    pre = f"model.layers.{i}."
-    nh = cfg.num_attention_heads
+def block_forward(model: Model, i: int, h: np.ndarray, rope: Rope, saved: Saved,
+                  opts: StepOptions, cache=None) -> np.ndarray:
+    """h (B, T, C) -> h (B, T, C). Keeps into `saved` what block_backward will need
+    (block_saved declares it)."""
+    h = h + attention_forward(model, i, h, rope, saved, opts, cache)    # h_mid
+    return h + mlp_forward(model, i, h, saved)
 
-    # MLP half: h_out = h_mid + down(swiglu(gate(m), up(m))),  m = rmsnorm(h_mid)
+
+def mlp_backward(model: Model, i: int, dh_out: np.ndarray, saved: Saved, grads: dict):
+    """dh_out (B, T, C) -> the MLP half's dh_mid contribution (B, T, C)."""
+    wname = f"model.layers.{i}.post_attention_layernorm.weight"
     dact = project_backward(model, i, "down_proj", dh_out, saved, grads)
     dg, du = swiglu_backward(dact, saved.get("swiglu", "g"), saved.get("swiglu", "u"))
     saved.release("swiglu")
@@ -279,19 +323,22 @@ def block_backward(model: Model, i: int, dh_out: np.ndarray, rope: Rope, saved: 
     del dg
     dm += project_backward(model, i, "up_proj", du, saved, grads)
     del du
-    wname = pre + "post_attention_layernorm.weight"
     dx, dw = rmsnorm_backward(dm, saved.get("mlp_norm", "x"), saved.get("mlp_norm", "rstd"),
-                              p[wname], need_dw=wname in trainable)
+                              model.params[wname], need_dw=wname in model.trainable)
     saved.release("mlp_norm")
     if dw is not None:
         grads[wname] += dw
-    dh_mid = dh_out + dx
-    del dm, dx
+    return dx
 
-    # attention half: h_mid = h_in + o_proj(attn(rope(q(a)), rope(k(a)), v(a))),  a = rmsnorm(h_in)
+
+def attention_backward(model: Model, i: int, dh_mid: np.ndarray, rope: Rope, saved: Saved,
+                       grads: dict, opts: StepOptions, need_dx: bool):
+    """dh_mid (B, T, C) -> the attention half's dh_in contribution (None if not needed)."""
+    cfg = model.cfg
     B, T, C = dh_mid.shape
+    wname = f"model.layers.{i}.input_layernorm.weight"
     dout = project_backward(model, i, "o_proj", dh_mid, saved, grads)
-    dout = dout.reshape(B, T, nh, cfg.head_dim)
+    dout = dout.reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
     q, k, v = (saved.get("attention", n) for n in "qkv")
     if opts.attention == "plain":
         dq, dk, dv = attention_plain_backward(dout, q, k, v, saved.get("attention", "P"))
@@ -303,8 +350,7 @@ def block_backward(model: Model, i: int, dh_out: np.ndarray, rope: Rope, saved: 
     dq = _merge_heads(rope_backward(dq, rope.cos, rope.sin))            # (B, T, nh*hd)
     dk = _merge_heads(rope_backward(dk, rope.cos, rope.sin))            # (B, T, nkv*hd)
     dv = _merge_heads(dv)
-    wname = pre + "input_layernorm.weight"
-    need_da = need_dx or wname in trainable      # the input norm's weight gradient needs da
+    need_da = need_dx or wname in model.trainable    # the input norm's weight gradient needs da
     da = project_backward(model, i, "q_proj", dq, saved, grads, need_da)
     del dq
     dak = project_backward(model, i, "k_proj", dk, saved, grads, need_da)
@@ -316,10 +362,19 @@ def block_backward(model: Model, i: int, dh_out: np.ndarray, rope: Rope, saved: 
         da += dav
         del dak, dav
         dx, dw = rmsnorm_backward(da, saved.get("attn_norm", "x"), saved.get("attn_norm", "rstd"),
-                                  p[wname], need_dx=need_dx, need_dw=wname in trainable)
+                                  model.params[wname], need_dx=need_dx,
+                                  need_dw=wname in model.trainable)
     saved.release("attn_norm")
     if dw is not None:
         grads[wname] += dw
+    return dx
+
+
+def block_backward(model: Model, i: int, dh_out: np.ndarray, rope: Rope, saved: Saved,
+                   grads: dict, opts: StepOptions, need_dx: bool = True):
+    """dh_out (B, T, C) -> dh_in (B, T, C) (None if not needed); releases what it consumes."""
+    dh_mid = dh_out + mlp_backward(model, i, dh_out, saved, grads)
+    dx = attention_backward(model, i, dh_mid, rope, saved, grads, opts, need_dx)
     return dh_mid + dx if need_dx else None
 
 
@@ -348,114 +403,163 @@ def zero_grads(model: Model, ledger: Ledger | None = None) -> dict:
     return grads
 
 
-def forward_backward(model: Model, tokens: np.ndarray, targets: np.ndarray,
-                     grads: dict, opts: StepOptions = StepOptions(),
-                     ledger: Ledger | None = None) -> float:
-    """Mean next-token loss; gradients of every trainable tensor are ADDED into `grads`.
-    tokens, targets (B, T) int; targets aligned with positions (see next_token_targets)."""
-    cfg, p = model.cfg, model.params
-    tokens = check_inputs(cfg, tokens, targets)
-    targets = np.asarray(targets)
-    ledger = ledger if ledger is not None else Ledger()
-    B, T = tokens.shape
-    C, L = cfg.hidden_size, cfg.num_hidden_layers
-    lowest = lowest_trainable_layer(model)
+@dataclass
+class _Step:
+    """One training step's shared state: sizes, rope tables, the ledger, the stores."""
+    model: Model
+    opts: StepOptions
+    ledger: Ledger
+    dropout_key: tuple
+    B: int
+    T: int
+    rope: Rope = None
+    outer: Saved = None                                  # layer -1: rope, final norm, loss
+    saveds: dict = field(default_factory=dict)           # layer -> its Saved
 
-    rope = Rope(*rope_tables(T, cfg.head_dim, cfg.rope_theta, model.dtype))
-    ledger.keep(-1, "rope", "cos", rope.cos)
-    ledger.keep(-1, "rope", "sin", rope.sin)
+    def block_store(self, i: int) -> Saved:
+        return Saved(self.ledger, i, block_saved(self.model, i, self.B, self.T, self.opts),
+                     dropout_key=self.dropout_key)
 
-    # ---- forward
-    h = embedding_forward(tokens, p["model.embed_tokens.weight"], model.dtype)   # (B, T, C)
-    saveds: dict[int, Saved] = {}
-    checkpoints: dict[int, np.ndarray] = {}
-    for i in range(L):
+    def passing(self) -> Saved:
+        """A training forward that keeps nothing (below the lowest trainable layer, or
+        before a recompute): dropout as in training."""
+        return Saved.nothing(training=True, dropout_key=self.dropout_key)
+
+
+def _forward_blocks(step: _Step, h: np.ndarray, lowest: int) -> np.ndarray:
+    model, opts = step.model, step.opts
+    passing = step.passing()
+    for i in range(model.cfg.num_hidden_layers):
         if i >= lowest and opts.policy == "none":
-            saveds[i] = Saved(ledger, i)
-            h = block_forward(model, i, h, rope, saveds[i], opts)
-        else:
-            if i >= lowest:                      # policy "layer": keep only the block input
-                checkpoints[i] = ledger.keep(i, "checkpoint", "block_input", h)
-            h = block_forward(model, i, h, rope, Saved(ledger, i, enabled=False), opts)
+            step.saveds[i] = step.block_store(i)
+            h = block_forward(model, i, h, step.rope, step.saveds[i], opts)
+            continue
+        if i >= lowest:                          # policy "layer": keep only the block input
+            step.saveds[i] = Saved(step.ledger, i, checkpoint_saved(model, step.B, step.T))
+            step.saveds[i].keep("checkpoint", "block_input", h)
+        h = block_forward(model, i, h, step.rope, passing, opts)
+    return h
 
-    final = Saved(ledger, -1)
+
+def _loss_forward_backward(step: _Step, h: np.ndarray, targets: np.ndarray, grads: dict):
+    """Final norm, LM head and loss with the loss's gradient (fused, chunked): returns
+    (loss, dh (B, T, C)) and frees what it kept."""
+    model, opts, outer = step.model, step.opts, step.outer
+    cfg, p, trainable = model.cfg, model.params, model.trainable
+    C = cfg.hidden_size
     xf, rstd = rmsnorm_forward(h, p["model.norm.weight"], cfg.rms_norm_eps)
-    final.keep("final_norm", "x", h)
-    final.keep("final_norm", "rstd", rstd)
+    outer.keep("final_norm", "x", h)
+    outer.keep("final_norm", "rstd", rstd)
     del h
     head = lm_head_name(cfg)
-    W_head = p[head]
     flat_targets = targets.reshape(-1)
     if opts.loss == "plain":
-        loss, dxf, dW_head = cross_entropy_plain(xf.reshape(-1, C), W_head, flat_targets,
-                                                 need_dW=head in model.trainable)
+        loss, dxf, dW_head = cross_entropy_plain(xf.reshape(-1, C), p[head], flat_targets,
+                                                 need_dW=head in trainable)
         if dW_head is not None:
             grads[head] += dW_head
         del dW_head
     else:
         loss, dxf = cross_entropy_chunked(
-            xf.reshape(-1, C), W_head, flat_targets, need_dx=True,
-            dW=grads[head] if head in model.trainable else None, chunk=opts.ce_chunk,
+            xf.reshape(-1, C), p[head], flat_targets, need_dx=True,
+            dW=grads[head] if head in trainable else None, chunk=opts.ce_chunk,
             matmul_xwT=_matmul_xwT, matmul_dyW=_matmul_dyW)
     del xf
     if not np.isfinite(loss):
-        ledger.release_category("activations")      # nothing of this step stays registered
+        step.ledger.release_category("activations")  # nothing of this step stays registered
         raise FloatingPointError(f"loss is {loss}: the forward pass produced NaN or Inf")
-    final.keep("loss", "dx", dxf)    # the loss gradient waits here for the backward
-
-    # ---- backward
+    outer.keep("loss", "dx", dxf)            # the loss gradient waits here for the backward
     wname = "model.norm.weight"
-    dh, dw = rmsnorm_backward(dxf.reshape(B, T, C), final.get("final_norm", "x"),
-                              final.get("final_norm", "rstd"), p[wname],
-                              need_dw=wname in model.trainable)
-    final.release("final_norm")
-    final.release("loss")
-    del dxf
+    dh, dw = rmsnorm_backward(dxf.reshape(step.B, step.T, C), outer.get("final_norm", "x"),
+                              outer.get("final_norm", "rstd"), p[wname],
+                              need_dw=wname in trainable)
+    outer.release("final_norm")
+    outer.release("loss")
     if dw is not None:
         grads[wname] += dw
-    embedding_trains = "model.embed_tokens.weight" in model.trainable
-    for i in reversed(range(lowest, L)):
+    return loss, dh
+
+
+def _backward_blocks(step: _Step, dh: np.ndarray, grads: dict, lowest: int,
+                     embedding_trains: bool):
+    model, opts = step.model, step.opts
+    for i in reversed(range(lowest, model.cfg.num_hidden_layers)):
         if opts.policy == "layer":
-            saveds[i] = Saved(ledger, i)
-            block_forward(model, i, checkpoints.pop(i), rope, saveds[i], opts)  # recompute
-            ledger.release(i, "checkpoint", "block_input")
+            checkpoint = step.saveds.pop(i)
+            step.saveds[i] = step.block_store(i)
+            block_forward(model, i, checkpoint.get("checkpoint", "block_input"), step.rope,
+                          step.saveds[i], opts)                                   # recompute
+            checkpoint.release("checkpoint")
+            del checkpoint
         need_dx = i > lowest or embedding_trains
-        dh = block_backward(model, i, dh, rope, saveds.pop(i), grads, opts, need_dx)
+        dh = block_backward(model, i, dh, step.rope, step.saveds.pop(i), grads, opts, need_dx)
+    return dh
+
+
+def forward_backward(model: Model, tokens: np.ndarray, targets: np.ndarray,
+                     grads: dict, opts: StepOptions = StepOptions(),
+                     ledger: Ledger | None = None, dropout_key: tuple = (0, 0)) -> float:
+    """Mean next-token loss; gradients of every trainable tensor are ADDED into `grads`.
+    tokens, targets (B, T) int; targets aligned with positions (see next_token_targets).
+    dropout_key: (seed, step) of the training step, from which LoRA's dropout masks are
+    drawn."""
+    cfg, p = model.cfg, model.params
+    tokens = check_inputs(cfg, tokens, targets)
+    B, T = tokens.shape
+    step = _Step(model, opts, ledger if ledger is not None else Ledger(), dropout_key, B, T)
+    step.outer = Saved(step.ledger, -1, step_saved(model, B, T), dropout_key=dropout_key)
+    step.rope = Rope(*rope_tables(T, cfg.head_dim, cfg.rope_theta, model.dtype))
+    step.outer.keep("rope", "cos", step.rope.cos)
+    step.outer.keep("rope", "sin", step.rope.sin)
+    lowest = lowest_trainable_layer(model)
+
+    h = embedding_forward(tokens, p["model.embed_tokens.weight"], model.dtype)   # (B, T, C)
+    h = _forward_blocks(step, h, lowest)
+    loss, dh = _loss_forward_backward(step, h, np.asarray(targets), grads)
+    del h
+    embedding_trains = "model.embed_tokens.weight" in model.trainable
+    dh = _backward_blocks(step, dh, grads, lowest, embedding_trains)
     if embedding_trains:
         embedding_backward(dh, tokens, grads["model.embed_tokens.weight"])
     del dh
-    ledger.release_op(-1, "rope")
+    step.outer.release("rope")
     return loss
 
 
 # ------------------------------------------------------------------------ inference
 
 def forward_hidden(model: Model, tokens: np.ndarray, opts: StepOptions = StepOptions(),
-                   training: bool = False):
+                   training: bool = False, dropout_key: tuple = (0, 0), cache=None):
     """Final normed hidden states (B, T, C), nothing kept for backward. training=True
-    computes exactly what a training step's forward does (LoRA dropout on), for checks."""
+    computes exactly what a training step's forward does (LoRA dropout on), for checks.
+    With a KV cache (minilars.generate), tokens sit at positions cache.length ... and
+    attend to every earlier position; the cache grows by T."""
     cfg, p = model.cfg, model.params
-    tokens = check_inputs(cfg, tokens)
-    ledger = Ledger()
+    start = 0 if cache is None else cache.length
+    tokens = check_inputs(cfg, tokens, start=start)
     T = tokens.shape[1]
-    rope = Rope(*rope_tables(T, cfg.head_dim, cfg.rope_theta, model.dtype))
+    rope = Rope(*rope_tables(T, cfg.head_dim, cfg.rope_theta, model.dtype, start=start))
+    nothing = Saved.nothing(training, dropout_key)
     h = embedding_forward(tokens, p["model.embed_tokens.weight"], model.dtype)
     for i in range(cfg.num_hidden_layers):
-        h = block_forward(model, i, h, rope, Saved(ledger, i, enabled=False, training=training), opts)
+        h = block_forward(model, i, h, rope, nothing, opts, cache)
+    if cache is not None:
+        cache.length = start + T
     return rmsnorm_forward(h, p["model.norm.weight"], cfg.rms_norm_eps)[0]
 
 
 def forward_logits(model: Model, tokens: np.ndarray, opts: StepOptions = StepOptions(),
-                   training: bool = False):
+                   training: bool = False, dropout_key: tuple = (0, 0)):
     """Logits (B, T, V). Materialises all of them: for tests and short prompts."""
-    xf = forward_hidden(model, tokens, opts, training)
+    xf = forward_hidden(model, tokens, opts, training, dropout_key)
     return linear_forward(xf, model.params[lm_head_name(model.cfg)])
 
 
 def forward_loss(model: Model, tokens: np.ndarray, targets: np.ndarray,
-                 opts: StepOptions = StepOptions(), training: bool = False) -> tuple[float, int]:
+                 opts: StepOptions = StepOptions(), training: bool = False,
+                 dropout_key: tuple = (0, 0)) -> tuple[float, int]:
     """(mean loss, number of scored tokens) without any backward state (evaluation)."""
-    xf = forward_hidden(model, tokens, opts, training)
+    xf = forward_hidden(model, tokens, opts, training, dropout_key)
     C = model.cfg.hidden_size
     flat = np.asarray(targets).reshape(-1)
     loss, _ = cross_entropy_chunked(xf.reshape(-1, C), model.params[lm_head_name(model.cfg)],

@@ -24,19 +24,32 @@ from minilars.config import ModelConfig
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def linear_module(layer: int, linear: str) -> str:
+    """HF module name of one of a block's seven linears: (3, 'q_proj') ->
+    'model.layers.3.self_attn.q_proj'. Its weight is module + '.weight'; an adapter's
+    tensors on it are module + '.' + suffix."""
+    group = "mlp" if linear in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    return f"model.layers.{layer}.{group}.{linear}"
+
+
 def linear_param_name(layer: int, linear: str) -> str:
     """HF weight name of one of a block's seven linears, e.g. (3, 'q_proj')."""
-    group = "mlp" if linear in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-    return f"model.layers.{layer}.{group}.{linear}.weight"
+    return linear_module(layer, linear) + ".weight"
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each of a block's seven linears."""
+    C, F = cfg.hidden_size, cfg.intermediate_size
+    return {"q_proj": (cfg.q_dim, C), "k_proj": (cfg.kv_dim, C), "v_proj": (cfg.kv_dim, C),
+            "o_proj": (C, cfg.q_dim), "gate_proj": (F, C), "up_proj": (F, C),
+            "down_proj": (C, F)}
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter the config implies, in load order, with its shape."""
-    C, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    C, V = cfg.hidden_size, cfg.vocab_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, C)}
-    out_in = {"q_proj": (cfg.q_dim, C), "k_proj": (cfg.kv_dim, C), "v_proj": (cfg.kv_dim, C),
-              "o_proj": (C, cfg.q_dim), "gate_proj": (F, C), "up_proj": (F, C),
-              "down_proj": (C, F)}
+    out_in = linear_shapes(cfg)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         shapes[p + "input_layernorm.weight"] = (C,)

@@ -24,11 +24,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from minilars.adapters import (ADAPTERS, METHODS, adapter_tensor_names, attach,
+                               trainable_report)
+from minilars.data.tasks import eval_split, load_task
 from minilars.examples import batch_indices, encode_rows, make_batch, read_jsonl
+from minilars.frozen import check_frozen_dtype, frozen_numpy_dtype
 from minilars.io.atomic import atomic_dir, write_json, write_text
-from minilars.io.safetensors_io import save_safetensors_atomic
-from minilars.memory import Ledger, mib
-from minilars.memory_curve import peak_rss_bytes, register_params
+from minilars.io.peft import PREFIX, load_adapter, save_adapter
+from minilars.io.safetensors_io import (load_model, load_safetensors, save_model,
+                                        save_safetensors_atomic)
+from minilars.io.tokenizer import Tokenizer
+from minilars.memory import Ledger, mib, peak_rss_bytes, register_params
 from minilars.model import Model, StepOptions, forward_backward, forward_loss, zero_grads
 from minilars.optim import AdamW, clip_grad_norm
 
@@ -57,11 +63,20 @@ class TrainOptions:
     max_examples: int | None = None         # cap on training rows (after a seeded shuffle)
     frozen_dtype: str | None = None         # "float16" to halve frozen weight memory
     data_dir: str = "data"
-    adapter: dict = field(default_factory=dict)   # options for adapters.attach
+    adapter: object = None                  # the adapter's settings (LoRA(...), ...); None: defaults
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method != "full" and not isinstance(self.adapter, ADAPTERS[self.method]):
+            # from run.json (a dict of settings) or unset (the adapter's defaults)
+            self.adapter = ADAPTERS[self.method](**(self.adapter or {}))
+
+    def to_json(self) -> dict:
+        """run.json: every option, the adapter's settings as a dict."""
+        return dataclasses.asdict(self)
 
     def validate(self):
-        if self.method not in ("full", "lora", "ia3", "lars"):
-            raise ValueError(f"--method must be full, lora, ia3 or lars, got {self.method!r}")
         if (self.task is None) == (self.data is None):
             raise ValueError("give exactly one of --task NAME or --data FILE.jsonl")
         for name in ("seq", "steps", "batch"):
@@ -70,6 +85,7 @@ class TrainOptions:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         StepOptions(policy=self.policy, attention=self.attention)
+        check_frozen_dtype(self.method, self.frozen_dtype)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -87,11 +103,10 @@ def learning_rate(opts: TrainOptions, step: int) -> float:
 
 # ------------------------------------------------------------------ model and data
 
-def load_base(folder: str, frozen_dtype=None, dtype=np.float32):
-    """(Model, Tokenizer) from an HF folder."""
-    from minilars.io.safetensors_io import load_model
-    from minilars.io.tokenizer import Tokenizer
-    cfg, params = load_model(folder, dtype=dtype, frozen_dtype=frozen_dtype)
+def load_base(folder: str, frozen_dtype: str | None = None, dtype=np.float32):
+    """(Model, Tokenizer) from an HF folder; frozen_dtype names how the weight matrices
+    are held (minilars.frozen)."""
+    cfg, params = load_model(folder, dtype=dtype, frozen_dtype=frozen_numpy_dtype(frozen_dtype))
     return Model(cfg, params, dtype=dtype), Tokenizer.from_folder(folder)
 
 
@@ -99,7 +114,6 @@ def training_rows(opts: TrainOptions) -> list[dict]:
     if opts.data:
         rows = read_jsonl(opts.data)
     else:
-        from minilars.data.fetch import load_task
         rows = load_task(opts.task, "train", opts.data_dir)
     if opts.max_examples is not None and len(rows) > opts.max_examples:
         keep = np.random.default_rng([opts.seed, 7]).permutation(len(rows))[: opts.max_examples]
@@ -111,8 +125,6 @@ def eval_rows(opts: TrainOptions) -> list[dict]:
     """Held-out rows for the periodic loss: the task's evaluation split, or the tail of
     the data file (which is then not trained on)."""
     if opts.task:
-        from minilars.data.fetch import load_task
-        from minilars.evaluate import eval_split
         rows = load_task(opts.task, eval_split(opts.task, opts.data_dir), opts.data_dir)
         return rows[: opts.eval_examples]
     return []
@@ -122,20 +134,17 @@ def attach_method(model: Model, opts: TrainOptions) -> None:
     if opts.method == "full":
         model.train_all()
     else:
-        from minilars.adapters import attach
-        attach(model, opts.method, seed=opts.seed, **opts.adapter)
+        attach(model, opts.adapter, seed=opts.seed)
 
 
 # ------------------------------------------------------------------ checkpoints
 
 def save_checkpoint(run_dir: str, model: Model, opt: AdamW, step: int, losses: list) -> None:
     """Replace RUN_DIR/checkpoint as a whole: an interrupted save leaves the old one."""
-    from minilars.io.peft import save_adapter
     with atomic_dir(os.path.join(run_dir, "checkpoint"), replace=True) as tmp:
-        if model.adapters:
+        if model.adapter is not None:
             save_adapter(tmp, model)
         else:
-            from minilars.io.safetensors_io import save_model
             save_model(tmp, model.cfg, model.params)
         state = opt.state_dict()
         save_safetensors_atomic(os.path.join(tmp, "optimizer.safetensors"), state["arrays"])
@@ -144,16 +153,14 @@ def save_checkpoint(run_dir: str, model: Model, opt: AdamW, step: int, losses: l
 
 
 def load_checkpoint(run_dir: str, model: Model, opt: AdamW) -> dict:
-    from minilars.io.safetensors_io import load_safetensors
     ckpt = os.path.join(run_dir, "checkpoint")
     if not os.path.isdir(ckpt):
         raise FileNotFoundError(f"{run_dir}: no checkpoint/ folder to resume from")
     with open(os.path.join(ckpt, "state.json")) as f:
         state = json.load(f)
-    if model.adapters:
-        from minilars.io.peft import PREFIX
+    if model.adapter is not None:
         tensors = load_safetensors(os.path.join(ckpt, "adapter_model.safetensors"))
-        for name in model.trainable | {n for n in model.params if ".lars_alpha" in n}:
+        for name in adapter_tensor_names(model):        # frozen ones (LARS alpha) too
             model.params[name] = tensors[PREFIX + name].copy()
     else:
         tensors = load_safetensors(os.path.join(ckpt, "model.safetensors"))
@@ -164,14 +171,25 @@ def load_checkpoint(run_dir: str, model: Model, opt: AdamW) -> dict:
     return state
 
 
+def load_trained(model_folder: str, run_dir: str):
+    """(Model, Tokenizer): the base model with a run's last checkpoint applied (its
+    adapter, or all weights after full fine-tuning)."""
+    ckpt = os.path.join(run_dir, "checkpoint")
+    model, tok = load_base(model_folder)
+    if os.path.exists(os.path.join(ckpt, "adapter_config.json")):
+        load_adapter(ckpt, model)
+    else:
+        model.params = load_model(ckpt)[1]
+    return model, tok
+
+
 # ------------------------------------------------------------------ the loop
 
 def train(opts: TrainOptions, resume: bool = False, log=print) -> dict:
     """Run (or continue) a training run; returns a summary dict."""
     opts.validate()
     run_dir = opts.out
-    frozen = {"float16": np.float16, None: None}[opts.frozen_dtype]
-    model, tok = load_base(opts.model, frozen_dtype=frozen if opts.method != "full" else None)
+    model, tok = load_base(opts.model, frozen_dtype=opts.frozen_dtype)
     attach_method(model, opts)
     step_opts = StepOptions(policy=opts.policy, attention=opts.attention)
     examples = encode_rows(tok, training_rows(opts), opts.seq)
@@ -192,10 +210,9 @@ def train(opts: TrainOptions, resume: bool = False, log=print) -> dict:
         _truncate_log(run_dir, start)
     else:
         os.makedirs(run_dir, exist_ok=True)
-        write_json(os.path.join(run_dir, "run.json"), dataclasses.asdict(opts))
+        write_json(os.path.join(run_dir, "run.json"), opts.to_json())
     opt.init_state(model.params, grads, ledger)
-    from minilars.adapters import set_step, trainable_report
-    report = trainable_report(model) if model.adapters else {
+    report = trainable_report(model) if model.adapter is not None else {
         "trainable": model.base_param_count(), "base": model.base_param_count(), "percent": 100.0}
     log(f"{opts.method}: {report['trainable']:,} trainable parameters "
         f"({report['percent']:.3f}% of {report['base']:,}); {len(examples)} training examples")
@@ -208,12 +225,12 @@ def train(opts: TrainOptions, resume: bool = False, log=print) -> dict:
         tokens, targets = make_batch([examples[i] for i in idx], pad_id)
         for g in grads.values():
             g.fill(0)
-        set_step(model, step)
         ledger.reset_peak()
         lr = learning_rate(opts, step)
         t0 = time.perf_counter()
         try:
-            loss = forward_backward(model, tokens, targets, grads, step_opts, ledger)
+            loss = forward_backward(model, tokens, targets, grads, step_opts, ledger,
+                                    dropout_key=(opts.seed, step))
         except FloatingPointError:
             loss = float("nan")
         norm = clip_grad_norm(grads, opts.clip) if math.isfinite(loss) else float("nan")

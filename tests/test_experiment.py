@@ -115,7 +115,7 @@ def test_experiment_arguments_are_checked_before_any_cell_runs(tmp_path, capsys,
 
 
 def test_report_means_seeds_and_keeps_long_context_apart(tmp_path):
-    from minilars.experiment import ExperimentOptions, write_report
+    from minilars.lab.experiment import ExperimentOptions, write_report
     out = tmp_path / "exp"
     (out / "cells").mkdir(parents=True)
 
@@ -148,7 +148,7 @@ def test_report_means_seeds_and_keeps_long_context_apart(tmp_path):
 
 
 def test_average_spread_is_over_complete_seeds_and_the_plot_shows_it(tmp_path):
-    from minilars.experiment import ExperimentOptions, write_report
+    from minilars.lab.experiment import ExperimentOptions, write_report
     out = tmp_path / "exp"
     (out / "cells").mkdir(parents=True)
     accs = {("arc_easy", 0): 0.60, ("piqa", 0): 0.70, ("arc_easy", 1): 0.64,
@@ -172,7 +172,7 @@ def test_average_spread_is_over_complete_seeds_and_the_plot_shows_it(tmp_path):
 
 
 def test_ticks_are_round_and_inside_the_range():
-    from minilars.experiment import _ticks
+    from minilars.lab.svg import ticks as _ticks
     assert _ticks(52.0, 58.8) == [52.0, 54.0, 56.0, 58.0]
     assert _ticks(485, 634) == [500, 550, 600]
     assert all(0.1 <= t <= 0.9 for t in _ticks(0.1, 0.9))

@@ -9,7 +9,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-import minilars.memory_curve as memory_curve
+import minilars.lab.memory_curve as memory_curve
 from minilars.config import named_config
 from minilars.memory import Ledger, buffer_nbytes, owning_buffer
 from minilars.model import (IGNORE, Model, StepOptions, forward_backward, next_token_targets,

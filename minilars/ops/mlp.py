@@ -8,6 +8,14 @@ gradient (or an adapter on it) needs it; the sigmoid is recomputed, not kept.
 """
 import numpy as np
 
+from minilars.saved import Keep
+
+
+def swiglu_saves(shape: tuple, dtype) -> list[Keep]:
+    """What SwiGLU keeps: g and u, the outputs of gate_proj and up_proj (..., F)."""
+    return [Keep("swiglu", "g", shape, dtype, "dg and du need silu(g) and its derivative"),
+            Keep("swiglu", "u", shape, dtype, "dg = dact * u * silu'(g)")]
+
 
 def _sigmoid(g: np.ndarray) -> np.ndarray:
     """sigmoid(g) with e = exp(-|g|): 1/(1+e) for g >= 0, e/(1+e) for g < 0. Exp of a

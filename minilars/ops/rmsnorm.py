@@ -9,6 +9,16 @@ saves recomputing a reduction; xhat is not saved, it is recomputed from x and rs
 """
 import numpy as np
 
+from minilars.saved import Keep
+
+
+def rmsnorm_saves(op: str, x_buffer: str, shape: tuple, dtype) -> list[Keep]:
+    """What rmsnorm keeps: x (its input, buffer `x_buffer`) and rstd."""
+    return [Keep(op, "x", shape, dtype, "dx and dw are functions of the input",
+                 buffer=x_buffer),
+            Keep(op, "rstd", shape[:-1], dtype, "one number per row, kept rather than "
+                 "recomputed by a reduction")]
+
 
 def rmsnorm_forward(x: np.ndarray, w: np.ndarray | None, eps: float):
     """Returns (y, rstd). `w=None` means no weight (LARS uses the bare normalisation)."""

@@ -11,6 +11,16 @@ pair of tables per step and the ledger counts them once.
 """
 import numpy as np
 
+from minilars.saved import Keep
+
+
+def rope_saves(T: int, head_dim: int, dtype) -> list[Keep]:
+    """The step's one pair of tables: cos and sin (T, hd), for every block's forward,
+    recompute and backward."""
+    why = "positions only: one pair per step serves every block, forward and backward"
+    return [Keep("rope", "cos", (T, head_dim), dtype, why),
+            Keep("rope", "sin", (T, head_dim), dtype, why)]
+
 
 def rope_tables(T: int, head_dim: int, theta: float, dtype=np.float32, start: int = 0):
     """cos, sin of shape (T, hd) for positions start .. start+T-1 (float64 math, then cast)."""

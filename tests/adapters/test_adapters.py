@@ -13,19 +13,19 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minilars.adapters import AdapterError, attach, set_step, trainable_report
-from minilars.adapters.ia3 import IA3, ia3_backward, ia3_forward
-from minilars.adapters.lars import LARS, init_lars, lars_backward, lars_forward
-from minilars.adapters.lora import LoRA, init_lora, lora_backward, lora_forward
+from minilars.adapters import (IA3, LARS, AdapterError, LoRA, Site, adapter_for,
+                               adapter_tensor_names, attach, trainable_report)
 from minilars.config import named_config
 from minilars.memory import Ledger
 from minilars.model import (IGNORE, Model, StepOptions, forward_backward, forward_logits,
                             forward_loss, next_token_targets, zero_grads)
 from minilars.optim import AdamW, clip_grad_norm
-from minilars.params import LINEAR_NAMES, param_shapes
+from minilars.params import LINEAR_NAMES, linear_module, param_shapes
+from minilars.saved import Saved, UndeclaredTensor
 from tests.gradcheck import examples, numeric_grad, projection_loss, rel_err
 
 CONFIGS = ("tiny", "tiny-qwen2")
+DROPOUT_KEY = (0, 5)            # (seed, step) of the dropout masks in the model-level tests
 
 # each adapter variant the model-level tests run: (label, attach kwargs)
 VARIANTS = {
@@ -36,11 +36,6 @@ VARIANTS = {
     "lars-keep": dict(method="lars", rank=3, block=8, save="keep"),
     "lars-fixed-alpha": dict(method="lars", rank=4, block=32, train_alpha=False),
 }
-
-
-def _dict_store():
-    store = {}
-    return store, (lambda name, a: store.__setitem__(name, a) or a), store.get
 
 
 # ======================================================================== op level
@@ -74,6 +69,22 @@ def _check_all(f, analytic: dict, tensors: dict, tol=1e-6):
         assert err < tol, f"{name}: relative error {err:.3e}"
 
 
+def _site(linear, W, b, tensors):
+    return Site(0, linear, linear_module(0, linear), W, b, tensors)
+
+
+def _store(adapter, linear, x, out_f, dropout_key=(0, 0)):
+    """A Saved that holds the adapter to its own declaration (saves) for this linear."""
+    keeps = adapter.saves(linear, "input", x.shape, out_f, x.dtype)
+    return Saved(Ledger(), 0, {(k.op, k.name): k for k in keeps}, dropout_key=dropout_key)
+
+
+def _loss_of(adapter, site, x, R, dropout_key=(0, 0)):
+    """sum(y * R) of a fresh forward (the finite differences' function)."""
+    return lambda: projection_loss(adapter.forward(site, x, _store(adapter, site.linear, x,
+                                                                   site.W.shape[0], dropout_key)), R)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @settings(max_examples=examples(15))
 @given(case=op_case())
@@ -81,28 +92,22 @@ def test_lora_op_gradients(case, dropout):
     lead, in_f, out_f, rank, _, bias, seed = case
     rng = np.random.default_rng(seed)
     x, W, b, R = _base_tensors(lead, in_f, out_f, bias, rng)
-    A, B = init_lora(in_f, out_f, rank, rng, np.float64)
-    B += rng.normal(size=B.shape)                    # away from init: B != 0
-    cfg = LoRA(rank=rank, alpha=2.0 * rank + 1, dropout=dropout, seed=seed % 1000, step=3)
-    module = "model.layers.0.self_attn.q_proj"
-
-    def f():
-        _, keep, _ = _dict_store()
-        return projection_loss(lora_forward(x, W, b, A, B, cfg, module, keep), R)
-
-    store, keep, get = _dict_store()
-    lora_forward(x, W, b, A, B, cfg, module, keep)
-    dx, dA, dB, db = lora_backward(R, W, A, B, cfg, module, get, need_dx=True, need_db=bias)
-    analytic = {"x": dx, "A": dA, "B": dB}
-    tensors = {"x": x, "A": A, "B": B}
-    if bias:
-        analytic["b"], tensors["b"] = db, b
-    _check_all(f, analytic, tensors)
+    lora = LoRA(rank=rank, alpha=2.0 * rank + 1, dropout=dropout)
+    t = lora.init("q_proj", out_f, in_f, rng, np.float64)
+    t["lora_B.weight"] += rng.normal(size=t["lora_B.weight"].shape)     # away from init: B != 0
+    site, key = _site("q_proj", W, b, t), (seed % 1000, 3)
+    saved = _store(lora, "q_proj", x, out_f, key)
+    lora.forward(site, x, saved)
+    assert set(saved.tensors) == {("q_proj", "x"), ("q_proj", "xa")}
+    dx, grads = lora.backward(site, R, saved, need_dx=True)
+    _check_all(_loss_of(lora, site, x, R, key),
+               {"x": dx, "lora_A.weight": grads["lora_A.weight"],
+                "lora_B.weight": grads["lora_B.weight"]},
+               {"x": x, **t})
     if dropout:
         # the mask is a function of (seed, step, module): another step gives another mask
-        cfg2 = LoRA(rank=rank, alpha=cfg.alpha, dropout=dropout, seed=cfg.seed, step=4)
-        y1 = lora_forward(x, W, b, A, B, cfg, module, keep)
-        y2 = lora_forward(x, W, b, A, B, cfg2, module, keep)
+        y1 = lora.forward(site, x, _store(lora, "q_proj", x, out_f, key))
+        y2 = lora.forward(site, x, _store(lora, "q_proj", x, out_f, (key[0], 4)))
         if x.size >= 64:      # two masks of p=0.3 on fewer entries can agree by chance
             assert not np.array_equal(y1, y2)
 
@@ -114,22 +119,17 @@ def test_ia3_op_gradients(case, feedforward):
     lead, in_f, out_f, _, _, bias, seed = case
     rng = np.random.default_rng(seed)
     x, W, b, R = _base_tensors(lead, in_f, out_f, bias, rng)
-    shape = (1, in_f) if feedforward else (out_f, 1)
-    l = 1.0 + 0.5 * rng.normal(size=shape)           # away from the all-ones init
-    cfg = IA3(feedforward=feedforward)
-
-    def f():
-        _, keep, _ = _dict_store()
-        return projection_loss(ia3_forward(x, W, b, l, cfg, keep), R)
-
-    store, keep, get = _dict_store()
-    ia3_forward(x, W, b, l, cfg, keep)
-    assert set(store) == ({"x"} if feedforward else {"y0"})
-    dx, dl, db = ia3_backward(R, W, l, cfg, get, need_dx=True, need_db=bias)
-    analytic, tensors = {"x": dx, "l": dl}, {"x": x, "l": l}
-    if bias:
-        analytic["b"], tensors["b"] = db, b
-    _check_all(f, analytic, tensors)
+    ia3 = IA3(targets=["k_proj", "down_proj"])       # down_proj is scaled at its input
+    linear = "down_proj" if feedforward else "k_proj"
+    t = ia3.init(linear, out_f, in_f, rng, np.float64)
+    assert t["ia3_l"].shape == ((1, in_f) if feedforward else (out_f, 1))
+    t["ia3_l"] += 0.5 * rng.normal(size=t["ia3_l"].shape)                # away from all ones
+    site = _site(linear, W, b, t)
+    saved = _store(ia3, linear, x, out_f)
+    ia3.forward(site, x, saved)
+    assert set(saved.tensors) == ({(linear, "x")} if feedforward else {(linear, "y0")})
+    dx, grads = ia3.backward(site, R, saved, need_dx=True)
+    _check_all(_loss_of(ia3, site, x, R), {"x": dx, "ia3_l": grads["ia3_l"]}, {"x": x, **t})
 
 
 @pytest.mark.parametrize("save, train_alpha", [("recompute", True), ("keep", True),
@@ -141,45 +141,53 @@ def test_lars_op_gradients(case, save, train_alpha):
     lead, in_f, out_f, rank, block, bias, seed = case
     rng = np.random.default_rng(seed)
     x, W, b, R = _base_tensors(lead, in_f, out_f, bias, rng)
-    U, V, alpha = init_lars(in_f, rank, block, rng, dtype=np.float64)
-    V += rng.normal(size=V.shape)                    # away from init: V not tiny
-    alpha += rng.uniform(0.2, 1.0)
-    cfg = LARS(rank=rank, block=block, train_alpha=train_alpha, save=save)
-
-    def f():
-        _, keep, _ = _dict_store()
-        return projection_loss(lars_forward(x, W, b, U, V, alpha, cfg, keep), R)
-
-    store, keep, get = _dict_store()
-    lars_forward(x, W, b, U, V, alpha, cfg, keep)
-    assert set(store) == ({"x"} if save == "recompute" else {"x", "rstd", "z", "zU", "s"})
-    for need_dx in (True, False):
-        dx, dU, dV, dalpha, db = lars_backward(R, W, U, V, alpha, cfg, get, need_dx, bias)
-        assert (dx is None) == (not need_dx)
-    dx, dU, dV, dalpha, db = lars_backward(R, W, U, V, alpha, cfg, get, True, bias)
-    assert dalpha.shape == (1,)
-    analytic, tensors = {"x": dx, "U": U, "V": V}, {"x": x, "U": U, "V": V}
-    analytic = {"x": dx, "U": dU, "V": dV}
-    if train_alpha:
-        analytic["alpha"], tensors["alpha"] = dalpha, alpha
-    if bias:
-        analytic["b"], tensors["b"] = db, b
-    _check_all(f, analytic, tensors)
+    lars = LARS(rank=rank, block=block, train_alpha=train_alpha, save=save)
+    t = lars.init("q_proj", out_f, in_f, rng, np.float64)
+    t["lars_V"] += rng.normal(size=t["lars_V"].shape)                    # away from init: V not tiny
+    t["lars_alpha"] += rng.uniform(0.2, 1.0)
+    site = _site("q_proj", W, b, t)
+    saved = _store(lars, "q_proj", x, out_f)
+    lars.forward(site, x, saved)
+    kept = {"x"} if save == "recompute" else {"x", "rstd", "z", "zU", "s"}
+    assert set(saved.tensors) == {("q_proj", n) for n in kept}
+    assert lars.backward(site, R, saved, need_dx=False)[0] is None
+    dx, grads = lars.backward(site, R, saved, need_dx=True)
+    assert grads["lars_alpha"].shape == (1,)
+    assert lars.trains("lars_alpha") == train_alpha
+    analytic = {"x": dx, "lars_U": grads["lars_U"], "lars_V": grads["lars_V"],
+                "lars_alpha": grads["lars_alpha"]}
+    _check_all(_loss_of(lars, site, x, R), analytic, {"x": x, **t})
 
 
 def test_lars_keep_and_recompute_agree_exactly():
     rng = np.random.default_rng(0)
     x, W, b, R = _base_tensors((2, 5), 24, 7, True, rng)
-    U, V, alpha = init_lars(24, 3, 6, rng, dtype=np.float64)
-    V += rng.normal(size=V.shape)
+    t = LARS(rank=3, block=6).init("q_proj", 7, 24, rng, np.float64)
+    t["lars_V"] += rng.normal(size=t["lars_V"].shape)
     out = {}
     for save in ("recompute", "keep"):
-        store, keep, get = _dict_store()
-        cfg = LARS(rank=3, block=6, save=save)
-        y = lars_forward(x, W, b, U, V, alpha, cfg, keep)
-        out[save] = (y,) + lars_backward(R, W, U, V, alpha, cfg, get, True, True)
+        lars = LARS(rank=3, block=6, save=save)
+        site, saved = _site("q_proj", W, b, t), _store(lars, "q_proj", x, 7)
+        y = lars.forward(site, x, saved)
+        dx, grads = lars.backward(site, R, saved, True)
+        out[save] = (y, dx, *(grads[k] for k in LARS.tensors))
     for a, c in zip(out["recompute"], out["keep"]):
         assert rel_err(a, c) < 1e-14
+
+
+def test_an_undeclared_or_unkept_tensor_is_refused():
+    """The store holds an adapter to its declaration: keeping a tensor it did not declare,
+    with another shape, or reading one it never kept raises, naming it."""
+    rng = np.random.default_rng(0)
+    x, W, b, R = _base_tensors((1, 4), 8, 3, False, rng)
+    lora = LoRA(rank=2)
+    saved = _store(lora, "q_proj", x, 3)
+    with pytest.raises(UndeclaredTensor, match=r"q_proj.z is kept but not declared"):
+        saved.keep("q_proj", "z", x)
+    with pytest.raises(UndeclaredTensor, match=r"q_proj.xa is kept as \(1, 4, 8\)"):
+        saved.keep("q_proj", "xa", x)
+    with pytest.raises(UndeclaredTensor, match=r"q_proj.x was never kept"):
+        saved.get("q_proj", "x")
 
 
 # ======================================================================== whole model
@@ -212,14 +220,14 @@ def _perturb(model, seed=0):
 def _adapted(name, variant, dtype=np.float64, seed=0, perturb=True, **extra):
     model = Model.random(named_config(name), seed, dtype)
     kw = dict(VARIANTS[variant], **extra)
-    attach(model, kw.pop("method"), seed=seed, **kw)
-    set_step(model, 5)
+    layers = kw.pop("layers", None)
+    attach(model, adapter_for(kw.pop("method"), **kw), layers=layers, seed=seed)
     return _perturb(model, seed + 1) if perturb else model
 
 
 def _grads(model, tokens, targets, opts=StepOptions(), ledger=None):
     grads = zero_grads(model, ledger)
-    loss = forward_backward(model, tokens, targets, grads, opts, ledger)
+    loss = forward_backward(model, tokens, targets, grads, opts, ledger, dropout_key=DROPOUT_KEY)
     return loss, grads
 
 
@@ -243,7 +251,8 @@ def test_adapter_gradients_match_finite_differences(name, variant):
     if variant == "lars-fixed-alpha":
         assert not any(n.endswith("lars_alpha") for n in grads)
     rng = np.random.default_rng(2)
-    f = lambda: forward_loss(model, tokens, targets, training=True)[0]   # dropout as in training
+    f = lambda: forward_loss(model, tokens, targets, training=True,      # dropout as in training
+                             dropout_key=DROPOUT_KEY)[0]
     for pname, g in grads.items():
         assert np.all(np.isfinite(g)) and np.any(g != 0), pname
         idx = [np.unravel_index(int(np.argmax(np.abs(g))), g.shape)]
@@ -277,7 +286,7 @@ def test_adapted_model_equals_base_at_init(name, dtype):
     for variant in VARIANTS:
         model = Model.random(named_config(name), 0, dtype)
         kw = dict(VARIANTS[variant])
-        attach(model, kw.pop("method"), seed=7, **kw)
+        attach(model, adapter_for(kw.pop("method"), **kw), seed=7)
         got = forward_logits(model, tokens)
         assert got.dtype == dtype
         if variant.startswith("lars"):
@@ -298,7 +307,7 @@ def test_ledger_is_empty_after_a_step_and_only_trainables_get_gradients(variant)
         assert ledger.live_entries("activations") == [], policy
         # one gradient buffer per adapter tensor, none for the frozen base
         assert set(grads) == model.trainable
-        assert all(any(t in n for t in (".lora_", ".ia3_", ".lars_")) for n in grads)
+        assert set(grads) <= set(adapter_tensor_names(model))
         assert {e.name for e in ledger.live_entries("gradients")} == model.trainable
         assert ledger.peak_by_category["activations"] > 0
 
@@ -358,7 +367,7 @@ def test_adamw_overfits_one_batch(variant):
     model = Model.random(named_config("tiny"), 0, np.float32)
     model.params["model.embed_tokens.weight"] *= 5
     kw = dict(VARIANTS[variant])
-    attach(model, kw.pop("method"), seed=0, **kw)
+    attach(model, adapter_for(kw.pop("method"), **kw), seed=0)
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, model.cfg.vocab_size, size=(2, 16))
     targets = next_token_targets(tokens)
@@ -367,11 +376,11 @@ def test_adamw_overfits_one_batch(variant):
     opt = AdamW(lr=lr)
     losses = []
     for step in range(40):
-        set_step(model, step)
         for g in grads.values():
             g.fill(0)
         losses.append(forward_backward(model, tokens, targets, grads,
-                                       StepOptions(policy="layer", tile=5, ce_chunk=7)))
+                                       StepOptions(policy="layer", tile=5, ce_chunk=7),
+                                       dropout_key=(0, step)))
         clip_grad_norm(grads, 1.0)
         opt.step(model.params, grads)
     assert all(np.isfinite(losses))
@@ -390,22 +399,22 @@ def tiny():
 def test_unknown_target_lists_valid_ones(tiny):
     with pytest.raises(AdapterError, match=r"'qkv_proj'.*q_proj, k_proj, v_proj, o_proj, "
                                            r"gate_proj, up_proj, down_proj"):
-        attach(tiny, "lora", targets=["q_proj", "qkv_proj"])
+        attach(tiny, LoRA(targets=["q_proj", "qkv_proj"]))
 
 
 def test_unknown_method(tiny):
     with pytest.raises(AdapterError, match="unknown adapter method 'dora'"):
-        attach(tiny, "dora")
+        attach(tiny, adapter_for("dora"))
 
 
 def test_lars_block_that_does_not_divide_a_width(tiny):
     # tiny: hidden 64, MLP 96; 64 divides 64 but not down_proj's 96
     with pytest.raises(AdapterError, match=r"block size 64 does not divide the input width 96 "
                                            r"of down_proj"):
-        attach(tiny, "lars", block=64)
+        attach(tiny, LARS(block=64))
     t2 = Model.random(named_config("tiny"), 0, np.float32)
     with pytest.raises(AdapterError, match=r"block size 5 .* width 64 of q_proj"):
-        attach(t2, "lars", block=5, targets=["q_proj"])
+        attach(t2, LARS(block=5, targets=["q_proj"]))
 
 
 @pytest.mark.parametrize("kw, msg", [(dict(rank=0), "rank must be at least 1, got 0"),
@@ -414,22 +423,23 @@ def test_lars_block_that_does_not_divide_a_width(tiny):
                                      (dict(dropout=-0.1), "dropout must be in")])
 def test_bad_rank_or_dropout(tiny, kw, msg):
     with pytest.raises(AdapterError, match=msg):
-        attach(tiny, "lora", **kw)
+        attach(tiny, LoRA(**kw))
 
 
 def test_attaching_twice(tiny):
-    attach(tiny, "lora")
-    with pytest.raises(AdapterError, match="already has adapters"):
-        attach(tiny, "ia3")
+    attach(tiny, LoRA())
+    with pytest.raises(AdapterError, match="already has an adapter"):
+        attach(tiny, IA3())
 
 
 def test_failed_attach_leaves_the_model_unchanged():
     model = Model.random(named_config("tiny"), 0, np.float32).train_all()
     before = set(model.trainable)
     with pytest.raises(AdapterError):
-        attach(model, "lars", block=64)          # fails at down_proj, after six linears
-    assert model.adapters == {} and model.trainable == before
-    attach(model, "lars", block=32)              # and a corrected attach then works
+        attach(model, LARS(block=64))            # fails at down_proj, after six linears
+    assert model.adapter is None and model.adapted == () and model.trainable == before
+    assert not any("lars" in n for n in model.params)
+    attach(model, LARS(block=32))                # and a corrected attach then works
 
 
 def _shape_only_model(cfg):
@@ -440,7 +450,7 @@ def _shape_only_model(cfg):
 
 def test_trainable_report_lora_all_linear_on_smollm2_shapes():
     cfg = named_config("smollm2-135m")
-    model = attach(_shape_only_model(cfg), "lora", targets="all-linear", rank=8)
+    model = attach(_shape_only_model(cfg), LoRA(targets="all-linear", rank=8))
     C, F, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, cfg.kv_dim
     in_out = [(C, q), (C, kv), (C, kv), (q, C), (C, F), (C, F), (F, C)]
     expected = cfg.num_hidden_layers * sum(8 * (i + o) for i, o in in_out)
@@ -453,23 +463,22 @@ def test_trainable_report_lora_all_linear_on_smollm2_shapes():
 def test_trainable_report_ia3_and_lars_counts():
     cfg = named_config("smollm2-135m")
     C, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    ia3 = attach(_shape_only_model(cfg), "ia3")
+    ia3 = attach(_shape_only_model(cfg), IA3())
     assert trainable_report(ia3)["trainable"] == L * (2 * cfg.kv_dim + F)
     widths = [C, C, C, cfg.q_dim, C, C, F]       # inputs of q, k, v, o, gate, up, down
     for train_alpha in (True, False):
-        lars = attach(_shape_only_model(cfg), "lars", rank=8, block=32, train_alpha=train_alpha)
+        lars = attach(_shape_only_model(cfg), LARS(rank=8, block=32, train_alpha=train_alpha))
         per_linear = [w * 8 + 8 * (w // 32) + int(train_alpha) for w in widths]
         assert trainable_report(lars)["trainable"] == L * sum(per_linear)
 
 
 def test_targets_subset_and_layers():
-    model = attach(Model.random(named_config("tiny"), 0), "lora", targets="q_proj, v_proj",
+    model = attach(Model.random(named_config("tiny"), 0), LoRA(targets="q_proj, v_proj"),
                    layers=[1])
-    assert sorted(model.adapters) == ["model.layers.1.self_attn.q_proj",
-                                      "model.layers.1.self_attn.v_proj"]
+    assert sorted(model.adapted) == [(1, "q_proj"), (1, "v_proj")]
     assert len(model.trainable) == 4
-    assert set(LINEAR_NAMES) == {m.rsplit(".", 1)[1] for m in
-                                 attach(Model.random(named_config("tiny"), 0), "lars").adapters}
+    assert set(LINEAR_NAMES) == {linear for _, linear in
+                                 attach(Model.random(named_config("tiny"), 0), LARS()).adapted}
 
 
 def test_lora_dropout_is_off_at_inference():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from minilars.adapters import AdapterError, attach
+from minilars.adapters import AdapterError, adapter_for, attach
 from minilars.config import named_config
 from minilars.io.peft import (CONFIG_FILE, WEIGHTS_FILE, load_adapter, merged_params,
                               read_adapter_config, save_adapter)
@@ -21,7 +21,9 @@ METHODS = {"lora": dict(rank=4, alpha=8.0), "ia3": {}, "lars": dict(rank=3, bloc
 def _perturbed(name, method, dtype=np.float64, seed=0, **kw):
     """A base model with `method` attached and its tensors moved away from init."""
     model = Model.random(named_config(name), seed, dtype)
-    attach(model, method, seed=seed, **dict(METHODS[method], **kw))
+    kw = dict(METHODS[method], **kw)
+    layers = kw.pop("layers", None)
+    attach(model, adapter_for(method, **kw), layers=layers, seed=seed)
     rng = np.random.default_rng(seed + 10)
     for n in sorted(model.trainable):
         model.params[n] = (model.params[n] + 0.3 * rng.normal(size=model.params[n].shape)
@@ -42,8 +44,8 @@ def test_round_trip_gives_identical_logits(tmp_path, method, name, dtype):
     model = _perturbed(name, method, dtype)
     save_adapter(str(tmp_path), model, base_model_name="tiny-base")
     fresh = load_adapter(str(tmp_path), Model.random(named_config(name), 0, dtype))
-    assert sorted(fresh.adapters) == sorted(model.adapters)
-    assert fresh.adapters == model.adapters           # hyper-parameters too
+    assert sorted(fresh.adapted) == sorted(model.adapted)
+    assert fresh.adapter == model.adapter             # hyper-parameters too
     assert fresh.trainable == model.trainable
     for n in model.trainable:
         assert fresh.params[n].dtype == dtype
@@ -60,7 +62,7 @@ def test_lars_round_trip_keeps_its_options(tmp_path):
     assert (cfg["peft_type"], cfg["r"], cfg["block_size"], cfg["eps"], cfg["train_alpha"],
             cfg["saved_for_backward"]) == ("LARS", 3, 16, 1e-6, False, "keep")
     fresh = load_adapter(str(tmp_path), Model.random(named_config("tiny"), 0, np.float64))
-    assert fresh.adapters == model.adapters
+    assert fresh.adapter == model.adapter and sorted(fresh.adapted) == sorted(model.adapted)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -71,7 +73,7 @@ def test_adapter_on_a_subset_of_layers_round_trips(tmp_path, method):
     save_adapter(str(tmp_path), model)
     assert read_adapter_config(str(tmp_path))["layers_to_transform"] == [1]
     fresh = load_adapter(str(tmp_path), Model.random(named_config("tiny"), 0, np.float64))
-    assert sorted(fresh.adapters) == sorted(model.adapters)
+    assert sorted(fresh.adapted) == sorted(model.adapted)
     tokens = _tokens(model.cfg)
     np.testing.assert_array_equal(forward_logits(fresh, tokens), forward_logits(model, tokens))
     full = _perturbed("tiny", method)

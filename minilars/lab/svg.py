@@ -1,0 +1,57 @@
+"""A dependency-free SVG writer: round axis ticks and a labelled scatter (the experiment's
+memory against accuracy)."""
+from __future__ import annotations
+
+import math
+
+
+def ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About n round values between lo and hi (steps of 1, 2 or 5 times a power of ten)."""
+    raw = (hi - lo) / max(n - 1, 1)
+    power = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1.0
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(lo / step) * step
+    return [first + k * step for k in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def svg_scatter(points, baseline=None, title="", width=520, height=340) -> str:
+    """A dependency-free SVG scatter of (name, peak MiB, mean accuracy %, std % or None):
+    one labelled point per method, ± std error bars where there are seeds to give one, and
+    a dashed line at the zero-shot accuracy (no training, so no training memory)."""
+    xs = [p[1] for p in points]
+    ys = [p[2] + sign * (p[3] or 0) for p in points for sign in (-1, 1)]
+    ys += [] if baseline is None else [baseline]
+    x0, x1 = min(xs) * 0.95, max(xs) * 1.05 + 1
+    y0, y1 = min(ys) - 1, max(ys) + 1
+    left, right, top, bottom = 64, width - 24, 40, height - 44
+    X = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
+    Y = lambda y: bottom - (y - y0) / (y1 - y0) * (bottom - top)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{width / 2}" y="20" text-anchor="middle">{title}</text>']
+    for t in ticks(x0, x1):
+        parts += [f'<line x1="{X(t):.1f}" y1="{top}" x2="{X(t):.1f}" y2="{bottom}" stroke="#ddd"/>',
+                  f'<text x="{X(t):.1f}" y="{bottom + 16}" text-anchor="middle">{t:g}</text>']
+    for t in ticks(y0, y1):
+        parts += [f'<line x1="{left}" y1="{Y(t):.1f}" x2="{right}" y2="{Y(t):.1f}" stroke="#ddd"/>',
+                  f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" text-anchor="end">{t:g}</text>']
+    parts += [f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>',
+              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="black"/>',
+              f'<text x="{(left + right) / 2}" y="{height - 8}" text-anchor="middle">'
+              f'peak training memory (ledger, MiB)</text>',
+              f'<text x="16" y="{(top + bottom) / 2}" transform="rotate(-90 16 {(top + bottom) / 2})" '
+              f'text-anchor="middle">mean accuracy (%)</text>']
+    if baseline is not None:
+        parts += [f'<line x1="{left}" y1="{Y(baseline):.1f}" x2="{right}" y2="{Y(baseline):.1f}" '
+                  f'stroke="#999" stroke-dasharray="6 4"/>',
+                  f'<text x="{right - 4}" y="{Y(baseline) - 5:.1f}" text-anchor="end" fill="#666">'
+                  f'zero-shot {baseline:.1f}</text>']
+    for name, x, y, std in points:
+        if std:
+            parts.append(f'<line x1="{X(x):.1f}" y1="{Y(y - std):.1f}" x2="{X(x):.1f}" '
+                         f'y2="{Y(y + std):.1f}" stroke="#3366cc"/>')
+        parts += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="5" fill="#3366cc"/>',
+                  f'<text x="{X(x) + 8:.1f}" y="{Y(y) + 4:.1f}">{name}</text>']
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
