@@ -185,87 +185,112 @@ def load_trained(model_folder: str, run_dir: str):
 
 # ------------------------------------------------------------------ the loop
 
-def train(opts: TrainOptions, resume: bool = False, log=print) -> dict:
-    """Run (or continue) a training run; returns a summary dict."""
-    opts.validate()
-    run_dir = opts.out
+@dataclass
+class _Run:
+    """What a training run holds between steps."""
+    opts: TrainOptions
+    model: Model
+    step_opts: StepOptions
+    examples: list
+    held_out: list
+    pad_id: int
+    ledger: Ledger
+    grads: dict
+    opt: AdamW
+    start: int = 0
+    losses: list = field(default_factory=list)
+    last_saved: int = 0
+
+
+def _open_run(opts: TrainOptions, resume: bool, log) -> _Run:
+    """Load the model and data, attach the method, build gradients and the optimizer, and
+    start RUN_DIR (or continue it from its checkpoint)."""
     model, tok = load_base(opts.model, frozen_dtype=opts.frozen_dtype)
     attach_method(model, opts)
-    step_opts = StepOptions(policy=opts.policy, attention=opts.attention)
     examples = encode_rows(tok, training_rows(opts), opts.seq)
-    held_out = encode_rows(tok, eval_rows(opts), opts.seq)
     if not examples:
         raise ValueError("no training examples after tokenization")
-    pad_id = tok.eos_id if tok.eos_id is not None else 0
-
     ledger = Ledger()
     register_params(model, ledger)
     grads = zero_grads(model, ledger)
-    opt = AdamW(lr=opts.lr, weight_decay=opts.weight_decay)
-    start, losses = 0, []
+    run = _Run(opts, model, StepOptions(policy=opts.policy, attention=opts.attention), examples,
+               encode_rows(tok, eval_rows(opts), opts.seq),
+               tok.eos_id if tok.eos_id is not None else 0, ledger, grads,
+               AdamW(lr=opts.lr, weight_decay=opts.weight_decay))
     if resume:
-        state = load_checkpoint(run_dir, model, opt)
-        start, losses = state["step"], state["losses"]
-        log(f"resuming {run_dir} at step {start}")
-        _truncate_log(run_dir, start)
+        state = load_checkpoint(opts.out, model, run.opt)
+        run.start = run.last_saved = state["step"]
+        run.losses = state["losses"]
+        log(f"resuming {opts.out} at step {run.start}")
+        _truncate_log(opts.out, run.start)
     else:
-        os.makedirs(run_dir, exist_ok=True)
-        write_json(os.path.join(run_dir, "run.json"), opts.to_json())
-    opt.init_state(model.params, grads, ledger)
+        os.makedirs(opts.out, exist_ok=True)
+        write_json(os.path.join(opts.out, "run.json"), opts.to_json())
+    run.opt.init_state(model.params, grads, ledger)
+    return run
+
+
+def _train_step(run: _Run, step: int) -> dict:
+    """One step: forward + backward, clip, AdamW. Returns the step's log record; a NaN or
+    Inf loss or gradient stops the run before the parameters change."""
+    opts, grads = run.opts, run.grads
+    idx = batch_indices(len(run.examples), opts.batch, step, opts.seed)
+    tokens, targets = make_batch([run.examples[i] for i in idx], run.pad_id)
+    for g in grads.values():
+        g.fill(0)
+    run.ledger.reset_peak()
+    lr = learning_rate(opts, step)
+    t0 = time.perf_counter()
+    try:
+        loss = forward_backward(run.model, tokens, targets, grads, run.step_opts, run.ledger,
+                                dropout_key=(opts.seed, step))
+    except FloatingPointError:
+        loss = float("nan")
+    norm = clip_grad_norm(grads, opts.clip) if math.isfinite(loss) else float("nan")
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
+        raise NonFiniteLoss(
+            f"step {step + 1}: {what}; stopping. The last good checkpoint (step {run.last_saved}) "
+            f"in {opts.out}/checkpoint is intact; lower --lr or check the data and "
+            f"resume with --resume {opts.out}")
+    run.opt.step(run.model.params, grads, lr=lr)
+    seconds = time.perf_counter() - t0
+    return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
+            "tokens": int(tokens.size), "tok_per_s": tokens.size / seconds,
+            "ledger_peak_mib": mib(run.ledger.peak_total), "rss_peak_mib": mib(peak_rss_bytes())}
+
+
+def train(opts: TrainOptions, resume: bool = False, log=print) -> dict:
+    """Run (or continue) a training run; returns a summary dict."""
+    opts.validate()
+    run = _open_run(opts, resume, log)
+    model = run.model
     report = trainable_report(model) if model.adapter is not None else {
         "trainable": model.base_param_count(), "base": model.base_param_count(), "percent": 100.0}
     log(f"{opts.method}: {report['trainable']:,} trainable parameters "
-        f"({report['percent']:.3f}% of {report['base']:,}); {len(examples)} training examples")
-
-    t_run = time.perf_counter()
-    tokens_seen = 0
-    last_saved = start
-    for step in range(start, opts.steps):
-        idx = batch_indices(len(examples), opts.batch, step, opts.seed)
-        tokens, targets = make_batch([examples[i] for i in idx], pad_id)
-        for g in grads.values():
-            g.fill(0)
-        ledger.reset_peak()
-        lr = learning_rate(opts, step)
-        t0 = time.perf_counter()
-        try:
-            loss = forward_backward(model, tokens, targets, grads, step_opts, ledger,
-                                    dropout_key=(opts.seed, step))
-        except FloatingPointError:
-            loss = float("nan")
-        norm = clip_grad_norm(grads, opts.clip) if math.isfinite(loss) else float("nan")
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
-            raise NonFiniteLoss(
-                f"step {step + 1}: {what}; stopping. The last good checkpoint (step {last_saved}) "
-                f"in {run_dir}/checkpoint is intact; lower --lr or check the data and "
-                f"resume with --resume {run_dir}")
-        opt.step(model.params, grads, lr=lr)
-        seconds = time.perf_counter() - t0
-        n_tok = int(tokens.size)
-        tokens_seen += n_tok
-        losses.append(loss)
-        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
-                  "tok_per_s": n_tok / seconds, "ledger_peak_mib": mib(ledger.peak_total),
-                  "rss_peak_mib": mib(peak_rss_bytes())}
-        _append_log(run_dir, record)
-        log(f"step {step + 1} | loss {loss:.4f} | {record['tok_per_s']:.0f} tok/s | "
+        f"({report['percent']:.3f}% of {report['base']:,}); {len(run.examples)} training examples")
+    t_run, tokens_seen = time.perf_counter(), 0
+    for step in range(run.start, opts.steps):
+        record = _train_step(run, step)
+        tokens_seen += record.pop("tokens")
+        run.losses.append(record["loss"])
+        _append_log(opts.out, record)
+        log(f"step {step + 1} | loss {record['loss']:.4f} | {record['tok_per_s']:.0f} tok/s | "
             f"ledger peak {record['ledger_peak_mib']:.0f} MiB | RSS peak {record['rss_peak_mib']:.0f} MiB"
             + _bar(step + 1, opts.steps))
-        if opts.eval_every and (step + 1) % opts.eval_every == 0 and held_out:
-            log(f"  eval loss {held_out_loss(model, held_out, pad_id, step_opts):.4f}")
+        if opts.eval_every and (step + 1) % opts.eval_every == 0 and run.held_out:
+            log(f"  eval loss {held_out_loss(model, run.held_out, run.pad_id, run.step_opts):.4f}")
         if (step + 1) % opts.save_every == 0 or step + 1 == opts.steps:
-            save_checkpoint(run_dir, model, opt, step + 1, losses)
-            last_saved = step + 1
-
-    summary = {"steps": opts.steps, "final_loss": losses[-1] if losses else None,
-               "losses": losses, "seconds": time.perf_counter() - t_run,
+            save_checkpoint(opts.out, model, run.opt, step + 1, run.losses)
+            run.last_saved = step + 1
+    summary = {"steps": opts.steps, "final_loss": run.losses[-1] if run.losses else None,
+               "losses": run.losses, "seconds": time.perf_counter() - t_run,
                "tokens": tokens_seen, "trainable": report,
-               "ledger_peak_mib": mib(ledger.peak_total), "rss_peak_mib": mib(peak_rss_bytes())}
-    if held_out:
-        summary["eval_loss"] = held_out_loss(model, held_out, pad_id, step_opts)
+               "ledger_peak_mib": mib(run.ledger.peak_total), "rss_peak_mib": mib(peak_rss_bytes())}
+    if run.held_out:
+        summary["eval_loss"] = held_out_loss(model, run.held_out, run.pad_id, run.step_opts)
         log(f"eval loss {summary['eval_loss']:.4f}")
-    write_json(os.path.join(run_dir, "summary.json"), summary)
+    write_json(os.path.join(opts.out, "summary.json"), summary)
     return summary
 
 

@@ -1,7 +1,9 @@
 """The whole model, in float64 on the tiny configs (Llama with tied embeddings, and Qwen2
 with q/k/v biases and an untied lm_head):
 
-- the forward against an independent naive implementation of DESIGN.md's formulas;
+- the forward against minilars.reference (DESIGN.md's formulas in plain NumPy), and
+  generation's cached forward (the same blocks with a KV cache) against it too;
+- what every block keeps is exactly what block_saved declares, byte for byte;
 - every parameter's gradient vs central finite differences of `forward_loss`, on a few
   entries per tensor (the largest-gradient entry and random ones), for each policy;
 - identical gradients whatever the recompute policy, attention form and loss form;
@@ -12,11 +14,16 @@ with q/k/v biases and an untied lm_head):
 import numpy as np
 import pytest
 
+from minilars.adapters import adapter_for, attach
 from minilars.config import named_config
-from minilars.model import (IGNORE, Model, StepOptions, forward_backward, forward_logits,
-                            forward_loss, next_token_targets, zero_grads)
+from minilars.memory import Ledger, owning_buffer
+from minilars.model import (IGNORE, Model, StepOptions, block_saved, checkpoint_saved,
+                            forward_backward, forward_logits, forward_loss, next_token_targets,
+                            step_saved, zero_grads)
 from minilars.optim import AdamW, clip_grad_norm
-from minilars.params import lm_head_name, param_shapes
+from minilars.params import param_shapes
+from minilars.reference import reference_logits
+from minilars.saved import declared_bytes
 from tests.gradcheck import numeric_grad, rel_err
 
 CONFIGS = ("tiny", "tiny-qwen2")
@@ -36,55 +43,15 @@ def _grads(model, tokens, targets, opts):
     return loss, grads
 
 
-# ------------------------------------------------------------------ forward vs a naive reference
-
-def _naive_logits(model, tokens):
-    """DESIGN.md's formulas, written the slow obvious way (kv heads repeated, full softmax)."""
-    cfg, p = model.cfg, model.params
-    nh, nkv, hd, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
-    B, T = tokens.shape
-
-    def norm(x, w):
-        return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
-
-    def lin(x, name):
-        y = x @ p[name + ".weight"].T
-        return y + p[name + ".bias"] if name + ".bias" in p else y
-
-    inv = cfg.rope_theta ** (-np.arange(0, hd, 2) / hd)
-    ang = np.arange(T)[:, None] * inv[None, :]
-    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
-
-    def rope(x):                                             # (B, n, T, hd)
-        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
-        return x * cos + np.concatenate([-x2, x1], -1) * sin
-
-    h = p["model.embed_tokens.weight"][tokens]
-    for i in range(cfg.num_hidden_layers):
-        pre = f"model.layers.{i}."
-        a = norm(h, p[pre + "input_layernorm.weight"])
-        q = lin(a, pre + "self_attn.q_proj").reshape(B, T, nh, hd).transpose(0, 2, 1, 3)
-        k = lin(a, pre + "self_attn.k_proj").reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
-        v = lin(a, pre + "self_attn.v_proj").reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
-        q, k = rope(q), rope(k)
-        k, v = np.repeat(k, nh // nkv, axis=1), np.repeat(v, nh // nkv, axis=1)
-        S = q @ k.swapaxes(-1, -2) / np.sqrt(hd) + np.triu(np.full((T, T), -np.inf), 1)
-        P = np.exp(S - S.max(-1, keepdims=True))
-        P /= P.sum(-1, keepdims=True)
-        o = (P @ v).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)
-        h = h + lin(o, pre + "self_attn.o_proj")
-        m = norm(h, p[pre + "post_attention_layernorm.weight"])
-        g, u = lin(m, pre + "mlp.gate_proj"), lin(m, pre + "mlp.up_proj")
-        h = h + lin(g / (1 + np.exp(-g)) * u, pre + "mlp.down_proj")
-    return norm(h, p["model.norm.weight"]) @ p[lm_head_name(cfg)].T
-
+# ------------------------------------------------------------------ forward vs the reference
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_forward_matches_naive_reference(name):
+def test_forward_matches_the_reference(name):
+    """minilars.reference is the specification: every forward form agrees with it."""
     cfg = named_config(name)
     model = Model.random(cfg, 1, np.float64)
     tokens, targets = _batch(cfg, B=2, T=9)
-    ref = _naive_logits(model, tokens)
+    ref = reference_logits(cfg, model.params, tokens)
     for opts in (StepOptions(attention="plain"), StepOptions(attention="tiled", tile=4)):
         assert rel_err(forward_logits(model, tokens, opts), ref) < 1e-12
     # the loss the training step reports is the mean over kept rows of -log softmax
@@ -277,3 +244,62 @@ def test_tokens_must_be_2d_and_nonempty(tiny_model):
 def test_bad_step_options(kw, msg):
     with pytest.raises(ValueError, match=msg):
         StepOptions(**kw)
+
+
+# ------------------------------------------------------------------ the saved set is the declared set
+
+class RecordingLedger(Ledger):
+    """A ledger that remembers every keep: (layer, op, name) -> id of the owning buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.kept = {}
+
+    def keep(self, layer, op, name, array, category="activations", why=""):
+        if category == "activations":
+            self.kept[(layer, op, name)] = id(owning_buffer(array))
+        return super().keep(layer, op, name, array, category, why)
+
+
+SAVED_SET_CASES = [("tiny", "full", None), ("tiny-qwen2", "full", None),
+                   ("tiny", "lora", dict(rank=3)), ("tiny-qwen2", "ia3", {}),
+                   ("tiny", "lars", dict(block=16)), ("tiny-qwen2", "lars", dict(block=8, save="keep")),
+                   ("tiny", "ia3", dict(targets="all-linear", feedforward="gate_proj,down_proj"))]
+
+
+@pytest.mark.parametrize("name, method, settings", SAVED_SET_CASES,
+                         ids=[f"{n}-{m}-{i}" for i, (n, m, _) in enumerate(SAVED_SET_CASES)])
+@pytest.mark.parametrize("opts", [StepOptions(policy="none", tile=4),
+                                  StepOptions(policy="layer", attention="plain")],
+                         ids=["none-tiled", "layer-plain"])
+def test_every_block_keeps_exactly_what_it_declares(name, method, settings, opts):
+    """Per layer, the tensors a real step keeps are the declared ones (no more, no fewer);
+    tensors declared with one buffer name share one buffer, different names never do; and
+    the ledger's bytes are the declaration's bytes."""
+    cfg = named_config(name)
+    model = Model.random(cfg, 0, np.float32)
+    if method == "full":
+        model.train_all()
+    else:
+        attach(model, adapter_for(method, **settings))
+    tokens, targets = _batch(cfg, B=2, T=9)
+    B, T = tokens.shape
+    ledger = RecordingLedger()
+    forward_backward(model, tokens, targets, zero_grads(model), opts, ledger)
+    layer_sets = [(-1, step_saved(model, B, T))]
+    for i in range(cfg.num_hidden_layers):
+        declared = dict(block_saved(model, i, B, T, opts))
+        if opts.policy == "layer":
+            declared.update(checkpoint_saved(model, B, T))
+        layer_sets.append((i, declared))
+    for layer, declared in layer_sets:
+        kept = {(op, n): bid for (l, op, n), bid in ledger.kept.items() if l == layer}
+        assert set(kept) == set(declared), (layer, set(kept) ^ set(declared))
+        by_name = {}
+        for key, spec in declared.items():
+            by_name.setdefault(spec.buffer, set()).add(kept[key])
+        assert all(len(ids) == 1 for ids in by_name.values()), (layer, by_name)
+        assert len({next(iter(ids)) for ids in by_name.values()}) == len(by_name), layer
+    if opts.policy == "none":     # at the end of the forward every block's set is alive
+        assert ledger.max_by_category["activations"] == sum(
+            declared_bytes(d.values()) for _, d in layer_sets)

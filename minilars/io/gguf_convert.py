@@ -37,6 +37,7 @@ import re
 import sys
 
 import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from minilars.config import ModelConfig
 from minilars.io.atomic import atomic_dir, sha256_of_file
@@ -196,7 +197,6 @@ def build_tokenizer(fields: dict, path: str = "gguf"):
     tokenizer.json): every digit split on its own, then the GPT-2 regex with byte-level
     mapping and no prefix space. CONTROL tokens become special added tokens (so
     '<|im_start|>' in text is one id), USER_DEFINED tokens non-special added tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     model = fields.get("tokenizer.ggml.model")
     if model != "gpt2":
         raise GGUFConvertError(f"{path}: tokenizer.ggml.model is {model!r}; minilars rebuilds "

@@ -27,6 +27,8 @@ import os
 import warnings
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from minilars.io.atomic import atomic_dir, atomic_path, write_text
 from minilars.config import ModelConfig
@@ -67,7 +69,6 @@ def save_safetensors_atomic(path: str, tensors: dict[str, np.ndarray],
                             metadata: dict[str, str] | None = None) -> None:
     """Writes `tensors` (float64/32/16 arrays) to a safetensors file, atomically.
     metadata defaults to {"format": "pt"}, which transformers requires to load the file."""
-    from safetensors.numpy import save_file
     arrays = {}
     for name, array in tensors.items():
         array = np.asarray(array)
@@ -165,7 +166,6 @@ def _copy_tensor(path: str, entry: dict, data_start: int, dtype) -> np.ndarray:
 def load_safetensors(path: str, names=None) -> dict[str, np.ndarray]:
     """All (or the named) tensors of one safetensors file, after checking its header.
     F64/F32/F16 keep their dtype; BF16 is returned as float32 (exact)."""
-    from safetensors import safe_open
     entries, _, data_start = read_safetensors_header(path)
     wanted = list(entries) if names is None else list(names)
     out = {}

@@ -31,6 +31,8 @@ import json
 import os
 import re
 
+from tokenizers import Tokenizer as Backend
+
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 # the default system message inside a ChatML template such as SmolLM2's
@@ -74,7 +76,6 @@ class Tokenizer:
     def from_folder(cls, folder: str) -> "Tokenizer":
         """Reads FOLDER/tokenizer.json and, when present, tokenizer_config.json (special
         tokens, chat template), generation_config.json and config.json (bos/eos ids)."""
-        from tokenizers import Tokenizer as Backend
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.exists(path):
             raise TokenizerError(f"{folder}: no tokenizer.json found")
