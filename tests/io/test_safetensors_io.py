@@ -150,7 +150,7 @@ def test_interrupted_save_leaves_no_folder(tmp_path, monkeypatch):
     def failing_save_file(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("safetensors.numpy.save_file", failing_save_file)
+    monkeypatch.setattr("minilars.io.safetensors_io.save_file", failing_save_file)
     with pytest.raises(KeyboardInterrupt):
         save_model(str(tmp_path / "m"), cfg, params)
     assert os.listdir(tmp_path) == []
