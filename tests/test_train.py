@@ -5,6 +5,8 @@ import os
 import numpy as np
 import pytest
 
+from minilars.adapters import IA3, LARS
+from minilars.cli import main
 from minilars.examples import Example, batch_indices, encode_prompt_completion, make_batch
 from minilars.io.tokenizer import Tokenizer
 from minilars.ops.loss import IGNORE
@@ -128,9 +130,35 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, data_file, tm
 
 
 def test_train_cli_errors_are_clear(folder, tmp_path, capsys):
-    from minilars.cli import main
     assert main(["train", "--model", folder, "--method", "lora", "--out", str(tmp_path / "r")]) != 0
     assert "exactly one of --task" in capsys.readouterr().err
     assert main(["train", "--model", folder, "--data", str(tmp_path / "missing.jsonl"),
                  "--out", str(tmp_path / "r2")]) != 0
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_one_frozen_dtype_rule_for_every_command(folder, tmp_path, capsys):
+    """Full fine-tuning with --frozen-dtype is refused by train and memory alike (train
+    used to ignore it silently), before anything is loaded."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a b c d e f g"}\n')
+    for argv in (["train", "--model", folder, "--method", "full", "--data", str(data),
+                  "--frozen-dtype", "float16", "--out", str(tmp_path / "r")],
+                 ["memory", "--arch", "tiny", "--method", "full", "--frozen-dtype", "float16",
+                  "--seq", "16"]):
+        assert main(argv) == 1
+        assert "--frozen-dtype float16 applies to adapter methods" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_run_json_round_trips_the_adapter_settings(folder, tmp_path):
+    """run.json holds the adapter's settings as a dict, and TrainOptions rebuilds the same
+    adapter from it (what --resume reads)."""
+    opts = TrainOptions(model=folder, method="lars", data="x.jsonl",
+                        adapter=LARS(rank=3, block=16, train_alpha=False, targets="q_proj,v_proj"))
+    saved = json.loads(json.dumps(opts.to_json()))
+    assert saved["adapter"]["targets"] == ["q_proj", "v_proj"]
+    again = TrainOptions(**saved)
+    assert again.adapter == opts.adapter and again == opts
+    assert TrainOptions(model=folder, method="ia3", data="x.jsonl").adapter == IA3()
+    assert TrainOptions(model=folder, method="full", data="x.jsonl").adapter is None
