@@ -1,20 +1,60 @@
 """How frozen weight matrices may be stored, and the one rule about it.
 
 A frozen matrix (an embedding or a linear's weight that does not train) may be held in a
-narrower dtype than the compute dtype; activations, norms, biases and everything that
-trains stay in the compute dtype. Full fine-tuning trains every weight, so it has no
-frozen matrices to narrow: asking for both is refused, by train, memory and every other
-command alike.
+narrower form than the compute dtype; activations, norms, biases and everything that
+trains stay in the compute dtype. The forms:
+
+    float16                NumPy float16 (out, in)
+    bfloat16               Packed("bf16"): the top 16 bits of each float32, uint16 (out, in)
+    q8_0, q4_0, q4_1       Packed(fmt): GGUF blocks, uint8 (out, in/32 * block bytes)
+                           (minilars.quant: layout, llama.cpp's quantizer, dequantization)
+
+A Packed matrix is never expanded whole: the C kernels dequantize it a tile at a time
+inside the matmul (minilars.kernels), and the ledger counts its real bytes. Full
+fine-tuning trains every weight, so it has no frozen matrices to narrow: asking for both
+is refused, by train, memory and every other command alike.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-FROZEN_DTYPES = {"float16": np.float16}
+from minilars import quant
+
+FROZEN_DTYPES = ("float16", "bfloat16") + quant.FORMATS
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A frozen (out, in) matrix in a form NumPy has no dtype for: bfloat16 bits ("bf16")
+    or GGUF blocks ("q8_0", "q4_0", "q4_1"). data holds the bytes, one row per row of W."""
+    format: str
+    shape: tuple
+    data: np.ndarray
+
+    def __post_init__(self):
+        out_features, in_features = self.shape
+        want = ((out_features, in_features), np.uint16) if self.format == "bf16" else \
+            ((out_features, quant.row_bytes(self.format, in_features)), np.uint8)
+        if self.data.shape != want[0] or self.data.dtype != want[1]:
+            raise ValueError(f"a {self.format} matrix of shape {self.shape} holds {want[1].__name__} "
+                             f"{want[0]}, got {self.data.dtype} {self.data.shape}")
+
+    ndim = 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    def rows(self, index) -> "Packed":
+        """The rows `index` (a slice or an integer array) as a Packed of their own."""
+        data = self.data[index]
+        return Packed(self.format, (data.shape[0], self.shape[1]), np.ascontiguousarray(data))
 
 
 def parse_frozen_dtype(name: str | None) -> str | None:
-    """A frozen-dtype name (None: the compute dtype); unknown names are refused."""
+    """A frozen-dtype name (None: as stored); unknown names are refused."""
     if name is None or name in FROZEN_DTYPES:
         return name
     raise ValueError(f"unknown frozen dtype {name!r}; expected one of {', '.join(FROZEN_DTYPES)}")
@@ -25,19 +65,58 @@ def check_frozen_dtype(method: str, name: str | None) -> None:
     parse_frozen_dtype(name)
     if name is not None and method == "full":
         raise ValueError(f"--frozen-dtype {name} applies to adapter methods: full fine-tuning "
-                         "trains every weight, so none is frozen")
+                         "trains every weight, so none is frozen (and trained weights are float)")
 
 
-def frozen_numpy_dtype(name: str | None):
-    """The NumPy dtype a frozen matrix is held in, or None for the compute dtype."""
-    return None if name is None else FROZEN_DTYPES[parse_frozen_dtype(name)]
+def bf16_bits(W: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounding to nearest, ties to even; NaN stays a
+    (quiet) NaN, overflow rounds to infinity as IEEE rounding does."""
+    f32 = np.asarray(W, dtype=np.float32)
+    bits = f32.view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(f32)
+    if nan.any():
+        rounded[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)
+    return rounded
+
+
+def bf16_values(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32, exactly (the bits are the top half)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def freeze(W: np.ndarray, name: str):
+    """A float (out, in) matrix in frozen form `name` (see FROZEN_DTYPES)."""
+    parse_frozen_dtype(name)
+    if name == "float16":
+        return np.asarray(W).astype(np.float16)
+    if name == "bfloat16":
+        return Packed("bf16", W.shape, bf16_bits(W))
+    return Packed(name, W.shape, quant.quantize(W, name))
+
+
+def to_float(W, dtype=np.float32) -> np.ndarray:
+    """A frozen matrix expanded whole to `dtype`: for merging, plain references and tests,
+    never for a training step."""
+    if isinstance(W, np.ndarray):
+        return W.astype(dtype, copy=False)
+    if W.format == "bf16":
+        return bf16_values(W.data).astype(dtype, copy=False)
+    return quant.dequantize(W.data, W.format, W.shape[1]).astype(dtype, copy=False)
+
+
+def storage(W) -> np.ndarray:
+    """The array that holds a parameter's bytes (what the ledger counts)."""
+    return W if isinstance(W, np.ndarray) else W.data
 
 
 def freeze_matrices(params: dict, trainable, name: str | None) -> None:
-    """Narrow every 2-D parameter that does not train to the frozen dtype, in place."""
-    dtype = frozen_numpy_dtype(name)
-    if dtype is None:
+    """Put every 2-D parameter that does not train into frozen form `name`, in place."""
+    if name is None:
         return
     for key, array in params.items():
         if array.ndim == 2 and key not in trainable:
-            params[key] = array.astype(dtype)
+            try:
+                params[key] = freeze(array, name)
+            except quant.QuantError as e:
+                raise ValueError(f"{key}: {e}") from None

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from minilars.frozen import storage
+
 CATEGORIES = ("frozen", "trainable", "gradients", "optimizer", "activations")
 
 
@@ -144,10 +146,11 @@ def mib(nbytes: float) -> float:
 
 
 def register_params(model, ledger: Ledger) -> None:
-    """Every parameter into the ledger: "trainable" if it trains, else "frozen"."""
+    """Every parameter into the ledger at the bytes it is held in (float16, GGUF blocks,
+    ...): "trainable" if it trains, else "frozen"."""
     for name, array in model.params.items():
         category = "trainable" if name in model.trainable else "frozen"
-        ledger.keep(-1, "param", name, array, category=category)
+        ledger.keep(-1, "param", name, storage(array), category=category)
 
 
 def peak_rss_bytes() -> int:

@@ -28,7 +28,7 @@ from minilars.adapters import (ADAPTERS, METHODS, adapter_tensor_names, attach,
                                trainable_report)
 from minilars.data.tasks import eval_split, load_task
 from minilars.examples import batch_indices, encode_rows, make_batch, read_jsonl
-from minilars.frozen import check_frozen_dtype, frozen_numpy_dtype
+from minilars.frozen import check_frozen_dtype
 from minilars.io.atomic import atomic_dir, write_json, write_text
 from minilars.io.peft import PREFIX, load_adapter, save_adapter
 from minilars.io.safetensors_io import (load_model, load_safetensors, save_model,
@@ -106,7 +106,7 @@ def learning_rate(opts: TrainOptions, step: int) -> float:
 def load_base(folder: str, frozen_dtype: str | None = None, dtype=np.float32):
     """(Model, Tokenizer) from an HF folder; frozen_dtype names how the weight matrices
     are held (minilars.frozen)."""
-    cfg, params = load_model(folder, dtype=dtype, frozen_dtype=frozen_numpy_dtype(frozen_dtype))
+    cfg, params = load_model(folder, dtype=dtype, frozen_dtype=frozen_dtype)
     return Model(cfg, params, dtype=dtype), Tokenizer.from_folder(folder)
 
 

@@ -30,8 +30,10 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from minilars.io.atomic import atomic_dir, atomic_path, write_text
 from minilars.config import ModelConfig
+from minilars.frozen import freeze
+from minilars.io.atomic import atomic_dir, atomic_path, write_text
+from minilars.quant import QuantError
 from minilars.params import config_mismatch, param_shapes
 
 SINGLE_FILE = "model.safetensors"
@@ -207,13 +209,14 @@ def _weight_files(folder: str) -> dict[str, list[str]]:
     raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} found")
 
 
-def load_model(folder: str, dtype=np.float32, frozen_dtype=None
+def load_model(folder: str, dtype=np.float32, frozen_dtype: str | None = None
                ) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Config and parameters of a Hugging Face model folder (one file or sharded).
 
     dtype: compute dtype of every parameter (float32, or float64 for gradient checks).
-    frozen_dtype: if given (e.g. np.float16), the 2-D weight matrices (embeddings and the
-    linears' weights; not norms or biases) are kept in that dtype to halve their memory.
+    frozen_dtype: if given (a name of minilars.frozen, e.g. "float16" or "q4_1"), the 2-D
+    weight matrices (embeddings and the linears' weights; not norms or biases) are held in
+    that form, converted one tensor at a time.
     Names and shapes are checked against param_shapes(cfg); every failure raises
     CheckpointError naming the file and tensor."""
     cfg = ModelConfig.from_json(os.path.join(folder, CONFIG_FILE))
@@ -252,11 +255,18 @@ def load_model(folder: str, dtype=np.float32, frozen_dtype=None
     params: dict[str, np.ndarray] = {}
     for name in param_shapes(cfg):
         path, entry, data_start = located[name]
-        target = frozen_dtype if (frozen_dtype is not None and len(entry["shape"]) == 2) else dtype
+        narrow = frozen_dtype is not None and len(entry["shape"]) == 2
+        target = np.float16 if narrow and frozen_dtype == "float16" else dtype
         try:
             params[name] = _copy_tensor(path, entry, data_start, target)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot read tensor {name!r} ({type(e).__name__}: {e})") from None
+        if narrow and frozen_dtype != "float16":
+            try:
+                params[name] = freeze(params[name], frozen_dtype)
+            except QuantError as e:
+                raise CheckpointError(f"{path}: tensor {name!r} cannot be held as "
+                                      f"{frozen_dtype}: {e}") from None
     return cfg, params
 
 

@@ -63,7 +63,7 @@ def test_float64_compute_dtype_and_float16_frozen_storage(tmp_path):
     folder, cfg, params = saved_tiny(tmp_path, "tiny-qwen2")
     _, p64 = load_model(folder, dtype=np.float64)
     assert all(v.dtype == np.float64 for v in p64.values())
-    _, p16 = load_model(folder, dtype=np.float32, frozen_dtype=np.float16)
+    _, p16 = load_model(folder, dtype=np.float32, frozen_dtype="float16")
     for k, v in p16.items():
         expected = np.float16 if params[k].ndim == 2 else np.float32
         assert v.dtype == expected, k
