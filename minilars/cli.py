@@ -15,7 +15,7 @@ import numpy as np
 import minilars
 from minilars import bench, evaluate, kernels
 from minilars.adapters import ADAPTERS, METHODS
-from minilars.config import ModelConfig, named_config
+from minilars.config import named_config
 from minilars.data import fetch as data_fetch
 from minilars.data.mmlu import GROUP_SUBJECTS
 from minilars.data.tasks import TASKS, DataError
@@ -23,6 +23,7 @@ from minilars.frozen import FROZEN_DTYPES
 from minilars.generate import generate
 from minilars.io.atomic import write_json
 from minilars.io.fetch import FetchError, fetch_smollm2
+from minilars.io.load import read_config
 from minilars.io.peft import load_adapter, save_merged
 from minilars.lab.experiment import CellError, ExperimentOptions, run_experiment, write_report
 from minilars.lab.memory_curve import format_compare, format_memory_run, memory_runs
@@ -101,7 +102,7 @@ def add_memory(sub) -> None:
     p = sub.add_parser("memory", help="memory curve: peak by category per sequence length")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--arch", default="smollm2-135m", help="built-in config (tiny, smollm2-135m)")
-    src.add_argument("--model", help="an HF folder (only its config.json is read)")
+    src.add_argument("--model", help="an HF folder or a GGUF file (only its config is read)")
     p.add_argument("--method", default=None,
                    help="full | lora | ia3 | lars (with --compare: a comma list; default all)")
     p.add_argument("--policy", type=_str_list, default=["none"], help="none, layer, or none,layer")
@@ -121,7 +122,7 @@ def add_memory(sub) -> None:
 
 
 def cmd_memory(args) -> int:
-    cfg = ModelConfig.from_json(args.model) if args.model else named_config(args.arch)
+    cfg = read_config(args.model) if args.model else named_config(args.arch)
     for T in args.seq:
         if T > cfg.max_position_embeddings:
             raise UsageError(f"--seq {T} exceeds max_position_embeddings "

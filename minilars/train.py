@@ -33,7 +33,7 @@ from minilars.io.atomic import atomic_dir, write_json, write_text
 from minilars.io.peft import PREFIX, load_adapter, save_adapter
 from minilars.io.safetensors_io import (load_model, load_safetensors, save_model,
                                         save_safetensors_atomic)
-from minilars.io.tokenizer import Tokenizer
+from minilars.io.load import load_params
 from minilars.memory import Ledger, mib, peak_rss_bytes, register_params
 from minilars.model import Model, StepOptions, forward_backward, forward_loss, zero_grads
 from minilars.optim import AdamW, clip_grad_norm
@@ -103,11 +103,12 @@ def learning_rate(opts: TrainOptions, step: int) -> float:
 
 # ------------------------------------------------------------------ model and data
 
-def load_base(folder: str, frozen_dtype: str | None = None, dtype=np.float32):
-    """(Model, Tokenizer) from an HF folder; frozen_dtype names how the weight matrices
-    are held (minilars.frozen)."""
-    cfg, params = load_model(folder, dtype=dtype, frozen_dtype=frozen_dtype)
-    return Model(cfg, params, dtype=dtype), Tokenizer.from_folder(folder)
+def load_base(path: str, frozen_dtype: str | None = None, dtype=np.float32,
+              expand: bool = False):
+    """(Model, Tokenizer) from an HF folder or a GGUF file; frozen_dtype names how the
+    weight matrices are held (minilars.frozen); expand=True holds them all in `dtype`."""
+    cfg, params, tok = load_params(path, dtype=dtype, frozen_dtype=frozen_dtype, expand=expand)
+    return Model(cfg, params, dtype=dtype), tok
 
 
 def training_rows(opts: TrainOptions) -> list[dict]:
@@ -205,7 +206,8 @@ class _Run:
 def _open_run(opts: TrainOptions, resume: bool, log) -> _Run:
     """Load the model and data, attach the method, build gradients and the optimizer, and
     start RUN_DIR (or continue it from its checkpoint)."""
-    model, tok = load_base(opts.model, frozen_dtype=opts.frozen_dtype)
+    model, tok = load_base(opts.model, frozen_dtype=opts.frozen_dtype,
+                           expand=opts.method == "full")
     attach_method(model, opts)
     examples = encode_rows(tok, training_rows(opts), opts.seq)
     if not examples:

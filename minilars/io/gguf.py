@@ -126,6 +126,15 @@ def _read_tensor_info(cur: _Cursor, path: str) -> tuple:
     return name, tuple(reversed(dims)), TENSOR_TYPES[type_id], offset
 
 
+def is_gguf(path: str) -> bool:
+    """True when `path` is a file that starts with the GGUF magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == MAGIC
+    except OSError:
+        return False
+
+
 def read_gguf(path: str) -> GGUFFile:
     """The metadata and tensor table of a GGUF file, checked (no tensor data is read)."""
     try:

