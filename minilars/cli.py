@@ -15,6 +15,7 @@ import numpy as np
 import minilars
 from minilars import bench, evaluate, kernels
 from minilars.adapters import ADAPTERS, METHODS
+from minilars.checkpoints import CHECKPOINT_STORES
 from minilars.config import named_config
 from minilars.data import fetch as data_fetch
 from minilars.data.mmlu import GROUP_SUBJECTS
@@ -82,6 +83,15 @@ def add_frozen_dtype(p: argparse.ArgumentParser) -> None:
                    help="hold frozen weight matrices in this dtype (adapter methods only)")
 
 
+def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoints", choices=CHECKPOINT_STORES, default="ram",
+                   help="where --policy layer keeps block inputs: ram (default), bf16 (half, "
+                        "approximate) or disk (a scratch file, exact)")
+    p.add_argument("--scratch-dir", default=None,
+                   help="folder of the disk store's scratch file (default: the run folder "
+                        "for train, else a temp dir)")
+
+
 def _load(args):
     """The base model (and its tokenizer) from --model, with --adapter loaded on it."""
     model, tok = load_base(args.model, frozen_dtype=getattr(args, "frozen_dtype", None))
@@ -111,6 +121,7 @@ def add_memory(sub) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", type=_compute_dtype, default=np.float32)
     add_frozen_dtype(p)
+    add_checkpoint_options(p)
     p.add_argument("--tile", type=int, default=128, help="attention tile")
     p.add_argument("--ce-chunk", type=int, default=128, help="rows of logits alive at once")
     p.add_argument("--seed", type=int, default=0)
@@ -139,7 +150,8 @@ def cmd_memory(args) -> int:
     results = memory_runs(cfg, [(m, adapter_from_args(args, m)) for m in methods], args.policy,
                           args.seq, batch=args.batch, seed=args.seed, dtype=args.dtype,
                           frozen_dtype=args.frozen_dtype, attention=args.attention,
-                          tile=args.tile, ce_chunk=args.ce_chunk, progress=progress)
+                          tile=args.tile, ce_chunk=args.ce_chunk, checkpoints=args.checkpoints,
+                          scratch_dir=args.scratch_dir, progress=progress)
     if args.json:
         print(json.dumps({"config": cfg.to_dict(), "seq": args.seq, "results": results}, indent=1))
     elif args.compare:
@@ -373,6 +385,7 @@ def add_train(sub) -> None:
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--max-examples", type=int, default=None)
     add_frozen_dtype(p)
+    add_checkpoint_options(p)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--resume", default=None, metavar="RUN_DIR")
     add_adapter_options(p)
@@ -402,6 +415,7 @@ def cmd_train(args) -> int:
                         policy=args.policy, attention=args.attention, seed=args.seed,
                         out=args.out, eval_every=args.eval_every, save_every=args.save_every,
                         max_examples=args.max_examples, frozen_dtype=args.frozen_dtype,
+                        checkpoints=args.checkpoints, scratch_dir=args.scratch_dir,
                         data_dir=args.data_dir, adapter=adapter_from_args(args, args.method))
     if os.path.exists(os.path.join(opts.out, "checkpoint")):
         raise UsageError(f"{opts.out} already holds a run; use --resume {opts.out} or another --out")

@@ -21,7 +21,8 @@ import numpy as np
 
 from minilars.frozen import storage
 
-CATEGORIES = ("frozen", "trainable", "gradients", "optimizer", "activations")
+RESIDENT = ("frozen", "trainable", "gradients", "optimizer", "activations")
+CATEGORIES = RESIDENT + ("disk",)       # disk: held in a scratch file, not in memory
 
 
 def owning_buffer(array: np.ndarray) -> np.ndarray:
@@ -88,6 +89,19 @@ class Ledger:
             self._update_peak()
         return array
 
+    def keep_on_disk(self, layer: int, op: str, name: str, shape: tuple, dtype, nbytes: int,
+                     why: str = "") -> None:
+        """Register bytes that wait in a scratch file: counted as "disk", never in the
+        resident total."""
+        key = (layer, op, name)
+        if key in self.entries:
+            self.release(layer, op, name)
+        self.entries[key] = Entry("disk", layer, op, name, tuple(shape), str(np.dtype(dtype)),
+                                  nbytes, id(key), why)
+        self.buffers[id(key)] = [None, 1, "disk"]
+        self.live["disk"] += nbytes
+        self._update_peak()
+
     def release(self, layer: int, op: str, name: str) -> None:
         entry = self.entries.pop((layer, op, name))
         slot = self.buffers[entry.buffer_id]
@@ -108,7 +122,7 @@ class Ledger:
         for c, v in self.live.items():
             if v > self.max_by_category[c]:
                 self.max_by_category[c] = v
-        total = sum(self.live.values())
+        total = sum(self.live[c] for c in RESIDENT)
         if total > self.peak_total:
             self.peak_total = total
             self.peak_by_category = dict(self.live)

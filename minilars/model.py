@@ -45,7 +45,8 @@ from minilars.ops.mlp import swiglu_backward, swiglu_forward, swiglu_saves
 from minilars.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward, rmsnorm_saves
 from minilars.ops.rope import rope_backward, rope_forward, rope_saves, rope_tables
 from minilars.params import init_params, linear_module, linear_shapes, lm_head_name
-from minilars.saved import Keep, Saved
+from minilars.checkpoints import CHECKPOINT_STORES, open_store, read_buffer_keep
+from minilars.saved import Saved
 
 POLICIES = ("none", "layer")
 ATTENTION_FORMS = ("plain", "tiled")
@@ -90,6 +91,8 @@ class StepOptions:
     loss: str = "chunked"         # plain | chunked
     tile: int = DEFAULT_TILE      # attention tile (queries and keys)
     ce_chunk: int = DEFAULT_CHUNK # rows of logits alive at once in the loss
+    checkpoints: str = "ram"      # where policy layer keeps block inputs: ram | bf16 | disk
+    scratch_dir: str | None = None  # the disk store's folder (default: a temp dir)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -100,6 +103,12 @@ class StepOptions:
             raise ValueError(f"unknown loss form {self.loss!r}; expected one of {LOSS_FORMS}")
         if self.tile < 1 or self.ce_chunk < 1:
             raise ValueError("tile and ce_chunk must be positive")
+        if self.checkpoints not in CHECKPOINT_STORES:
+            raise ValueError(f"unknown checkpoint store {self.checkpoints!r}; expected one of "
+                             f"{CHECKPOINT_STORES}")
+        if self.checkpoints != "ram" and self.policy != "layer":
+            raise ValueError(f"--checkpoints {self.checkpoints} stores the block inputs of "
+                             f"--policy layer; policy {self.policy!r} keeps none")
 
 
 @dataclass
@@ -175,21 +184,16 @@ def block_saved(model: Model, i: int, B: int, T: int, opts: StepOptions) -> dict
     return {(k.op, k.name): k for k in keeps}
 
 
-def checkpoint_saved(model: Model, B: int, T: int) -> dict:
-    """Policy "layer": all a block keeps until its backward is its input."""
-    keep = Keep("checkpoint", "block_input", (B, T, model.cfg.hidden_size), model.dtype,
-                "policy layer: the backward recomputes the block from its input",
-                buffer="h_in")
-    return {(keep.op, keep.name): keep}
-
-
-def step_saved(model: Model, B: int, T: int) -> dict:
+def step_saved(model: Model, B: int, T: int, opts: StepOptions) -> dict:
     """What the step keeps outside the blocks (layer -1): the rope tables, the final
-    norm's input and rstd, and the loss gradient waiting for the backward."""
+    norm's input and rstd, the loss gradient waiting for the backward, and the disk
+    checkpoint store's read-back buffer."""
     cfg, dt = model.cfg, model.dtype
     keeps = [*rope_saves(T, cfg.head_dim, dt),
              *rmsnorm_saves("final_norm", "h_final", (B, T, cfg.hidden_size), dt),
              *loss_saves(B * T, cfg.hidden_size, dt)]
+    if opts.policy == "layer" and opts.checkpoints == "disk":
+        keeps.append(read_buffer_keep((B, T, cfg.hidden_size), dt))
     return {(k.op, k.name): k for k in keeps}
 
 
@@ -415,6 +419,7 @@ class _Step:
     rope: Rope = None
     outer: Saved = None                                  # layer -1: rope, final norm, loss
     saveds: dict = field(default_factory=dict)           # layer -> its Saved
+    store: object = None                                 # policy layer: the checkpoint store
 
     def block_store(self, i: int) -> Saved:
         return Saved(self.ledger, i, block_saved(self.model, i, self.B, self.T, self.opts),
@@ -435,8 +440,7 @@ def _forward_blocks(step: _Step, h: np.ndarray, lowest: int) -> np.ndarray:
             h = block_forward(model, i, h, step.rope, step.saveds[i], opts)
             continue
         if i >= lowest:                          # policy "layer": keep only the block input
-            step.saveds[i] = Saved(step.ledger, i, checkpoint_saved(model, step.B, step.T))
-            step.saveds[i].keep("checkpoint", "block_input", h)
+            step.store.put(i, h)
         h = block_forward(model, i, h, step.rope, passing, opts)
     return h
 
@@ -485,12 +489,9 @@ def _backward_blocks(step: _Step, dh: np.ndarray, grads: dict, lowest: int,
     model, opts = step.model, step.opts
     for i in reversed(range(lowest, model.cfg.num_hidden_layers)):
         if opts.policy == "layer":
-            checkpoint = step.saveds.pop(i)
             step.saveds[i] = step.block_store(i)
-            block_forward(model, i, checkpoint.get("checkpoint", "block_input"), step.rope,
-                          step.saveds[i], opts)                                   # recompute
-            checkpoint.release("checkpoint")
-            del checkpoint
+            block_forward(model, i, step.store.take(i), step.rope, step.saveds[i], opts)  # recompute
+            step.store.release(i)
         need_dx = i > lowest or embedding_trains
         dh = block_backward(model, i, dh, step.rope, step.saveds.pop(i), grads, opts, need_dx)
     return dh
@@ -507,21 +508,27 @@ def forward_backward(model: Model, tokens: np.ndarray, targets: np.ndarray,
     tokens = check_inputs(cfg, tokens, targets)
     B, T = tokens.shape
     step = _Step(model, opts, ledger if ledger is not None else Ledger(), dropout_key, B, T)
-    step.outer = Saved(step.ledger, -1, step_saved(model, B, T), dropout_key=dropout_key)
+    step.outer = Saved(step.ledger, -1, step_saved(model, B, T, opts), dropout_key=dropout_key)
     step.rope = Rope(*rope_tables(T, cfg.head_dim, cfg.rope_theta, model.dtype))
     step.outer.keep("rope", "cos", step.rope.cos)
     step.outer.keep("rope", "sin", step.rope.sin)
     lowest = lowest_trainable_layer(model)
-
-    h = embedding_forward(tokens, p["model.embed_tokens.weight"], model.dtype)   # (B, T, C)
-    h = _forward_blocks(step, h, lowest)
-    loss, dh = _loss_forward_backward(step, h, np.asarray(targets), grads)
-    del h
-    embedding_trains = "model.embed_tokens.weight" in model.trainable
-    dh = _backward_blocks(step, dh, grads, lowest, embedding_trains)
-    if embedding_trains:
-        embedding_backward(dh, tokens, grads["model.embed_tokens.weight"])
-    del dh
+    if opts.policy == "layer":
+        step.store = open_store(opts.checkpoints, step.ledger, (B, T, cfg.hidden_size),
+                                model.dtype, opts.scratch_dir, step.outer)
+    try:
+        h = embedding_forward(tokens, p["model.embed_tokens.weight"], model.dtype)  # (B, T, C)
+        h = _forward_blocks(step, h, lowest)
+        loss, dh = _loss_forward_backward(step, h, np.asarray(targets), grads)
+        del h
+        embedding_trains = "model.embed_tokens.weight" in model.trainable
+        dh = _backward_blocks(step, dh, grads, lowest, embedding_trains)
+        if embedding_trains:
+            embedding_backward(dh, tokens, grads["model.embed_tokens.weight"])
+        del dh
+    finally:
+        if step.store is not None:
+            step.store.close()                   # the disk store's file goes, whatever happened
     step.outer.release("rope")
     return loss
 

@@ -27,13 +27,15 @@ from minilars.memory import Ledger
 class Keep:
     """One tensor an op keeps for its backward.
     buffer: the name of the memory it lives in. Keeps with the same buffer name share
-    bytes (a view, or one array kept under two names); by default each has its own."""
+    bytes (a view, or one array kept under two names); by default each has its own.
+    category: "activations" (in memory), or "disk" (waiting in a scratch file)."""
     op: str
     name: str
     shape: tuple
     dtype: str
     why: str
     buffer: str = ""
+    category: str = "activations"
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -47,9 +49,12 @@ class Keep:
 
 
 def declared_bytes(keeps) -> int:
-    """Bytes of the distinct buffers behind `keeps` (a shared buffer counts once)."""
+    """Resident bytes of the distinct buffers behind `keeps` (a shared buffer counts once;
+    what waits on disk does not count)."""
     sizes = {}
     for k in keeps:
+        if k.category != "activations":
+            continue
         sizes[k.buffer] = max(sizes.get(k.buffer, 0), k.nbytes)
     return sum(sizes.values())
 

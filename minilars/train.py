@@ -61,7 +61,9 @@ class TrainOptions:
     eval_examples: int = 32
     save_every: int = 50
     max_examples: int | None = None         # cap on training rows (after a seeded shuffle)
-    frozen_dtype: str | None = None         # "float16" to halve frozen weight memory
+    frozen_dtype: str | None = None         # frozen matrices as float16, bfloat16, q8_0, q4_1 ...
+    checkpoints: str = "ram"                # policy layer's block inputs: ram | bf16 | disk
+    scratch_dir: str | None = None          # the disk store's folder (default: the run folder)
     data_dir: str = "data"
     adapter: object = None                  # the adapter's settings (LoRA(...), ...); None: defaults
 
@@ -76,6 +78,10 @@ class TrainOptions:
         """run.json: every option, the adapter's settings as a dict."""
         return dataclasses.asdict(self)
 
+    def step_options(self) -> StepOptions:
+        return StepOptions(policy=self.policy, attention=self.attention,
+                           checkpoints=self.checkpoints, scratch_dir=self.scratch_dir or self.out)
+
     def validate(self):
         if (self.task is None) == (self.data is None):
             raise ValueError("give exactly one of --task NAME or --data FILE.jsonl")
@@ -84,7 +90,7 @@ class TrainOptions:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
-        StepOptions(policy=self.policy, attention=self.attention)
+        self.step_options()
         check_frozen_dtype(self.method, self.frozen_dtype)
 
 
@@ -215,7 +221,7 @@ def _open_run(opts: TrainOptions, resume: bool, log) -> _Run:
     ledger = Ledger()
     register_params(model, ledger)
     grads = zero_grads(model, ledger)
-    run = _Run(opts, model, StepOptions(policy=opts.policy, attention=opts.attention), examples,
+    run = _Run(opts, model, opts.step_options(), examples,
                encode_rows(tok, eval_rows(opts), opts.seq),
                tok.eos_id if tok.eos_id is not None else 0, ledger, grads,
                AdamW(lr=opts.lr, weight_decay=opts.weight_decay))

@@ -17,9 +17,10 @@ import pytest
 from minilars.adapters import adapter_for, attach
 from minilars.config import named_config
 from minilars.memory import Ledger, owning_buffer
-from minilars.model import (IGNORE, Model, StepOptions, block_saved, checkpoint_saved,
-                            forward_backward, forward_logits, forward_loss, next_token_targets,
-                            step_saved, zero_grads)
+from minilars.checkpoints import checkpoint_keep
+from minilars.model import (IGNORE, Model, StepOptions, block_saved, forward_backward,
+                            forward_logits, forward_loss, next_token_targets, step_saved,
+                            zero_grads)
 from minilars.optim import AdamW, clip_grad_norm
 from minilars.params import param_shapes
 from minilars.reference import reference_logits
@@ -249,16 +250,23 @@ def test_bad_step_options(kw, msg):
 # ------------------------------------------------------------------ the saved set is the declared set
 
 class RecordingLedger(Ledger):
-    """A ledger that remembers every keep: (layer, op, name) -> id of the owning buffer."""
+    """A ledger that remembers every keep: (layer, op, name) -> id of the owning buffer.
+    It holds the buffers too, so no id is reused by a later allocation."""
 
     def __init__(self):
         super().__init__()
-        self.kept = {}
+        self.kept, self.held = {}, []
 
     def keep(self, layer, op, name, array, category="activations", why=""):
         if category == "activations":
             self.kept[(layer, op, name)] = id(owning_buffer(array))
+            self.held.append(owning_buffer(array))
         return super().keep(layer, op, name, array, category, why)
+
+    def keep_on_disk(self, layer, op, name, *args, **kwargs):
+        self.held.append(object())                  # in the file: a buffer of its own
+        self.kept[(layer, op, name)] = id(self.held[-1])
+        return super().keep_on_disk(layer, op, name, *args, **kwargs)
 
 
 SAVED_SET_CASES = [("tiny", "full", None), ("tiny-qwen2", "full", None),
@@ -270,8 +278,10 @@ SAVED_SET_CASES = [("tiny", "full", None), ("tiny-qwen2", "full", None),
 @pytest.mark.parametrize("name, method, settings", SAVED_SET_CASES,
                          ids=[f"{n}-{m}-{i}" for i, (n, m, _) in enumerate(SAVED_SET_CASES)])
 @pytest.mark.parametrize("opts", [StepOptions(policy="none", tile=4),
-                                  StepOptions(policy="layer", attention="plain")],
-                         ids=["none-tiled", "layer-plain"])
+                                  StepOptions(policy="layer", attention="plain"),
+                                  StepOptions(policy="layer", checkpoints="bf16"),
+                                  StepOptions(policy="layer", checkpoints="disk")],
+                         ids=["none-tiled", "layer-plain", "layer-bf16", "layer-disk"])
 def test_every_block_keeps_exactly_what_it_declares(name, method, settings, opts):
     """Per layer, the tensors a real step keeps are the declared ones (no more, no fewer);
     tensors declared with one buffer name share one buffer, different names never do; and
@@ -286,11 +296,12 @@ def test_every_block_keeps_exactly_what_it_declares(name, method, settings, opts
     B, T = tokens.shape
     ledger = RecordingLedger()
     forward_backward(model, tokens, targets, zero_grads(model), opts, ledger)
-    layer_sets = [(-1, step_saved(model, B, T))]
+    layer_sets = [(-1, step_saved(model, B, T, opts))]
     for i in range(cfg.num_hidden_layers):
         declared = dict(block_saved(model, i, B, T, opts))
         if opts.policy == "layer":
-            declared.update(checkpoint_saved(model, B, T))
+            keep = checkpoint_keep(opts.checkpoints, (B, T, cfg.hidden_size), model.dtype)
+            declared[(keep.op, keep.name)] = keep
         layer_sets.append((i, declared))
     for layer, declared in layer_sets:
         kept = {(op, n): bid for (l, op, n), bid in ledger.kept.items() if l == layer}

@@ -113,14 +113,18 @@ def format_rows(rows: list[dict], title: str) -> str:
 def memory_runs(cfg: ModelConfig, methods: list, policies: list[str], seqs: list[int],
                 batch: int = 1, seed: int = 0, dtype=np.float32, frozen_dtype: str | None = None,
                 attention: str = "tiled", tile: int = 128, ce_chunk: int = 128,
+                checkpoints: str = "ram", scratch_dir: str | None = None,
                 progress=None) -> list[dict]:
     """`minilars memory`: for each (method, adapter settings) of `methods` and each
     policy, a fresh model and one measured step per length, traced from before the model
-    is built (so traced figures include the weights)."""
+    is built (so traced figures include the weights). `checkpoints` is where policy
+    layer keeps its block inputs (policy none keeps none)."""
     results = []
     for method, adapter in methods:
         for policy in policies:
-            opts = StepOptions(policy=policy, attention=attention, tile=tile, ce_chunk=ce_chunk)
+            opts = StepOptions(policy=policy, attention=attention, tile=tile, ce_chunk=ce_chunk,
+                               checkpoints=checkpoints if policy == "layer" else "ram",
+                               scratch_dir=scratch_dir)
             tracemalloc.start()
             model = build_model(cfg, method, seed=seed, dtype=dtype, frozen_dtype=frozen_dtype,
                                 adapter=adapter)
@@ -129,6 +133,7 @@ def memory_runs(cfg: ModelConfig, methods: list, policies: list[str], seqs: list
             for r in rows:
                 r["per_op"] = [{**o, "shape": list(o["shape"])} for o in r["per_op"]]
             results.append({"method": method, "policy": policy, "attention": attention,
+                            "checkpoints": opts.checkpoints, "frozen_dtype": frozen_dtype,
                             "trainable_params": sum(model.params[n].size for n in model.trainable),
                             "base_params": model.base_param_count(),
                             "saved_bytes_per_token": slope_per_token(rows),
