@@ -105,6 +105,14 @@ def to_float(W, dtype=np.float32) -> np.ndarray:
     return quant.dequantize(W.data, W.format, W.shape[1]).astype(dtype, copy=False)
 
 
+def rows_to_float(W, index: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Rows `index` (1-D ints) of a frozen matrix, expanded to `dtype`: (len(index), in).
+    Only those rows are dequantized (an embedding lookup)."""
+    if isinstance(W, np.ndarray):
+        return W[index].astype(dtype, copy=False)
+    return to_float(W.rows(index), dtype)
+
+
 def storage(W) -> np.ndarray:
     """The array that holds a parameter's bytes (what the ledger counts)."""
     return W if isinstance(W, np.ndarray) else W.data

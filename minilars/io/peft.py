@@ -18,6 +18,7 @@ import json
 import os
 
 from minilars.adapters import ADAPTERS, AdapterError, Site, adapter_tensor_names, attach
+from minilars.frozen import to_float
 from minilars.io.atomic import write_json
 from minilars.io.safetensors_io import (CheckpointError, load_safetensors, save_model,
                                         save_safetensors_atomic)
@@ -141,7 +142,7 @@ def merged_params(model) -> dict:
     out = {n: v for n, v in model.params.items() if n not in adapter_names}
     for i, linear in sorted(model.adapted):
         module = linear_module(i, linear)
-        W = model.params[module + ".weight"].astype(model.dtype)
+        W = to_float(model.params[module + ".weight"], model.dtype)
         site = Site(i, linear, module, W, model.params.get(module + ".bias"),
                     {s: model.params[f"{module}.{s}"] for s in model.adapter.tensors})
         out[module + ".weight"], b = model.adapter.merge(site)

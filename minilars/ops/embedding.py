@@ -6,6 +6,8 @@ Saves for backward: the token ids only (B*T integers); E is a parameter, not a s
 """
 import numpy as np
 
+from minilars.frozen import rows_to_float
+
 
 def check_tokens(tokens: np.ndarray, vocab_size: int) -> None:
     """Token ids must be integers in [0, vocab_size): a clear error instead of an IndexError
@@ -18,10 +20,13 @@ def check_tokens(tokens: np.ndarray, vocab_size: int) -> None:
                          f"{vocab_size} (valid ids are 0..{vocab_size - 1})")
 
 
-def embedding_forward(tokens: np.ndarray, E: np.ndarray, dtype=None) -> np.ndarray:
-    """(B, T) ids -> (B, T, C) rows of E (a copy, in `dtype` if E is stored in float16)."""
-    h = E[tokens]
-    return h if dtype is None or h.dtype == dtype else h.astype(dtype)
+def embedding_forward(tokens: np.ndarray, E, dtype=None) -> np.ndarray:
+    """(B, T) ids -> (B, T, C) rows of E in `dtype` (default: E's own float dtype): a copy,
+    whatever form E is held in (float, float16, or a Packed matrix, of which only the rows
+    asked for are expanded)."""
+    B, T = tokens.shape
+    dtype = dtype or (E.dtype if isinstance(E, np.ndarray) else np.float32)
+    return rows_to_float(E, tokens.reshape(-1), dtype).reshape(B, T, E.shape[1])
 
 
 def embedding_backward(dh: np.ndarray, tokens: np.ndarray, dE: np.ndarray) -> None:

@@ -16,6 +16,7 @@ Targets are aligned with positions: targets[t] is the token that position t must
 """
 import numpy as np
 
+from minilars.frozen import to_float
 from minilars.saved import Keep
 
 IGNORE = -100
@@ -51,9 +52,11 @@ def count_targets(targets: np.ndarray, vocab_size: int) -> int:
 
 
 def cross_entropy_plain(x, W, targets, need_dx=True, need_dW=False):
-    """Reference: materialises the (N, V) logits. Returns (loss, dx, dW)."""
+    """Reference: materialises the (N, V) logits (and W in x's dtype, whatever form it is
+    held in). Returns (loss, dx, dW)."""
     n = count_targets(targets, W.shape[0])
-    logits = x @ W.T.astype(x.dtype, copy=False)                       # (N, V)
+    W = to_float(W, x.dtype)
+    logits = x @ W.T                                                   # (N, V)
     kept = targets != IGNORE
     rows = np.nonzero(kept)[0]
     lse = logsumexp(logits)
@@ -62,7 +65,7 @@ def cross_entropy_plain(x, W, targets, need_dx=True, need_dW=False):
     dlogits[rows, targets[rows]] -= 1.0
     dlogits[~kept] = 0.0
     dlogits /= n
-    dx = dlogits @ W.astype(x.dtype, copy=False) if need_dx else None
+    dx = dlogits @ W if need_dx else None
     dW = dlogits.T @ x if need_dW else None
     return loss, dx, dW
 
