@@ -12,6 +12,7 @@ files and the command line ever call:
                                           suffixes of its tensors ("lora_A.weight", ...)
     targets                               the linears it adapts (a per-adapter default)
     init(linear, out, in, rng, dtype)     {suffix: new array} for one linear
+    shapes(linear, out, in)               {suffix: shape} of those tensors (no allocation)
     trains(suffix)                        whether that tensor trains
     saves(linear, x_buffer, x_shape, out, dtype)   what its forward keeps: [Keep]
     forward(site, x, saved) -> y          keeps into `saved` what backward needs

@@ -51,10 +51,13 @@ class IA3:
                                    f"targets")
 
     # ---- tensors
+    def shapes(self, linear: str, out_features: int, in_features: int) -> dict:
+        """(1, in) for an input-scaled linear, (out, 1) for an output-scaled one."""
+        return {"ia3_l": (1, in_features) if linear in self.feedforward else (out_features, 1)}
+
     def init(self, linear: str, out_features: int, in_features: int, rng, dtype) -> dict:
-        """l = ones: (1, in) for an input-scaled linear, (out, 1) for an output-scaled one."""
-        shape = (1, in_features) if linear in self.feedforward else (out_features, 1)
-        return {"ia3_l": np.ones(shape, dtype=dtype)}
+        """l = ones."""
+        return {"ia3_l": np.ones(self.shapes(linear, out_features, in_features)["ia3_l"], dtype=dtype)}
 
     def trains(self, suffix: str) -> bool:
         return True

@@ -68,15 +68,20 @@ class LARS:
             raise AdapterError(f"LARS eps must be positive, got {self.eps}")
 
     # ---- tensors
-    def init(self, linear: str, out_features: int, in_features: int, rng, dtype) -> dict:
+    def shapes(self, linear: str, out_features: int, in_features: int) -> dict:
         """U (in, r), V (r, in/block), alpha (1,); the block must divide the input width."""
         if in_features % self.block:
             raise AdapterError(f"LARS block size {self.block} does not divide the input width "
                                f"{in_features} of {linear}; choose a divisor of {in_features}")
+        return {"lars_U": (in_features, self.rank), "lars_V": (self.rank, in_features // self.block),
+                "lars_alpha": (1,)}
+
+    def init(self, linear: str, out_features: int, in_features: int, rng, dtype) -> dict:
+        shape = self.shapes(linear, out_features, in_features)
         bound = 1.0 / np.sqrt(in_features if self.u_init == "in" else self.rank)
-        U = rng.uniform(-bound, bound, size=(in_features, self.rank)).astype(dtype)
-        V = rng.normal(0.0, 1e-4, size=(self.rank, in_features // self.block)).astype(dtype)
-        return {"lars_U": U, "lars_V": V, "lars_alpha": np.full((1,), self.alpha, dtype=dtype)}
+        return {"lars_U": rng.uniform(-bound, bound, size=shape["lars_U"]).astype(dtype),
+                "lars_V": rng.normal(0.0, 1e-4, size=shape["lars_V"]).astype(dtype),
+                "lars_alpha": np.full(shape["lars_alpha"], self.alpha, dtype=dtype)}
 
     def trains(self, suffix: str) -> bool:
         return suffix != "lars_alpha" or self.train_alpha

@@ -49,12 +49,15 @@ class LoRA:
         return self.alpha / self.rank
 
     # ---- tensors
+    def shapes(self, linear: str, out_features: int, in_features: int) -> dict:
+        return {"lora_A.weight": (self.rank, in_features), "lora_B.weight": (out_features, self.rank)}
+
     def init(self, linear: str, out_features: int, in_features: int, rng, dtype) -> dict:
         """A (r, in) uniform +-1/sqrt(in) (PEFT's kaiming-uniform with a=sqrt(5)), B (out, r) zeros."""
+        shape = self.shapes(linear, out_features, in_features)
         bound = 1.0 / np.sqrt(in_features)
-        A = rng.uniform(-bound, bound, size=(self.rank, in_features)).astype(dtype)
-        B = np.zeros((out_features, self.rank), dtype=dtype)
-        return {"lora_A.weight": A, "lora_B.weight": B}
+        return {"lora_A.weight": rng.uniform(-bound, bound, size=shape["lora_A.weight"]).astype(dtype),
+                "lora_B.weight": np.zeros(shape["lora_B.weight"], dtype=dtype)}
 
     def trains(self, suffix: str) -> bool:
         return True
