@@ -63,6 +63,7 @@ class Ledger:
     peak_total: int = 0
     peak_by_category: dict = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
     peak_entries: list = field(default_factory=list)    # entries alive at the peak
+    peak_moment: tuple | None = None                    # the keep that made the peak
     max_by_category: dict = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
 
     # ---- registering and releasing ----
@@ -86,7 +87,7 @@ class Ledger:
         else:
             self.buffers[bid] = [root, 1, category]
             self.live[category] += nbytes
-            self._update_peak()
+            self._update_peak(key)
         return array
 
     def keep_on_disk(self, layer: int, op: str, name: str, shape: tuple, dtype, nbytes: int,
@@ -100,7 +101,7 @@ class Ledger:
                                   nbytes, id(key), why)
         self.buffers[id(key)] = [None, 1, "disk"]
         self.live["disk"] += nbytes
-        self._update_peak()
+        self._update_peak(key)
 
     def release(self, layer: int, op: str, name: str) -> None:
         entry = self.entries.pop((layer, op, name))
@@ -118,7 +119,8 @@ class Ledger:
         for key in [k for k, e in self.entries.items() if e.category == category]:
             self.release(*key)
 
-    def _update_peak(self) -> None:
+    def _update_peak(self, moment=None) -> None:
+        """moment: the (layer, op, name) just kept; at a new peak it becomes peak_moment."""
         for c, v in self.live.items():
             if v > self.max_by_category[c]:
                 self.max_by_category[c] = v
@@ -127,6 +129,7 @@ class Ledger:
             self.peak_total = total
             self.peak_by_category = dict(self.live)
             self.peak_entries = list(self.entries.values())
+            self.peak_moment = moment
 
     def reset_peak(self) -> None:
         self.peak_total = 0

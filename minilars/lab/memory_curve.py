@@ -66,6 +66,7 @@ def measure_lengths(model: Model, seqs: list[int], opts: StepOptions, batch: int
             "seq": T, "batch": batch, "loss": loss, "seconds": seconds,
             "peak_by_category": dict(ledger.peak_by_category),
             "ledger_peak": ledger.peak_total,
+            "peak_moment": ledger.peak_moment,
             "traced_peak": traced,
             "unattributed": None if traced is None else traced - ledger.peak_total,
             "rss_peak": peak_rss_bytes() if rss_reset else None,
