@@ -1,6 +1,6 @@
 """Tutorial 1: backprop by hand, one op at a time.
 
-Run:  python tutorials/01_backprop_by_hand.py
+Run: `python tutorials/01_backprop_by_hand.py`
 
 Every op in minilars is a pair: a forward that computes its output and keeps what the
 backward will need, and a backward that turns the gradient of the output into gradients

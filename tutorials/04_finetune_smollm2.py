@@ -1,7 +1,7 @@
 """Tutorial 4: fine-tune a real model on a laptop CPU.
 
-Run:  minilars fetch smollm2-135m && python tutorials/04_finetune_smollm2.py
-      (without the weights, or with MINILARS_FAST=1, it uses a tiny random model instead)
+Run: `minilars fetch smollm2-135m && python tutorials/04_finetune_smollm2.py` (without the
+weights, or with `MINILARS_FAST=1`, it uses a tiny random model instead)
 
 Load SmolLM2-135M from its Hugging Face folder, ask it a question, fine-tune LARS for a few
 steps on prompt/completion pairs (loss on the completions only), save the adapter in the
@@ -49,12 +49,23 @@ with open(data, "w") as f:
 opts = TrainOptions(model=FOLDER, method="lars", data=data, seq=64, steps=4 if FAST else 20,
                     batch=2, lr=1e-2, warmup=2, policy="layer", out=os.path.join(work, "run"),
                     save_every=100)
-summary = train(opts)
-print(f"loss {summary['losses'][0]:.3f} -> {summary['losses'][-1]:.3f}")
+
+
+def log(line):
+    """train's lines, without its per-step lines: those carry tok/s and RSS, which vary."""
+    if not line.startswith("step "):
+        print(line)
+
+
+summary = train(opts, log=log)
+for step, loss in enumerate(summary["losses"], 1):     # 4 significant digits, even near 0
+    print(f"step {step:>2} | loss {loss:#.4g}")
+print(f"loss {summary['losses'][0]:#.4g} -> {summary['losses'][-1]:#.4g}; "
+      f"ledger peak {summary['ledger_peak_mib']:.0f} MiB")
 
 # %% 3. The adapter file, loaded back -------------------------------------------------------
 ckpt = os.path.join(work, "run", "checkpoint")
 print("adapter files:", sorted(os.listdir(ckpt)))
 tuned, _ = load_base(FOLDER)
 load_adapter(ckpt, tuned)
-print("adapter loaded:", len(tuned.adapters), "LARS linears")
+print("adapter loaded:", len(tuned.adapted), "LARS linears")
