@@ -20,7 +20,8 @@ def make_tiny_folder(path: str, seed: int = 0, vocab: int = 320) -> str:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
     backend.train_from_iterator([TEXT] * 10 + ["Question: yes or no?\nAnswer: yes no maybe"] * 10, trainer)
     n_vocab = backend.get_vocab_size()
     cfg = named_config("tiny").replace(vocab_size=n_vocab, eos_token_id=2, bos_token_id=1)

@@ -2,19 +2,38 @@
 
 Run: `python tutorials/01_backprop_by_hand.py`
 
-Every op in minilars is a pair: a forward that computes its output and keeps what the
-backward will need, and a backward that turns the gradient of the output into gradients
-of the inputs. There is no autograd: you can read every line. This tutorial derives the
-backward of RMSNorm, checks it against finite differences, and then checks the whole
-model's gradient the same way.
+The whole model fits in fifty lines of NumPy: `minilars/reference.py`, the specification
+everything else is tested against. Training needs more than a forward, though. Every op
+in minilars is a pair: a forward that computes its output and keeps what the backward
+will need, and a backward that turns the gradient of the output into gradients of the
+inputs. There is no autograd: you can read every line. This tutorial starts from the
+reference, then derives the backward of RMSNorm, checks it against finite differences,
+and checks the whole model's gradient the same way.
 """
+import inspect
+
 import numpy as np
 
 from minilars.config import named_config
-from minilars.model import Model, forward_backward, forward_loss, next_token_targets, zero_grads
+from minilars.model import (Model, forward_backward, forward_logits, forward_loss,
+                            next_token_targets, zero_grads)
 from minilars.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from minilars.reference import reference_logits
 
 rng = np.random.default_rng(0)
+
+# %% 0. The model, whole -------------------------------------------------------------------
+# A Llama block: rmsnorm, q/k/v projections, rotary embeddings, causal attention with
+# grouped kv heads, a residual; rmsnorm, a SwiGLU MLP, a residual. Read it once:
+print(inspect.getsource(reference_logits))
+# The training model (minilars.model) computes the same logits with tiled attention, a
+# chunked loss and everything it keeps for the backward declared; on a tiny random model:
+cfg = named_config("tiny")
+model = Model.random(cfg, seed=0, dtype=np.float64)
+tokens = rng.integers(0, cfg.vocab_size, size=(1, 12))
+diff = np.abs(forward_logits(model, tokens) - reference_logits(cfg, model.params, tokens)).max()
+print(f"max |training model - reference| < 1e-12: {diff < 1e-12}")  # roundoff only
+assert diff < 1e-12
 
 # %% 1. The forward, and what it keeps -----------------------------------------------------
 # y = x * rstd * w with rstd = 1/sqrt(mean(x^2) + eps). The forward returns rstd too:

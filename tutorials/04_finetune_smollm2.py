@@ -9,6 +9,7 @@ PEFT layout and load it back.
 """
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -69,3 +70,4 @@ print("adapter files:", sorted(os.listdir(ckpt)))
 tuned, _ = load_base(FOLDER)
 load_adapter(ckpt, tuned)
 print("adapter loaded:", len(tuned.adapted), "LARS linears")
+shutil.rmtree(work)                     # the run folder was a temporary one
