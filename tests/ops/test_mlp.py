@@ -5,6 +5,7 @@ import warnings
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
+from minilars.ops import mlp
 from minilars.ops.mlp import swiglu_backward, swiglu_forward
 from tests.gradcheck import assert_grad_close, examples, numeric_grad
 
@@ -34,3 +35,18 @@ def test_swiglu_large_inputs_no_overflow():
         dg, du = swiglu_backward(np.ones_like(g), g, u)
     assert act.dtype == np.float32 and np.all(np.isfinite(act)) and np.all(np.isfinite(dg))
     np.testing.assert_allclose(act, [0.0, 0.0, 0.0, 50.0, 1000.0], atol=1e-6)
+
+
+def test_row_blocks_change_nothing():
+    """Over several ROWS-row blocks (and a ragged last one) the result is bit for bit the
+    whole-array formula's."""
+    rng = np.random.default_rng(5)
+    n = 2 * mlp.ROWS + 17
+    g, u, d = (rng.normal(size=(1, n, 24)).astype(np.float32) for _ in range(3))
+    sig = 1 / (1 + np.exp(-g.astype(np.float64)))
+    np.testing.assert_allclose(swiglu_forward(g, u), g * sig * u, rtol=1e-6)
+    dg, du = swiglu_backward(d, g, u)
+    whole_sig = mlp._sigmoid(g)
+    np.testing.assert_array_equal(du, d * (g * whole_sig))
+    np.testing.assert_array_equal(dg, d * u * (whole_sig * (1.0 + g * (1.0 - whole_sig))))
+    np.testing.assert_array_equal(swiglu_forward(g, u), g * whole_sig * u)
