@@ -72,8 +72,8 @@ def cross_entropy_plain(x, W, targets, need_dx=True, need_dW=False):
 
 def cross_entropy_chunked(x, W, targets, need_dx=True, dW=None, chunk=DEFAULT_CHUNK,
                           matmul_xwT=None, matmul_dyW=None):
-    """Returns (loss, dx). Accumulates into `dW` (V, C) when given. At most one (chunk, V)
-    block of logits (and its gradient, computed in place) is alive at a time.
+    """Returns (loss, dx). Accumulates into `dW` (V, C) when given. One (chunk, V) block of
+    logits is alive at a time, and it becomes its softmax and then its gradient in place.
     `matmul_xwT`/`matmul_dyW` let a float16-stored W go through the C kernels."""
     N = x.shape[0]
     n = count_targets(targets, W.shape[0])
@@ -90,13 +90,16 @@ def cross_entropy_chunked(x, W, targets, need_dx=True, dW=None, chunk=DEFAULT_CH
                 dx[r0:r1] = 0.0
             continue
         logits = xwT(x[r0:r1], W)                                      # (chunk, V)
-        lse = logsumexp(logits)
         rows = np.nonzero(kept)[0]
-        total += float((lse[rows] - logits[rows, t[rows]]).sum())
+        target_logits = logits[rows, t[rows]]
+        peak = logits.max(axis=-1)
+        np.subtract(logits, peak[:, None], out=logits)                 # in place: no second
+        np.exp(logits, out=logits)                                     # (chunk, V) block
+        sums = logits.sum(axis=-1)
+        total += float((peak[rows] + np.log(sums[rows]) - target_logits).sum())
         if not need_dx and dW is None:
             continue
-        np.subtract(logits, lse[:, None], out=logits)                  # turn logits into dlogits
-        np.exp(logits, out=logits)
+        logits /= sums[:, None]                                        # softmax: now dlogits
         logits[rows, t[rows]] -= 1.0
         logits[~kept] = 0.0
         logits /= n
