@@ -144,7 +144,8 @@ def bench_step(arch: str = "smollm2-135m", method: str = "lars", seq: int = 512,
     timed steps after one warm-up step. Ratios within one run are what to compare."""
     from minilars.config import named_config
     from minilars.memory import Ledger, mib
-    from minilars.memory_curve import build_model, register_params
+    from minilars.lab.memory_curve import build_model
+    from minilars.memory import register_params
     from minilars.model import StepOptions, forward_backward, next_token_targets, zero_grads
     from minilars.optim import AdamW, clip_grad_norm
 
@@ -152,7 +153,7 @@ def bench_step(arch: str = "smollm2-135m", method: str = "lars", seq: int = 512,
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(batch, seq))
     targets = next_token_targets(tokens)
     opts = StepOptions(policy=policy)
-    frozen_dtypes = [None] if method == "full" else [None, np.float16]
+    frozen_dtypes = [None] if method == "full" else [None, "float16"]
     rows = []
     for frozen in frozen_dtypes:
         model = build_model(cfg, method, seed=seed, frozen_dtype=frozen)
