@@ -24,7 +24,7 @@ from minilars.frozen import FROZEN_DTYPES
 from minilars.generate import generate
 from minilars.io.atomic import write_json
 from minilars.io.fetch import FetchError, fetch_smollm2
-from minilars.io.load import read_config
+from minilars.io.load import read_config, tokenizer_files
 from minilars.io.peft import load_adapter, save_merged
 from minilars.lab.experiment import CellError, ExperimentOptions, run_experiment, write_report
 from minilars.lab.memory_curve import format_compare, format_memory_run, memory_runs
@@ -349,14 +349,7 @@ def cmd_merge(args) -> int:
     if os.path.exists(args.out):
         raise UsageError(f"--out {args.out} already exists; choose a new folder")
     model, tok = _load(args)
-    extra = {}
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "generation_config.json"):
-        path = os.path.join(args.model, name)
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                extra[name] = f.read()
-    save_merged(args.out, model, extra_files=extra)
+    save_merged(args.out, model, extra_files=tokenizer_files(args.model))
     print(f"wrote {args.out}: {args.model} with {args.adapter} merged in")
     return 0
 

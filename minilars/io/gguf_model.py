@@ -301,12 +301,16 @@ def load_gguf(path: str, dtype=np.float32, frozen_dtype: str | None = None,
             params[name] = freeze(to_float(W), frozen_dtype)
         else:
             params[name] = W
+    return cfg, params, gguf_tokenizer(gf)
+
+
+def gguf_tokenizer(gf: GGUFFile) -> MinilarsTokenizer:
+    """minilars's Tokenizer from a GGUF file's vocabulary, special ids and chat template."""
     fields = gf.fields
-    tok = MinilarsTokenizer(build_tokenizer(fields, path),
-                            fields.get("tokenizer.ggml.bos_token_id"),
-                            fields.get("tokenizer.ggml.eos_token_id"),
-                            fields.get("tokenizer.chat_template"), source=path)
-    return cfg, params, tok
+    return MinilarsTokenizer(build_tokenizer(fields, gf.path),
+                             fields.get("tokenizer.ggml.bos_token_id"),
+                             fields.get("tokenizer.ggml.eos_token_id"),
+                             fields.get("tokenizer.chat_template"), source=gf.path)
 
 
 def write_safetensors_streaming(path: str, shapes: dict[str, tuple[int, ...]], produce,

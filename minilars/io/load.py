@@ -1,13 +1,15 @@
 """A base model from a path: a Hugging Face folder or a GGUF file, told apart by content."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 
 from minilars.config import ModelConfig
 from minilars.io.gguf import is_gguf
-from minilars.io.gguf_model import load_gguf, open_gguf_model
+from minilars.io.gguf_model import (build_tokenizer, gguf_tokenizer, load_gguf, open_gguf_model,
+                                    tokenizer_side_files)
 from minilars.io.safetensors_io import load_model
 from minilars.io.tokenizer import Tokenizer
 
@@ -18,6 +20,31 @@ def read_config(path: str) -> ModelConfig:
     if is_gguf(path):
         return open_gguf_model(path)[1]
     return ModelConfig.from_json(path)
+
+
+def read_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer alone (no weights read)."""
+    if is_gguf(path):
+        return gguf_tokenizer(open_gguf_model(path)[0])
+    return Tokenizer.from_folder(path)
+
+
+def tokenizer_files(path: str) -> dict[str, str]:
+    """The tokenizer's files of a model, as texts to write beside merged weights:
+    copied from a folder, or rebuilt from a GGUF file's vocabulary."""
+    if is_gguf(path):
+        gf, cfg, _ = open_gguf_model(path)
+        files = {"tokenizer.json": build_tokenizer(gf.fields, path).to_str(pretty=True)}
+        files.update({name: json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+                      for name, obj in tokenizer_side_files(gf.fields, cfg).items()})
+        return files
+    files = {}
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "generation_config.json"):
+        if os.path.exists(os.path.join(path, name)):
+            with open(os.path.join(path, name), encoding="utf-8") as f:
+                files[name] = f.read()
+    return files
 
 
 def load_params(path: str, dtype=np.float32, frozen_dtype: str | None = None,

@@ -29,7 +29,7 @@ from minilars.data.mmlu import load_mmlu
 from minilars.evaluate import load_eval_rows, print_progress, score_multiple_choice
 from minilars.generate import generate
 from minilars.io.atomic import write_json, write_text
-from minilars.io.tokenizer import Tokenizer
+from minilars.io.load import read_tokenizer
 from minilars.lab.jobs import CellError, run_child, run_parallel
 from minilars.lab.report import write_report
 from minilars.train import TrainOptions, load_base, load_trained, train
@@ -158,7 +158,7 @@ def method_cell(opts, task, method, seed, log):
     data = None
     seq = opts.seq
     if task == "kv_lookup":
-        tok = Tokenizer.from_folder(opts.model)     # the weights are not needed to write data
+        tok = read_tokenizer(opts.model)            # the weights are not needed to write data
         data = os.path.join(opts.out, "kv_lookup_train.jsonl")
         if not os.path.exists(data):
             write_text(data, "".join(json.dumps(r) + "\n" for r in longctx_rows(opts, tok, "train")))
