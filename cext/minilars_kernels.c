@@ -2,7 +2,8 @@
  * NumPy twins (minilars/ops/lars_gate.py, minilars/kernels.py) are the specification.
  *
  * Portable C99 plus, when the compiler is GCC or Clang, vector extensions for the
- * matmul micro-kernel; OpenMP is optional (the build script tests for it).
+ * LARS loops and the dot products; F16C (x86) or __fp16 (ARM) for float16 when the
+ * target has them; OpenMP is optional (the build script tests for it).
  */
 #include "minilars_kernels.h"
 
@@ -435,9 +436,31 @@ int minilars_lars_backward(const float *dx_tilde, const float *x,
     return MINILARS_OK;
 }
 
-/* ------------------------------------------------------------- half precision */
+/* ------------------------------------------------------- frozen weights: dequantize
+ *
+ * A frozen weight W (rows, cols) is held in one of the MINILARS_WEIGHT_* formats, row
+ * after row. Products with it are driven from minilars/kernels.py: a tile of W is
+ * dequantized here into a float32 buffer the caller owns, and NumPy's BLAS multiplies by
+ * it. A format is a block of `cols` weights in `bytes` bytes (one value for F16/BF16, 32
+ * for GGUF's Q8_0/Q4_1) and one case in dequantize_run.
+ */
 
-/* IEEE binary16 bits -> float32 (exact: every half is a float). */
+typedef struct {
+    int64_t cols, bytes;          /* weights per block along a row, bytes per block */
+} block_layout;
+
+static block_layout weight_block(int weight_format)
+{
+    switch (weight_format) {
+    case MINILARS_WEIGHT_F16:
+    case MINILARS_WEIGHT_BF16:
+        return (block_layout){1, 2};
+    default:
+        return (block_layout){0, 0};
+    }
+}
+
+/* IEEE binary16 bits -> float32 (exact: every half is a float). The portable path. */
 static inline float f16_bits_to_f32(uint16_t h)
 {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
@@ -462,20 +485,12 @@ static inline float f16_bits_to_f32(uint16_t h)
     return out;
 }
 
-/* dst[i] = the float32 value of half-precision bits src[i], for i < n: the conversion of
- * every weight tile. bfloat16 is a shift (vectorised by the compiler); float16 uses the
- * F16C instruction on x86 or __fp16 on ARM when available, else the bit manipulation. */
-static void convert_half_run(const uint16_t *restrict src, int weight_format, int64_t n,
-                             float *restrict dst)
+/* dst[i] = float16 src[i], i < n: F16C on x86 (8 at a time: the AVX-512 form, 16 at a
+ * time, measured 20% slower on a Xeon Sapphire Rapids), __fp16 on ARM, else the bit
+ * manipulation above. */
+static void f16_run(const uint16_t *restrict src, int64_t n, float *restrict dst)
 {
     int64_t i = 0;
-    if (weight_format == MINILARS_WEIGHT_BF16) {
-        for (; i < n; i++) {
-            const uint32_t bits = (uint32_t)src[i] << 16;
-            memcpy(dst + i, &bits, 4);
-        }
-        return;
-    }
 #if defined(__F16C__)
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
@@ -490,269 +505,83 @@ static void convert_half_run(const uint16_t *restrict src, int weight_format, in
         dst[i] = f16_bits_to_f32(src[i]);
 }
 
-int minilars_half_to_f32(const uint16_t *src, int weight_format, int64_t n, float *dst)
+/* dst[i] = bfloat16 src[i], i < n: the bits are the top half of a float32 (the compiler
+ * vectorises the shift). */
+static void bf16_run(const uint16_t *restrict src, int64_t n, float *restrict dst)
 {
-    if (n < 0 || (weight_format != MINILARS_WEIGHT_F16 && weight_format != MINILARS_WEIGHT_BF16))
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t bits = (uint32_t)src[i] << 16;
+        memcpy(dst + i, &bits, 4);
+    }
+}
+
+/* dst[0 : c1-c0] = columns [c0, c1) of one row of W in weight_format (c0, c1 on block
+ * boundaries; checked by the callers). */
+static void dequantize_run(const uint8_t *row, int weight_format, int64_t c0, int64_t c1,
+                           float *dst)
+{
+    switch (weight_format) {
+    case MINILARS_WEIGHT_F16:
+        f16_run((const uint16_t *)row + c0, c1 - c0, dst);
+        break;
+    case MINILARS_WEIGHT_BF16:
+        bf16_run((const uint16_t *)row + c0, c1 - c0, dst);
+        break;
+    }
+}
+
+/* Bytes of one row of `cols` weights, or -1 for an unknown format or a row the format's
+ * blocks do not divide. */
+static int64_t weight_row_bytes(int weight_format, int64_t cols)
+{
+    const block_layout b = weight_block(weight_format);
+    if (b.cols < 1 || cols < 1 || cols % b.cols)
+        return -1;
+    return cols / b.cols * b.bytes;
+}
+
+int minilars_dequantize(const void *W, int weight_format, int64_t rows, int64_t cols,
+                        int64_t r0, int64_t r1, int64_t c0, int64_t c1, float *tile)
+{
+    const int64_t row_bytes = weight_row_bytes(weight_format, cols);
+    const int64_t block = weight_block(weight_format).cols;
+    if (row_bytes < 0 || r0 < 0 || r0 >= r1 || r1 > rows || c0 < 0 || c0 >= c1 || c1 > cols
+        || c0 % block || c1 % block)
         return MINILARS_ERR_ARGS;
-    convert_half_run(src, weight_format, n, dst);
+    const int64_t width = c1 - c0;
+    for (int64_t r = r0; r < r1; r++)
+        dequantize_run((const uint8_t *)W + r * row_bytes, weight_format, c0, c1,
+                       tile + (r - r0) * width);
     return MINILARS_OK;
 }
 
-/* ---------------------------------------------------------------- matmuls
- *
- * Both products are C (rows, cols) = A (rows, depth) B (depth, cols) with B read from
- * the half-precision W:
- *   xW^T:  A = x (rows, in),  B[k, c] = W[c, k]   (depth = in,  cols = out)
- *   dyW:   A = dy (rows, out), B[k, c] = W[k, c]  (depth = out, cols = in)
- * Each thread takes column panels of C (PANEL_COLS wide at most); for every DEPTH_TILE
- * slice of the depth it converts the matching B tile to float32 into its own packed
- * buffer (micro-panels of NR columns, zero padded), then runs an MR x NR register-tile
- * kernel over all rows of A. The packed tile is reused by all rows, so the conversion
- * costs 1/rows of the arithmetic.
- */
+/* ------------------------------------------------------- few rows: stream W once */
 
-#if defined(__AVX512F__)
-#define VEC_FLOATS 16
-#define MR 8
-#define NV 2
-#elif defined(__AVX__)
-#define VEC_FLOATS 8
-#define MR 6
-#define NV 2
-#else
-#define VEC_FLOATS 4
-#define MR 6
-#define NV 4
-#endif
-#define NR (VEC_FLOATS * NV)        /* columns of a register tile */
-#define DEPTH_TILE 256
-#define PANEL_COLS_MAX 256
-
-#ifdef HAVE_VECTOR_EXT
-typedef float vecf __attribute__((vector_size(VEC_FLOATS * 4)));
-#endif
-
-/* C[i, c] += sum_k A[i, k] * Bp[k, c] for the valid mr x nc corner of an MR x NR tile.
- * A rows are lda apart (MR rows must be readable: callers pad short tiles);
- * Bp is a packed micro-panel (depth, NR). */
-static void micro_kernel(int64_t depth, const float *A, int64_t lda, const float *Bp,
-                         float *C, int64_t ldc, int64_t mr, int64_t nc)
+int64_t minilars_matvec_xwT_workspace(int64_t in_features, int threads)
 {
-#ifdef HAVE_VECTOR_EXT
-    vecf acc[MR][NV];
-    memset(acc, 0, sizeof(acc));
-    for (int64_t k = 0; k < depth; k++) {
-        vecf b[NV];
-        for (int v = 0; v < NV; v++)
-            memcpy(&b[v], Bp + k * NR + v * VEC_FLOATS, sizeof(vecf));
-        for (int i = 0; i < MR; i++) {
-            const float a = A[i * lda + k];
-            for (int v = 0; v < NV; v++)
-                acc[i][v] += a * b[v];
-        }
-    }
-    if (mr == MR && nc == NR) {
-        for (int i = 0; i < MR; i++)
-            for (int v = 0; v < NV; v++) {
-                vecf c;
-                memcpy(&c, C + i * ldc + v * VEC_FLOATS, sizeof(vecf));
-                c += acc[i][v];
-                memcpy(C + i * ldc + v * VEC_FLOATS, &c, sizeof(vecf));
-            }
-        return;
-    }
-    float tile[MR][NR];
-    memcpy(tile, acc, sizeof(tile));
-#else
-    float tile[MR][NR];
-    memset(tile, 0, sizeof(tile));
-    for (int64_t k = 0; k < depth; k++)
-        for (int i = 0; i < MR; i++) {
-            const float a = A[i * lda + k];
-            for (int c = 0; c < NR; c++)
-                tile[i][c] += a * Bp[k * NR + c];
-        }
-#endif
-    for (int64_t i = 0; i < mr; i++)
-        for (int64_t c = 0; c < nc; c++)
-            C[i * ldc + c] += tile[i][c];
-}
-
-/* Pack B[k0:k0+kd, c0:c0+nc] (converted to float32) into micro-panels of NR columns:
- * packed[(p * kd + k) * NR + l] = B[k0 + k, c0 + p*NR + l], zero beyond nc.
- * row: scratch of DEPTH_TILE floats. */
-static void pack_b_tile(const uint16_t *W, int weight_format, int transposed,
-                        int64_t ldw, int64_t k0, int64_t kd, int64_t c0, int64_t nc,
-                        float *packed, float *row)
-{
-    const int64_t panels = (nc + NR - 1) / NR;
-    if (nc % NR)
-        memset(packed + (panels - 1) * kd * NR, 0, sizeof(float) * (size_t)(kd * NR));
-    if (transposed) {            /* B[k, c] = W[c, k]: convert a W row, scatter it down */
-        for (int64_t c = 0; c < nc; c++) {
-            convert_half_run(W + (c0 + c) * ldw + k0, weight_format, kd, row);
-            float *dst = packed + (c / NR) * kd * NR + (c % NR);
-            for (int64_t k = 0; k < kd; k++)
-                dst[k * NR] = row[k];
-        }
-    } else {                     /* B[k, c] = W[k, c]: runs of NR columns are contiguous */
-        for (int64_t k = 0; k < kd; k++) {
-            const uint16_t *Wrow = W + (k0 + k) * ldw + c0;
-            for (int64_t p = 0; p < panels; p++) {
-                const int64_t width = nc - p * NR < NR ? nc - p * NR : NR;
-                convert_half_run(Wrow + p * NR, weight_format, width,
-                                 packed + (p * kd + k) * NR);
-            }
-        }
-    }
-}
-
-#define FEW_ROWS_BLOCK 512     /* columns of dx per thread step in the few-rows dy W */
-
-/* Few rows (fewer than a register tile: token-by-token generation): stream W once,
- * converting one W row (or row segment) at a time into a per-thread buffer.
- *   transposed (x W^T):  C[n, c] = A[n, :] . W[c, :]       parallel over c
- *   otherwise  (dy W):   C[n, c0:c1] += A[n, m] W[m, c0:c1] parallel over column blocks */
-static void matmul_half_few_rows(const float *A, const uint16_t *W, int weight_format,
-                                 int transposed, int64_t rows, int64_t depth, int64_t cols,
-                                 float *C, int threads, float *workspace, int64_t per_thread)
-{
-    (void)threads;              /* used by OpenMP only */
-#pragma omp parallel num_threads(threads)
-    {
-        float *row = workspace + (int64_t)THREAD_ID() * per_thread;
-        if (transposed) {
-#pragma omp for schedule(static)
-            for (int64_t c = 0; c < cols; c++) {
-                convert_half_run(W + c * depth, weight_format, depth, row);
-                for (int64_t n = 0; n < rows; n++)
-                    C[n * cols + c] = dot_f32(A + n * depth, row, depth);
-            }
-        } else {
-#pragma omp for schedule(static)
-            for (int64_t c0 = 0; c0 < cols; c0 += FEW_ROWS_BLOCK) {
-                const int64_t width = cols - c0 < FEW_ROWS_BLOCK ? cols - c0 : FEW_ROWS_BLOCK;
-                for (int64_t n = 0; n < rows; n++)
-                    memset(C + n * cols + c0, 0, sizeof(float) * (size_t)width);
-                for (int64_t m = 0; m < depth; m++) {
-                    convert_half_run(W + m * cols + c0, weight_format, width, row);
-                    for (int64_t n = 0; n < rows; n++) {
-                        const float a = A[n * depth + m];
-                        float *restrict out = C + n * cols + c0;
-                        for (int64_t c = 0; c < width; c++)
-                            out[c] += a * row[c];
-                    }
-                }
-            }
-        }
-    }
-}
-
-/* Output columns per panel: enough panels to keep every thread busy, a multiple of NR. */
-static int64_t matmul_panel(int64_t cols, int threads)
-{
-    int64_t panel = (cols + 4 * threads - 1) / (4 * threads);
-    panel = ((panel + NR - 1) / NR) * NR;
-    return panel > PANEL_COLS_MAX ? PANEL_COLS_MAX : panel;
-}
-
-/* Floats of workspace per thread for C (rows, cols) = A (rows, depth) B (depth, cols). */
-static int64_t matmul_floats_per_thread(int64_t rows, int64_t depth, int64_t cols,
-                                        int transposed, int threads)
-{
-    if (rows < MR)              /* one converted W row (x W^T) or row segment (dy W) */
-        return transposed ? depth : FEW_ROWS_BLOCK;
-    /* packed B tile | A rows padded to MR | one converted W row segment */
-    return DEPTH_TILE * matmul_panel(cols, threads) + DEPTH_TILE * MR + DEPTH_TILE;
-}
-
-static int matmul_half(const float *A, const uint16_t *W, int weight_format, int transposed,
-                       int64_t rows, int64_t depth, int64_t cols, float *C,
-                       int threads, float *workspace, int64_t workspace_floats)
-{
-    if (rows < 1 || depth < 1 || cols < 1 || threads < 1)
-        return MINILARS_ERR_ARGS;
-    if (weight_format != MINILARS_WEIGHT_F16 && weight_format != MINILARS_WEIGHT_BF16)
-        return MINILARS_ERR_ARGS;
-    const int64_t per_thread = matmul_floats_per_thread(rows, depth, cols, transposed, threads);
-    if (workspace_floats < per_thread * threads)
-        return MINILARS_ERR_ARGS;
-    if (rows < MR) {
-        matmul_half_few_rows(A, W, weight_format, transposed, rows, depth, cols, C,
-                             threads, workspace, per_thread);
-        return MINILARS_OK;
-    }
-    const int64_t ldw = transposed ? depth : cols;
-    const int64_t panel = matmul_panel(cols, threads);
-    const int64_t n_panels = (cols + panel - 1) / panel;
-
-#pragma omp parallel num_threads(threads)
-    {
-        float *packed = workspace + (int64_t)THREAD_ID() * per_thread;   /* (DEPTH_TILE, panel) */
-        float *a_pad = packed + DEPTH_TILE * panel;                      /* (MR, DEPTH_TILE) */
-        float *row = a_pad + DEPTH_TILE * MR;                            /* (DEPTH_TILE) */
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t p = 0; p < n_panels; p++) {
-            const int64_t c0 = p * panel;
-            const int64_t nc = cols - c0 < panel ? cols - c0 : panel;
-            for (int64_t r = 0; r < rows; r++)
-                memset(C + r * cols + c0, 0, sizeof(float) * (size_t)nc);
-            for (int64_t k0 = 0; k0 < depth; k0 += DEPTH_TILE) {
-                const int64_t kd = depth - k0 < DEPTH_TILE ? depth - k0 : DEPTH_TILE;
-                pack_b_tile(W, weight_format, transposed, ldw, k0, kd, c0, nc, packed, row);
-                const int64_t full_rows = rows - rows % MR;
-                const int64_t rest = rows - full_rows;
-                if (rest) {       /* the last rows, zero padded to MR */
-                    memset(a_pad, 0, sizeof(float) * (size_t)(DEPTH_TILE * MR));
-                    for (int64_t i = 0; i < rest; i++)
-                        memcpy(a_pad + i * kd, A + (full_rows + i) * depth + k0,
-                               sizeof(float) * (size_t)kd);
-                }
-                for (int64_t q = 0; q * NR < nc; q++) {
-                    const float *Bp = packed + q * kd * NR;
-                    const int64_t cq = c0 + q * NR;
-                    const int64_t ncq = nc - q * NR < NR ? nc - q * NR : NR;
-                    for (int64_t r0 = 0; r0 < full_rows; r0 += MR)
-                        micro_kernel(kd, A + r0 * depth + k0, depth, Bp,
-                                     C + r0 * cols + cq, cols, MR, ncq);
-                    if (rest)
-                        micro_kernel(kd, a_pad, kd, Bp, C + full_rows * cols + cq, cols,
-                                     rest, ncq);
-                }
-            }
-        }
-    }
-    return MINILARS_OK;
-}
-
-int64_t minilars_matmul_xwT_workspace(int64_t rows, int64_t in_features, int64_t out_features,
-                                      int threads)
-{
-    if (rows < 1 || in_features < 1 || out_features < 1 || threads < 1)
+    if (in_features < 1 || threads < 1)
         return -1;
-    return threads * matmul_floats_per_thread(rows, in_features, out_features, 1, threads);
+    return (int64_t)threads * in_features;
 }
 
-int64_t minilars_matmul_dyW_workspace(int64_t rows, int64_t out_features, int64_t in_features,
-                                      int threads)
-{
-    if (rows < 1 || in_features < 1 || out_features < 1 || threads < 1)
-        return -1;
-    return threads * matmul_floats_per_thread(rows, out_features, in_features, 0, threads);
-}
-
-int minilars_matmul_xwT(const float *x, const uint16_t *W, int weight_format,
+int minilars_matvec_xwT(const float *x, const void *W, int weight_format,
                         int64_t rows, int64_t in_features, int64_t out_features, float *y,
                         int threads, float *workspace, int64_t workspace_floats)
 {
-    return matmul_half(x, W, weight_format, 1, rows, in_features, out_features, y,
-                       threads, workspace, workspace_floats);
-}
-
-int minilars_matmul_dyW(const float *dy, const uint16_t *W, int weight_format,
-                        int64_t rows, int64_t out_features, int64_t in_features, float *dx,
-                        int threads, float *workspace, int64_t workspace_floats)
-{
-    return matmul_half(dy, W, weight_format, 0, rows, out_features, in_features, dx,
-                       threads, workspace, workspace_floats);
+    const int64_t row_bytes = weight_row_bytes(weight_format, in_features);
+    if (rows < 1 || out_features < 1 || row_bytes < 0 || threads < 1
+        || workspace_floats < minilars_matvec_xwT_workspace(in_features, threads))
+        return MINILARS_ERR_ARGS;
+#pragma omp parallel num_threads(threads)
+    {
+        float *w_row = workspace + (int64_t)THREAD_ID() * in_features;    /* (in) */
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < out_features; c++) {
+            dequantize_run((const uint8_t *)W + c * row_bytes, weight_format, 0, in_features,
+                           w_row);
+            for (int64_t n = 0; n < rows; n++)
+                y[n * out_features + c] = dot_f32(x + n * in_features, w_row, in_features);
+        }
+    }
+    return MINILARS_OK;
 }

@@ -2,7 +2,8 @@
  *
  * Every kernel has a NumPy twin that is its specification:
  *   LARS gate        minilars/ops/lars_gate.py   lars_gate_forward / lars_gate_backward
- *   matmuls          minilars/kernels.py         matmul_xwT_numpy / matmul_dyW_numpy
+ *   dequantize       minilars/kernels.py         dequantize_numpy
+ *   few-rows x W^T   minilars/kernels.py         matmul_xwT_numpy
  *
  * Conventions, for every function below:
  *   - arrays are C-contiguous (row-major), float32 unless stated; shapes in comments;
@@ -29,6 +30,7 @@
 #define MINILARS_OK 0
 #define MINILARS_ERR_ARGS -1
 
+/* Formats of a frozen weight, held row after row (minilars_dequantize reads them). */
 #define MINILARS_WEIGHT_F16 1   /* IEEE half precision, stored as uint16 bits */
 #define MINILARS_WEIGHT_BF16 2  /* bfloat16: the top 16 bits of a float32     */
 
@@ -70,34 +72,31 @@ int minilars_lars_backward(const float *dx_tilde, const float *x,
                            float *dx, float *dU, float *dV, float *dalpha,
                            int threads, float *workspace, int64_t workspace_floats);
 
-/* y = x W^T with a half-precision frozen weight, float32 accumulation.
- *   reads   x (rows, in) float32, W (out, in) uint16 bits (weight_format F16 or BF16)
+/* Dequantize a tile of a frozen weight: rows [r0, r1) and columns [c0, c1) of W (rows,
+ * cols), held in weight_format row after row, into tile (r1 - r0, c1 - c0) float32,
+ * row-major. Exact for F16 and BF16 (every such value is a float32).
+ *   reads   W, the rows r0 .. r1-1 only
+ *   writes  tile
+ * c0 and c1 must fall on the format's block boundaries (any column for F16/BF16). This is
+ * the C half of every product with a half-precision W: minilars/kernels.py dequantizes one
+ * tile at a time into a reused buffer and hands it to NumPy's BLAS. One thread: it runs
+ * between BLAS calls, and OpenMP threads there measured slower (BLAS's threads still
+ * hold the cores for a while after each call).
+ * Twin: minilars.kernels.dequantize_numpy. */
+int minilars_dequantize(const void *W, int weight_format, int64_t rows, int64_t cols,
+                        int64_t r0, int64_t r1, int64_t c0, int64_t c1, float *tile);
+
+/* y = x W^T for a few rows of x (generation: one token), float32 accumulation.
+ *   reads   x (rows, in) float32, W (out, in) in weight_format
  *   writes  y (rows, out) float32
- * W is converted to float32 one packed tile (at most 256 x 256) at a time per thread;
- * no float32 copy of W is made. Output column panels are split over threads. With fewer
- * rows than a register tile (6 or 8; e.g. generation, one token), W is streamed once,
- * one converted row per thread at a time, and output columns are split over threads.
- * Workspace per thread: the packed tile (256 x panel) + 256 x 8 + 256 floats, or one
- * W row with few rows; at most about 0.3 MB per thread, independent of W's size. */
-int64_t minilars_matmul_xwT_workspace(int64_t rows, int64_t in_features, int64_t out_features,
-                                      int threads);
-int minilars_matmul_xwT(const float *x, const uint16_t *W, int weight_format,
+ * W is streamed once: each thread dequantizes one row of W at a time into its part of the
+ * workspace (in floats per thread) and dots it with every row of x; W's rows are split
+ * over threads. For many rows the tiles-and-BLAS path is faster (it reuses each tile).
+ * Twin: minilars.kernels.matmul_xwT_numpy (equal up to the order of the sums). */
+int64_t minilars_matvec_xwT_workspace(int64_t in_features, int threads);
+int minilars_matvec_xwT(const float *x, const void *W, int weight_format,
                         int64_t rows, int64_t in_features, int64_t out_features, float *y,
                         int threads, float *workspace, int64_t workspace_floats);
-
-/* dx = dy W with a half-precision frozen weight, float32 accumulation.
- *   reads   dy (rows, out) float32, W (out, in) uint16 bits (weight_format F16 or BF16)
- *   writes  dx (rows, in) float32
- * Same tiling as minilars_matmul_xwT; the few-rows path splits dx's columns over threads. */
-int64_t minilars_matmul_dyW_workspace(int64_t rows, int64_t out_features, int64_t in_features,
-                                      int threads);
-int minilars_matmul_dyW(const float *dy, const uint16_t *W, int weight_format,
-                        int64_t rows, int64_t out_features, int64_t in_features, float *dx,
-                        int threads, float *workspace, int64_t workspace_floats);
-
-/* Half-precision bits to float32, elementwise (n values); used by tests as the
- * reference for the conversion the matmuls do inside their tiles. */
-int minilars_half_to_f32(const uint16_t *src, int weight_format, int64_t n, float *dst);
 /* CDEF END */
 
 #endif

@@ -17,7 +17,9 @@ The C kernels allocate nothing: each call allocates its scratch here as a NumPy 
 
 Kernels and their twins (the twin is the specification):
     lars_gate_forward / lars_gate_backward   minilars.ops.lars_gate (same names)
-    matmul_xwT   y = x W^T    matmul_xwT_numpy
+    dequantize   a tile of a half-precision W to float32    dequantize_numpy
+    matmul_xwT   y = x W^T    matmul_xwT_numpy   (tiles dequantized in C, NumPy's BLAS;
+                                                  few rows: minilars_matvec_xwT)
     matmul_dyW   dx = dy W    matmul_dyW_numpy
 W may be float32/float64 (NumPy BLAS), float16, or bfloat16 stored as uint16.
 """
@@ -28,8 +30,6 @@ import os
 import numpy as np
 
 from minilars.ops import lars_gate as lars_spec
-
-_WEIGHT_TILE = 256       # rows of W converted at once by the NumPy twins
 
 # ---------------------------------------------------------------------- loading
 
@@ -253,32 +253,121 @@ def half_to_float(W: np.ndarray, dtype=np.float32) -> np.ndarray:
     return W.astype(dtype)
 
 
-# ------------------------------------------------------------- matmuls
+# ------------------------------------------------------------- frozen weights
+#
+# A frozen weight W (out, in) is float32/float64 (NumPy's BLAS directly), float16, or
+# bfloat16 bits (uint16). Products with a half-precision W go one tile of W at a time:
+# the tile is dequantized into a float32 buffer, by the C kernel minilars_dequantize into
+# one buffer reused for every tile (the C path), or by NumPy into a new array (the twins,
+# dequantize_numpy), and NumPy's BLAS multiplies by it with out= into the result's slice.
+# Both paths run the same driver (_xwT_tiled, _dyW_tiled) with the same tiles, so they
+# make the same BLAS calls on the same numbers: their results are bit-identical. A new
+# weight format is one more case in the C kernel and in dequantize_numpy; the driver
+# does not change. With fewer than _FEW_ROWS rows (generation: one token), y = x W^T is
+# one C call that streams W once (minilars_matvec_xwT).
 
-def matmul_xwT_numpy(x: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """Twin of the C kernel: y (N, out) = x (N, in) W^T, W (out, in) any weight dtype,
-    converted _WEIGHT_TILE rows at a time, so no full float copy of W is made."""
-    out_features = W.shape[0]
-    y = np.empty((x.shape[0], out_features), dtype=x.dtype)          # (N, out)
-    for m0 in range(0, out_features, _WEIGHT_TILE):
-        W_tile = half_to_float(W[m0:m0 + _WEIGHT_TILE], x.dtype)      # (tile, in)
-        y[:, m0:m0 + _WEIGHT_TILE] = x @ W_tile.T
-    return y
-
-
-def matmul_dyW_numpy(dy: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """Twin of the C kernel: dx (N, in) = dy (N, out) W, W (out, in) any weight dtype,
-    converted _WEIGHT_TILE rows at a time."""
-    out_features, in_features = W.shape
-    dx = np.zeros((dy.shape[0], in_features), dtype=dy.dtype)        # (N, in)
-    for m0 in range(0, out_features, _WEIGHT_TILE):
-        W_tile = half_to_float(W[m0:m0 + _WEIGHT_TILE], dy.dtype)     # (tile, in)
-        dx += dy[:, m0:m0 + _WEIGHT_TILE] @ W_tile
-    return dx
+_TILE_FLOATS = 1 << 19   # at most this many floats in one dequantized tile of W (2 MiB)
+_TILE_ALIGN = 32         # tile edges on multiples of 32 (GGUF's blocks, BLAS's register tiles)
+_FEW_ROWS = 8            # x with fewer rows: minilars_matvec_xwT (it measured faster up to ~10)
 
 
 def _weight_format(W: np.ndarray) -> int:
+    """The C kernels' MINILARS_WEIGHT_* code for W's format."""
     return _lib.MINILARS_WEIGHT_BF16 if W.dtype == np.uint16 else _lib.MINILARS_WEIGHT_F16
+
+
+def _weight_ptr(W: np.ndarray):
+    """W's bytes, row after row, as the C kernels read them (a `const void *`)."""
+    return _ffi.from_buffer("char[]", W)
+
+
+def dequantize_numpy(W: np.ndarray, r0: int, r1: int, c0: int, c1: int,
+                     dtype=np.float32) -> np.ndarray:
+    """Twin of minilars_dequantize: W[r0:r1, c0:c1] (float16, or bfloat16 bits as uint16)
+    as a new (r1 - r0, c1 - c0) array of `dtype`; exact."""
+    return half_to_float(W[r0:r1, c0:c1], dtype)
+
+
+def _split(n: int, most: int) -> list[tuple[int, int]]:
+    """range(n) as the fewest pieces [(a0, a1), ...] of at most max(most, _TILE_ALIGN)
+    values, all but the last of one size, a multiple of _TILE_ALIGN."""
+    most = max(most // _TILE_ALIGN, 1) * _TILE_ALIGN
+    pieces = -(-n // most)
+    size = -(-(-(-n // pieces)) // _TILE_ALIGN) * _TILE_ALIGN      # <= most
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _xwT_tiles(out_features: int, in_features: int) -> list[tuple[int, int]]:
+    """Row ranges [(m0, m1), ...] of W for y = x W^T: tiles of whole rows (all of `in`)."""
+    return _split(out_features, _TILE_FLOATS // in_features)
+
+
+def _dyW_tiles(out_features: int, in_features: int) -> list[tuple[int, int, int, int]]:
+    """Tiles (k0, k1, c0, c1) of W for dx = dy W, in order. Column tiles over all of
+    W's rows when a _TILE_ALIGN-wide one fits in _TILE_FLOATS (then each dx column range is
+    one product, no accumulation); else (a tall W, such as a tied LM head) row tiles of all
+    columns, whose products are summed into dx."""
+    if out_features * _TILE_ALIGN <= _TILE_FLOATS:
+        return [(0, out_features, c0, c1)
+                for c0, c1 in _split(in_features, _TILE_FLOATS // out_features)]
+    return [(k0, k1, 0, in_features)
+            for k0, k1 in _split(out_features, _TILE_FLOATS // in_features)]
+
+
+def _xwT_tiled(x: np.ndarray, W: np.ndarray, dequantize) -> np.ndarray:
+    """y (N, out) = x (N, in) W^T, W (out, in) dequantized a tile at a time by
+    dequantize(r0, r1, c0, c1) -> (r1 - r0, c1 - c0) array of x's dtype."""
+    out_features, in_features = W.shape
+    y = np.empty((x.shape[0], out_features), dtype=x.dtype)           # (N, out)
+    for m0, m1 in _xwT_tiles(out_features, in_features):
+        np.matmul(x, dequantize(m0, m1, 0, in_features).T, out=y[:, m0:m1])
+    return y
+
+
+def _dyW_tiled(dy: np.ndarray, W: np.ndarray, dequantize) -> np.ndarray:
+    """dx (N, in) = dy (N, out) W, W (out, in) dequantized a tile at a time (see
+    _xwT_tiled). Row tiles after the first of a column range are summed into dx through
+    one (N, c1 - c0) temporary."""
+    out_features, in_features = W.shape
+    dx = np.empty((dy.shape[0], in_features), dtype=dy.dtype)         # (N, in)
+    partial = None
+    for k0, k1, c0, c1 in _dyW_tiles(out_features, in_features):
+        # the tile (k1-k0, c1-c0) is not named, so the twin's new one per tile is freed
+        # before the next, as the C path's buffer is reused
+        if k0 == 0:
+            np.matmul(dy[:, k0:k1], dequantize(k0, k1, c0, c1), out=dx[:, c0:c1])
+            continue
+        if partial is None:
+            partial = np.empty((dy.shape[0], c1 - c0), dtype=dy.dtype)  # (N, c1-c0)
+        np.matmul(dy[:, k0:k1], dequantize(k0, k1, c0, c1), out=partial)
+        dx[:, c0:c1] += partial
+    return dx
+
+
+def matmul_xwT_numpy(x: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """Twin of the C path: y (N, out) = x (N, in) W^T, W (out, in) float16 or bfloat16
+    bits, dequantized by NumPy into a new array per tile (the same tiles as the C path)."""
+    return _xwT_tiled(x, W, lambda r0, r1, c0, c1: dequantize_numpy(W, r0, r1, c0, c1, x.dtype))
+
+
+def matmul_dyW_numpy(dy: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """Twin of the C path: dx (N, in) = dy (N, out) W, W as in matmul_xwT_numpy."""
+    return _dyW_tiled(dy, W, lambda r0, r1, c0, c1: dequantize_numpy(W, r0, r1, c0, c1, dy.dtype))
+
+
+def _c_dequantizer(where: str, W: np.ndarray, tiles) -> callable:
+    """dequantize(r0, r1, c0, c1) for the driver: the C kernel writing into one float32
+    buffer, sized for the largest of `tiles` (r0, r1, c0, c1) and reused for each."""
+    rows, cols = W.shape
+    buffer = _workspace(where, max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in tiles))
+    W_ptr, fmt = _weight_ptr(W), _weight_format(W)
+
+    def dequantize(r0, r1, c0, c1):
+        tile = buffer[:(r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
+        _check_rc(_lib.minilars_dequantize(W_ptr, fmt, rows, cols, r0, r1, c0, c1,
+                                           _ptr("float[]", tile)), where)
+        return tile
+    return dequantize
 
 
 def _check_matmul(where, a_name, a, W, a_dim_of_W):
@@ -291,54 +380,63 @@ def _check_matmul(where, a_name, a, W, a_dim_of_W):
         raise ValueError(f"{where}: W has dtype {W.dtype} but {a_name} has {a.dtype}")
 
 
-def _half_matmul_c(where: str, kernel, workspace, a: np.ndarray, W: np.ndarray,
-                   outer: int) -> np.ndarray:
-    """One call of a half-weight matmul kernel: out (rows, outer) from a (rows, inner) and
-    W's uint16 bits. Both kernels take (a, W, format, rows, inner, outer, out, threads,
-    work, work_size); their workspace functions take (rows, inner, outer, threads)."""
-    rows, inner = a.shape
+def _matvec_xwT_c(where: str, x: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """y (rows, out) = x (rows, in) W^T in one C call that streams W once (few rows)."""
+    rows, in_features = x.shape
     threads = int(_lib.minilars_max_threads())
-    out = np.empty((rows, outer), dtype=np.float32)                  # (rows, outer)
-    work = _workspace(where, workspace(rows, inner, outer, threads))
-    rc = kernel(_ptr("float[]", a), _ptr("uint16_t[]", W), _weight_format(W), rows, inner,
-                outer, _ptr("float[]", out), threads, _ptr("float[]", work), work.size)
+    y = np.empty((rows, W.shape[0]), dtype=np.float32)               # (rows, out)
+    work = _workspace(where, _lib.minilars_matvec_xwT_workspace(in_features, threads))
+    rc = _lib.minilars_matvec_xwT(_ptr("float[]", x), _weight_ptr(W),
+                                  _weight_format(W), rows, in_features, W.shape[0],
+                                  _ptr("float[]", y), threads, _ptr("float[]", work), work.size)
     _check_rc(rc, where)
-    return out
+    return y
 
 
 def matmul_xwT(x: np.ndarray, W: np.ndarray) -> np.ndarray:
     """y (N, out) = x (N, in) W^T for W (out, in) in float32/float64 (NumPy BLAS), float16
-    or bfloat16 bits (uint16; C kernel with float32 accumulation when x is float32)."""
+    or bfloat16 bits (uint16; dequantized a tile at a time, float32 BLAS, when x is
+    float32 and the C path is on; else the twin matmul_xwT_numpy)."""
     where = "matmul_xwT"
     _check_matmul(where, "x", x, W, 1)
     if W.dtype in _FLOATS:
         return x @ W.T
     if not _c_for(x):
         return matmul_xwT_numpy(x, W)
-    return _half_matmul_c(where, _lib.minilars_matmul_xwT, _lib.minilars_matmul_xwT_workspace,
-                          x, W, outer=W.shape[0])
+    if x.shape[0] < _FEW_ROWS:
+        return _matvec_xwT_c(where, x, W)
+    return _xwT_tiled(x, W, _c_dequantizer(where, W, [(m0, m1, 0, W.shape[1])
+                                                      for m0, m1 in _xwT_tiles(*W.shape)]))
 
 
 def matmul_dyW(dy: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """dx (N, in) = dy (N, out) W for W (out, in), dtypes as in matmul_xwT."""
+    """dx (N, in) = dy (N, out) W for W (out, in), dtypes and paths as in matmul_xwT
+    (without the few-rows kernel: dx = dy W is training, not generation)."""
     where = "matmul_dyW"
     _check_matmul(where, "dy", dy, W, 0)
     if W.dtype in _FLOATS:
         return dy @ W
     if not _c_for(dy):
         return matmul_dyW_numpy(dy, W)
-    return _half_matmul_c(where, _lib.minilars_matmul_dyW, _lib.minilars_matmul_dyW_workspace,
-                          dy, W, outer=W.shape[1])
+    return _dyW_tiled(dy, W, _c_dequantizer(where, W, _dyW_tiles(*W.shape)))
 
 
-def half_to_f32_c(W: np.ndarray) -> np.ndarray:
-    """The C conversion of float16/bfloat16 bits to float32 (for tests of the tiles'
-    conversion); requires the C core."""
-    if _lib is None:
-        raise RuntimeError(f"the C core is not available: {_status['reason']}")
-    _check_array("W", W, None, (np.dtype(np.float16), np.dtype(np.uint16)), "half_to_f32_c")
-    out = np.empty(W.shape, dtype=np.float32)
-    rc = _lib.minilars_half_to_f32(_ptr("uint16_t[]", W.view(np.uint16)), _weight_format(W),
-                                   W.size, _ptr("float[]", out))
-    _check_rc(rc, "half_to_f32_c")
-    return out
+def dequantize(W: np.ndarray, rows: tuple[int, int] | None = None,
+               cols: tuple[int, int] | None = None) -> np.ndarray:
+    """W[r0:r1, c0:c1] of a float16 or bfloat16-bits (uint16) weight W as a new float32
+    array, rows=(r0, r1) and cols=(c0, c1) defaulting to all: the C kernel when the C
+    path is on, else dequantize_numpy (both exact)."""
+    where = "dequantize"
+    _check_array("W", W, 2, (np.dtype(np.float16), np.dtype(np.uint16)), where)
+    bounds = []
+    for name, span, n in (("rows", rows, W.shape[0]), ("cols", cols, W.shape[1])):
+        span = (0, n) if span is None else span
+        if not (isinstance(span, (tuple, list)) and len(span) == 2
+                and all(isinstance(a, (int, np.integer)) for a in span)
+                and 0 <= span[0] < span[1] <= n):
+            raise ValueError(f"{where}: {name} {span!r} must be (start, stop) with "
+                             f"0 <= start < stop <= {n}")
+        bounds += [int(span[0]), int(span[1])]
+    if not _enabled:
+        return dequantize_numpy(W, *bounds)
+    return _c_dequantizer(where, W, [bounds])(*bounds)     # its buffer is this one tile

@@ -118,12 +118,15 @@ def test_lars_c_detects_a_wrong_result():
 
 @st.composite
 def matmul_case(draw):
-    rows = draw(st.sampled_from([1, 2, 5, 6, 7, 8, 9, 13, 31, 64, 100]))
-    depth = draw(st.sampled_from([1, 3, 16, 17, 255, 256, 257, 576]))
-    cols = draw(st.sampled_from([1, 5, 15, 16, 31, 32, 33, 70, 300, 700]))
+    rows = draw(st.sampled_from([1, 2, 3, 4, 5, 7, 9, 31, 64, 100]))
+    depth = draw(st.sampled_from([1, 3, 16, 17, 31, 32, 33, 255, 257, 576]))
+    cols = draw(st.sampled_from([1, 5, 15, 31, 32, 33, 70, 300, 700]))
     fmt = draw(st.sampled_from(["f16", "bf16"]))
+    # the tile budget: small ones make many tiles, tiles narrower than the matrix, and
+    # (for dx = dy W on a tall W) the row tiles summed into dx
+    tile_floats = draw(st.sampled_from([32, 100, 32 * 40, 5000, kernels._TILE_FLOATS]))
     seed = draw(st.integers(0, 2**31 - 1))
-    return rows, depth, cols, fmt, seed
+    return rows, depth, cols, fmt, tile_floats, seed
 
 
 def half_weight(shape, fmt, rng):
@@ -131,36 +134,61 @@ def half_weight(shape, fmt, rng):
     return W32.astype(np.float16) if fmt == "f16" else kernels.f32_to_bf16(W32)
 
 
+class tile_floats:
+    """Set kernels._TILE_FLOATS inside a with block (hypothesis and fixtures don't mix)."""
+
+    def __init__(self, floats):
+        self.floats, self.saved = floats, kernels._TILE_FLOATS
+
+    def __enter__(self):
+        kernels._TILE_FLOATS = self.floats
+
+    def __exit__(self, *exc):
+        kernels._TILE_FLOATS = self.saved
+
+
 @needs_c
 @settings(max_examples=MAX_EXAMPLES, deadline=None)
 @given(matmul_case())
 def test_matmul_xwT_c_equals_twin(case):
-    rows, in_f, out_f, fmt, seed = case
+    """Same tiles, same BLAS calls on the same (exactly dequantized) numbers: equal bits.
+    Fewer than _FEW_ROWS rows go through minilars_matvec_xwT, whose sums run in another
+    order: there the twin is matched to float32 rounding. Both match the float64 product."""
+    rows, in_f, out_f, fmt, floats, seed = case
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(rows, in_f)).astype(np.float32)
     W = half_weight((out_f, in_f), fmt, rng)
-    with kernels.use_c(True):
-        got = kernels.matmul_xwT(x, W)
-    want = kernels.matmul_xwT_numpy(x.astype(np.float64), W)
-    size = np.abs(x.astype(np.float64)) @ np.abs(kernels.half_to_float(W, np.float64)).T
+    with tile_floats(floats):
+        with kernels.use_c(True):
+            got = kernels.matmul_xwT(x, W)
+        twin = kernels.matmul_xwT_numpy(x, W)
     assert got.shape == (rows, out_f) and got.dtype == np.float32
-    assert close(got, want, size)
+    W64 = kernels.half_to_float(W, np.float64)
+    size = np.abs(x.astype(np.float64)) @ np.abs(W64).T
+    if rows >= kernels._FEW_ROWS:
+        np.testing.assert_array_equal(got, twin)
+    else:
+        assert close(got, twin, size)
+    assert close(got, x.astype(np.float64) @ W64.T, size)
 
 
 @needs_c
 @settings(max_examples=MAX_EXAMPLES, deadline=None)
 @given(matmul_case())
 def test_matmul_dyW_c_equals_twin(case):
-    rows, out_f, in_f, fmt, seed = case
+    rows, out_f, in_f, fmt, floats, seed = case
     rng = np.random.default_rng(seed)
     dy = rng.normal(size=(rows, out_f)).astype(np.float32)
     W = half_weight((out_f, in_f), fmt, rng)
-    with kernels.use_c(True):
-        got = kernels.matmul_dyW(dy, W)
-    want = kernels.matmul_dyW_numpy(dy.astype(np.float64), W)
-    size = np.abs(dy.astype(np.float64)) @ np.abs(kernels.half_to_float(W, np.float64))
+    with tile_floats(floats):
+        with kernels.use_c(True):
+            got = kernels.matmul_dyW(dy, W)
+        twin = kernels.matmul_dyW_numpy(dy, W)
     assert got.shape == (rows, in_f) and got.dtype == np.float32
-    assert close(got, want, size)
+    np.testing.assert_array_equal(got, twin)
+    W64 = kernels.half_to_float(W, np.float64)
+    size = np.abs(dy.astype(np.float64)) @ np.abs(W64)
+    assert close(got, dy.astype(np.float64) @ W64, size)
 
 
 def test_matmul_twins_equal_plain_float_products():
@@ -168,22 +196,71 @@ def test_matmul_twins_equal_plain_float_products():
     x = rng.normal(size=(5, 600)).astype(np.float32)
     dy = rng.normal(size=(5, 300)).astype(np.float32)
     W16 = rng.normal(size=(300, 600)).astype(np.float16)
-    np.testing.assert_allclose(kernels.matmul_xwT_numpy(x, W16), x @ W16.astype(np.float32).T,
-                               rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(kernels.matmul_dyW_numpy(dy, W16), dy @ W16.astype(np.float32),
-                               rtol=1e-5, atol=1e-4)
+    with tile_floats(5000):                    # several tiles, a summed row tile in dy W
+        np.testing.assert_allclose(kernels.matmul_xwT_numpy(x, W16),
+                                   x @ W16.astype(np.float32).T, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(kernels.matmul_dyW_numpy(dy, W16),
+                                   dy @ W16.astype(np.float32), rtol=1e-5, atol=1e-4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 5000), st.integers(1, 6000))
+def test_tiles_cover_the_matrix_within_the_budget(n, most):
+    pieces = kernels._split(n, most)
+    assert pieces[0][0] == 0 and pieces[-1][1] == n
+    assert all(a1 == b0 for (_, a1), (b0, _) in zip(pieces, pieces[1:]))
+    size = pieces[0][1] - pieces[0][0]
+    assert size <= max(most, kernels._TILE_ALIGN)
+    assert all(a0 % kernels._TILE_ALIGN == 0 for a0, _ in pieces)
+    assert all(a1 - a0 == size for a0, a1 in pieces[:-1])
+    assert len(pieces) == -(-n // max(most // kernels._TILE_ALIGN * kernels._TILE_ALIGN,
+                                      kernels._TILE_ALIGN))
+
+
+@pytest.mark.parametrize("out_f,in_f", [(1536, 576), (576, 1536), (49152, 576), (7, 70000)])
+def test_dyW_tiles_cover_W_once(out_f, in_f):
+    seen = np.zeros((out_f, in_f), np.int8)
+    for k0, k1, c0, c1 in kernels._dyW_tiles(out_f, in_f):
+        seen[k0:k1, c0:c1] += 1
+        if in_f <= kernels._TILE_FLOATS // kernels._TILE_ALIGN:
+            assert (k1 - k0) * (c1 - c0) <= kernels._TILE_FLOATS
+    assert (seen == 1).all()
+
+
+def _every_bit_pattern(fmt):
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16).reshape(256, 256)
+    return bits.view(np.float16) if fmt == "f16" else bits
+
+
+def _same_values(got, want):
+    assert got.dtype == np.float32 and got.shape == want.shape
+    nan = np.isnan(want)
+    assert (np.isnan(got) == nan).all()
+    np.testing.assert_array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
 
 
 @needs_c
-def test_half_conversion_in_c_is_exact_for_every_bit_pattern():
-    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
-    f16 = bits.view(np.float16)
-    got = kernels.half_to_f32_c(f16)
-    want = f16.astype(np.float32)
-    same = (got == want) | (np.isnan(got) & np.isnan(want))
-    assert same.all()
-    np.testing.assert_array_equal(kernels.half_to_f32_c(bits).view(np.uint32),
-                                  kernels.bf16_to_f32(bits).view(np.uint32))
+@pytest.mark.parametrize("fmt", ["f16", "bf16"])
+def test_dequantize_in_c_is_exact_for_every_bit_pattern(fmt):
+    W = _every_bit_pattern(fmt)
+    want = W.astype(np.float32) if fmt == "f16" else kernels.bf16_to_f32(W)
+    with kernels.use_c(True):
+        _same_values(kernels.dequantize(W), want)
+        _same_values(kernels.dequantize(W, rows=(3, 250), cols=(17, 255)), want[3:250, 17:255])
+        _same_values(kernels.dequantize(W, rows=(255, 256), cols=(0, 1)), want[255:, :1])
+    _same_values(kernels.dequantize_numpy(W, 0, 256, 0, 256), want)
+
+
+@needs_c
+def test_f16_nan_payloads_and_signs_survive():
+    """Each NaN keeps its sign and payload (F16C, __fp16 and the bit manipulation agree)."""
+    W = _every_bit_pattern("f16")
+    with kernels.use_c(True):
+        got = kernels.dequantize(W).view(np.uint32)
+    bits = W.view(np.uint16).astype(np.uint32)
+    nan = ((bits >> 10) & 0x1F == 0x1F) & (bits & 0x3FF != 0)
+    want = ((bits & 0x8000) << 16) | 0x7F800000 | ((bits & 0x3FF) << 13)
+    np.testing.assert_array_equal(got[nan] & ~np.uint32(0x00400000), want[nan] & ~np.uint32(0x00400000))
 
 
 # ------------------------------------------------------------------ bfloat16 helpers
@@ -305,6 +382,68 @@ def test_matmul_dyW_bad_arguments_raise_before_c(c_must_not_run):
         kernels.matmul_dyW(dy, W[::2])
 
 
+BAD_DEQUANTIZE = [
+    ("W", lambda W: (W.astype(np.float32), None, None)),
+    ("W", lambda W: (W.T, None, None)),                                 # non-contiguous
+    ("W", lambda W: (W.reshape(-1), None, None)),
+    ("W", lambda W: (W[:0], None, None)),
+    ("rows", lambda W: (W, (0, 7), None)),
+    ("rows", lambda W: (W, (3, 3), None)),
+    ("rows", lambda W: (W, (-1, 2), None)),
+    ("rows", lambda W: (W, 2, None)),
+    ("cols", lambda W: (W, None, (0, 9))),
+    ("cols", lambda W: (W, None, (0.0, 2))),
+    ("cols", lambda W: (W, None, (1, 2, 3))),
+]
+
+
+@pytest.mark.parametrize("name,make", BAD_DEQUANTIZE)
+def test_dequantize_bad_arguments_raise_before_c(c_must_not_run, name, make):
+    W = np.ones((6, 8), np.float16)
+    a, rows, cols = make(W)
+    with pytest.raises(ValueError, match=name):
+        kernels.dequantize(a, rows=rows, cols=cols)
+
+
+@needs_c
+def test_c_dequantize_refuses_bad_ranges_and_writes_nothing():
+    """The kernel's own range checks (a second line behind the Python ones)."""
+    lib, ffi = kernels._lib, kernels._ffi
+    W = np.arange(24, dtype=np.float16).reshape(4, 6)
+    tile = np.full(24, 7.0, np.float32)
+    args = lambda *a: (ffi.from_buffer("uint16_t[]", W), *a, ffi.from_buffer("float[]", tile))
+    for fmt, bounds in [(lib.MINILARS_WEIGHT_F16, (4, 6, 0, 5, 0, 6)),     # r1 > rows
+                        (lib.MINILARS_WEIGHT_F16, (4, 6, 2, 2, 0, 6)),     # empty rows
+                        (lib.MINILARS_WEIGHT_F16, (4, 6, 0, 4, 3, 7)),     # c1 > cols
+                        (lib.MINILARS_WEIGHT_F16, (4, 6, -1, 4, 0, 6)),
+                        (lib.MINILARS_WEIGHT_F16, (0, 6, 0, 1, 0, 6)),     # no rows at all
+                        (99, (4, 6, 0, 4, 0, 6))]:                         # unknown format
+        assert lib.minilars_dequantize(*args(fmt, *bounds)) == lib.MINILARS_ERR_ARGS
+    assert (tile == 7.0).all()
+    assert lib.minilars_dequantize(*args(lib.MINILARS_WEIGHT_F16, 4, 6, 1, 3, 2, 5)) == lib.MINILARS_OK
+    np.testing.assert_array_equal(tile[:6], W[1:3, 2:5].astype(np.float32).ravel())
+    assert (tile[6:] == 7.0).all()
+
+
+@needs_c
+def test_c_matvec_refuses_a_short_workspace_and_writes_nothing():
+    lib, ffi = kernels._lib, kernels._ffi
+    x, W = np.ones((2, 8), np.float32), np.ones((5, 8), np.float16)
+    y = np.full((2, 5), 7.0, np.float32)
+    need = lib.minilars_matvec_xwT_workspace(8, 2)
+    assert need == 16 and lib.minilars_matvec_xwT_workspace(0, 2) == -1
+    work = np.empty(need - 1, np.float32)
+    rc = lib.minilars_matvec_xwT(ffi.from_buffer("float[]", x), ffi.from_buffer("uint16_t[]", W),
+                                 lib.MINILARS_WEIGHT_F16, 2, 8, 5, ffi.from_buffer("float[]", y),
+                                 2, ffi.from_buffer("float[]", work), work.size)
+    assert rc == lib.MINILARS_ERR_ARGS and (y == 7.0).all()
+    work = np.empty(need, np.float32)
+    rc = lib.minilars_matvec_xwT(ffi.from_buffer("float[]", x), ffi.from_buffer("uint16_t[]", W),
+                                 lib.MINILARS_WEIGHT_F16, 2, 8, 5, ffi.from_buffer("float[]", y),
+                                 0, ffi.from_buffer("float[]", work), work.size)   # no threads
+    assert rc == lib.MINILARS_ERR_ARGS and (y == 7.0).all()
+
+
 def test_good_arguments_do_reach_c(c_must_not_run):
     """The fixture itself works: valid float32 arguments do call into C."""
     x, _, U, V, alpha = _good_lars()
@@ -375,7 +514,6 @@ def test_c_refuses_a_short_workspace_and_writes_nothing():
                                    ffi.from_buffer("float[]", out), threads,
                                    ffi.from_buffer("float[]", work), work.size)
     assert rc == lib.MINILARS_ERR_ARGS and (out == 7.0).all()
-    assert lib.minilars_matmul_xwT_workspace(0, 8, 8, threads) == -1
 
 
 @needs_c
@@ -395,3 +533,26 @@ def test_c_temporaries_do_not_grow_with_rows():
     small, large = temporaries(64, True), temporaries(1024, True)
     assert all(abs(a - b) < 1024 for a, b in zip(small, large))     # Python objects aside
     assert temporaries(1024, False)[1] > 4 * temporaries(64, False)[1]
+
+
+@needs_c
+@pytest.mark.parametrize("fmt", ["f16", "bf16"])
+def test_half_matmul_temporaries_are_one_tile(fmt):
+    """The C path's only temporary is its tile buffer (at most _TILE_FLOATS floats), for
+    any number of rows. The twin's new tile per tile is freed before the next one: its peak
+    is one tile too for float16, and twice that for bfloat16 (a uint32 copy first)."""
+    from minilars.bench import _temporary_bytes
+    rng = np.random.default_rng(0)
+    W = half_weight((1536, 576), fmt, rng)
+    for rows in (64, 512):
+        x = rng.normal(size=(rows, 576)).astype(np.float32)
+        dy = rng.normal(size=(rows, 1536)).astype(np.float32)
+        for fn in (lambda: kernels.matmul_xwT(x, W), lambda: kernels.matmul_dyW(dy, W)):
+            with kernels.use_c(True):
+                c_bytes = _temporary_bytes(fn)
+            with kernels.use_c(False):
+                twin_bytes = _temporary_bytes(fn)
+            assert 4 * kernels._TILE_FLOATS // 2 < c_bytes <= 4 * kernels._TILE_FLOATS + 4096
+            assert c_bytes <= twin_bytes + 4096                    # Python objects aside
+            if fmt == "bf16":
+                assert 2 * c_bytes < twin_bytes + 8192
