@@ -59,3 +59,20 @@ def test_other_ops_float32():
     dW = np.zeros_like(E)
     _, dx = cross_entropy_chunked(x.reshape(6, 8), E, t, dW=dW, chunk=4)
     _all_f32(dx, dW)
+
+
+def test_linear_with_half_precision_weights_float32():
+    """A float16 or bfloat16-bits frozen W, through the C path and its twin, with many rows
+    (tiles and BLAS) and one row (the streaming kernel): float32 out, forward and back."""
+    from minilars import kernels
+    W16 = _r(70, 40, seed=7).astype(np.float16)
+    Wbf = kernels.f32_to_bf16(_r(70, 40, seed=8))
+    paths = (True, False) if kernels.c_available() else (False,)
+    for W in (W16, Wbf):
+        for x in (_r(2, 3, 40), _r(1, 1, 40, seed=9)):
+            for enabled in paths:
+                with kernels.use_c(enabled):
+                    y = linear_forward(x, W)
+                    dx, _, _ = linear_backward(y, None, W)
+                _all_f32(y, dx)
+                assert y.shape == x.shape[:-1] + (70,) and dx.shape == x.shape
