@@ -6,7 +6,9 @@ call (tracemalloc peak during the call minus the bytes of what it returns).
 `format_kernel_table(rows)` prints them. `minilars bench kernels` calls both.
 The C kernels' workspace is a NumPy array, so it is counted in their temporaries.
 For the half-precision matmuls, the float32 BLAS product x @ W32.T (W held in float32)
-is timed as well: the goal is to be close to it without ever holding W in float32.
+is timed as well: the goal is to be close to it without ever holding W in float32. Their
+rows are the MLP's projections at `seq` tokens, the tied LM head (49152 x 576) at the
+loss's chunk of 128 rows, and one token of generation.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import tracemalloc
 import numpy as np
 
 from minilars import kernels
+from minilars.ops.loss import DEFAULT_CHUNK            # rows of logits at once in the loss
 
-HIDDEN, MLP = 576, 1536          # SmolLM2-135M
+HIDDEN, MLP, VOCAB = 576, 1536, 49152      # SmolLM2-135M
 RANK, BLOCK = 8, 32
 
 
@@ -86,22 +89,26 @@ def bench_kernels(seq: int = 512, repeats: int = 15, seed: int = 0) -> list[dict
         rows.append(_measure("lars_backward", shape,
                              lambda: kernels.lars_gate_backward(dxt, x, U, V, alpha, BLOCK),
                              repeats))
-    for out_f, in_f in ((MLP, HIDDEN), (HIDDEN, MLP)):    # up/gate and down projections
+    # up/gate and down projections; the LM head (float16 only: the same path as bfloat16)
+    for n, out_f, in_f, labels in ((seq, MLP, HIDDEN, ("f16", "bf16")),
+                                   (seq, HIDDEN, MLP, ("f16", "bf16")),
+                                   (DEFAULT_CHUNK, VOCAB, HIDDEN, ("f16",))):
         W32 = (rng.normal(size=(out_f, in_f)) / np.sqrt(in_f)).astype(np.float32)
-        x = rng.normal(size=(seq, in_f)).astype(np.float32)
-        dy = rng.normal(size=(seq, out_f)).astype(np.float32)
+        x = rng.normal(size=(n, in_f)).astype(np.float32)
+        dy = rng.normal(size=(n, out_f)).astype(np.float32)
         blas_xwT = 1e3 * _median_seconds(lambda: x @ W32.T, repeats)
         blas_dyW = 1e3 * _median_seconds(lambda: dy @ W32, repeats)
-        for label, W in (("f16", W32.astype(np.float16)), ("bf16", kernels.f32_to_bf16(W32))):
-            shape = f"x ({seq}, {in_f}) W ({out_f}, {in_f}) {label}"
+        for label in labels:
+            W = W32.astype(np.float16) if label == "f16" else kernels.f32_to_bf16(W32)
+            shape = f"x ({n}, {in_f}) W ({out_f}, {in_f}) {label}"
             row = _measure("matmul_xwT", shape, lambda: kernels.matmul_xwT(x, W), repeats)
             row["blas_f32_ms"] = blas_xwT
             rows.append(row)
-            shape = f"dy ({seq}, {out_f}) W ({out_f}, {in_f}) {label}"
+            shape = f"dy ({n}, {out_f}) W ({out_f}, {in_f}) {label}"
             row = _measure("matmul_dyW", shape, lambda: kernels.matmul_dyW(dy, W), repeats)
             row["blas_f32_ms"] = blas_dyW
             rows.append(row)
-    # one token at a time (generation): W is streamed once per call
+    # one token at a time (generation): W is streamed once per call (minilars_matvec_xwT)
     W32 = (rng.normal(size=(MLP, HIDDEN)) / np.sqrt(HIDDEN)).astype(np.float32)
     W16, x1 = W32.astype(np.float16), rng.normal(size=(1, HIDDEN)).astype(np.float32)
     row = _measure("matmul_xwT", f"x (1, {HIDDEN}) W ({MLP}, {HIDDEN}) f16",
