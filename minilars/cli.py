@@ -13,7 +13,8 @@ import time
 import numpy as np
 
 import minilars
-from minilars import bench, evaluate, kernels
+from minilars import evaluate, kernels
+from minilars.lab import bench
 from minilars.adapters import ADAPTERS, METHODS
 from minilars.checkpoints import CHECKPOINT_STORES
 from minilars.config import named_config

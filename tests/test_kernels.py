@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from minilars import kernels
+from minilars.lab.bench import _temporary_bytes
 from minilars.ops import lars_gate as lars_spec
 
 needs_c = pytest.mark.skipif(not kernels.c_available(), reason="minilars._cext not built")
@@ -521,7 +522,6 @@ def test_c_temporaries_do_not_grow_with_rows():
     """Traced temporaries of the fused LARS kernels (workspace included: it is a NumPy
     array) are the same for 64 and 1024 rows (up to a few Python objects); the NumPy
     twin's grow with the rows."""
-    from minilars.bench import _temporary_bytes
 
     def temporaries(rows, enabled):
         x, dxt, U, V, alpha = lars_tensors(rows, 576, 8, 32, seed=0)
@@ -541,7 +541,6 @@ def test_half_matmul_temporaries_are_one_tile(fmt):
     """The C path's only temporary is its tile buffer (at most _TILE_FLOATS floats), for
     any number of rows. The twin's new tile per tile is freed before the next one: its peak
     is one tile too for float16, and twice that for bfloat16 (a uint32 copy first)."""
-    from minilars.bench import _temporary_bytes
     rng = np.random.default_rng(0)
     W = half_weight((1536, 576), fmt, rng)
     for rows in (64, 512):

@@ -18,6 +18,11 @@ import tracemalloc
 import numpy as np
 
 from minilars import kernels
+from minilars.config import named_config
+from minilars.lab.memory_curve import build_model
+from minilars.memory import Ledger, mib, register_params
+from minilars.model import StepOptions, forward_backward, next_token_targets, zero_grads
+from minilars.optim import AdamW, clip_grad_norm
 from minilars.ops.loss import DEFAULT_CHUNK            # rows of logits at once in the loss
 
 HIDDEN, MLP, VOCAB = 576, 1536, 49152      # SmolLM2-135M
@@ -137,10 +142,6 @@ def format_kernel_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    print(format_kernel_table(bench_kernels()))
-
-
 # ---------------------------------------------------------------- a whole training step
 
 def bench_step(arch: str = "smollm2-135m", method: str = "lars", seq: int = 512,
@@ -149,13 +150,6 @@ def bench_step(arch: str = "smollm2-135m", method: str = "lars", seq: int = 512,
     variant: C core on/off x frozen weights in float32/float16 (float16 only for adapter
     methods: full fine-tuning trains, so keeps float32, every weight). Median of `repeats`
     timed steps after one warm-up step. Ratios within one run are what to compare."""
-    from minilars.config import named_config
-    from minilars.memory import Ledger, mib
-    from minilars.lab.memory_curve import build_model
-    from minilars.memory import register_params
-    from minilars.model import StepOptions, forward_backward, next_token_targets, zero_grads
-    from minilars.optim import AdamW, clip_grad_norm
-
     cfg = named_config(arch)
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(batch, seq))
     targets = next_token_targets(tokens)
@@ -200,8 +194,3 @@ def format_step_table(rows: list[dict]) -> str:
         lines.append(f"{r['weights']:<8} {'yes' if r['c_core'] else 'no':<7} {r['seconds']:8.2f} "
                      f"{r['tok_per_s']:8.0f} {r['weight_mib']:12.1f} {r['seconds'] / base['seconds']:11.2f}")
     return "\n".join(lines)
-
-
-def bench_step_cli(args) -> None:
-    rows = bench_step(args.arch, args.method, args.seq, args.policy, repeats=args.repeats)
-    print(format_step_table(rows))
