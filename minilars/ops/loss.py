@@ -98,6 +98,7 @@ def cross_entropy_chunked(x, W, targets, need_dx=True, dW=None, chunk=DEFAULT_CH
         sums = logits.sum(axis=-1)
         total += float((peak[rows] + np.log(sums[rows]) - target_logits).sum())
         if not need_dx and dW is None:
+            del logits                    # before the next chunk's block is allocated
             continue
         logits /= sums[:, None]                                        # softmax: now dlogits
         logits[rows, t[rows]] -= 1.0
@@ -109,4 +110,5 @@ def cross_entropy_chunked(x, W, targets, need_dx=True, dW=None, chunk=DEFAULT_CH
             for v0 in range(0, W.shape[0], VOCAB_SLAB):
                 v1 = min(v0 + VOCAB_SLAB, W.shape[0])
                 dW[v0:v1] += logits[:, v0:v1].T @ x[r0:r1]
+        del logits                        # before the next chunk's block is allocated
     return total / n, dx

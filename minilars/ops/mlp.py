@@ -44,10 +44,13 @@ def swiglu_forward(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     return act.reshape(g.shape)
 
 
-def swiglu_backward(dact: np.ndarray, g: np.ndarray, u: np.ndarray):
-    """Returns (dg, du), each (..., F), from dact and the kept g and u."""
+def swiglu_backward(dact: np.ndarray, g: np.ndarray, u: np.ndarray, dg_out=None):
+    """Returns (dg, du), each (..., F), from dact and the kept g and u. dg_out=dact writes
+    dg over dact, block by block once the block is used (the caller is done with dact):
+    one (T, F) array fewer alive in the backward."""
     d2, g2, u2 = (a.reshape(-1, a.shape[-1]) for a in (dact, g, u))
-    dg, du = np.empty_like(g2), np.empty_like(g2)
+    dg = np.empty_like(g2) if dg_out is None else dg_out.reshape(g2.shape)
+    du = np.empty_like(g2)
     for r0 in range(0, g2.shape[0], ROWS):
         rows = slice(r0, r0 + ROWS)
         gr, dr = g2[rows], d2[rows]

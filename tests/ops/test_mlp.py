@@ -50,3 +50,14 @@ def test_row_blocks_change_nothing():
     np.testing.assert_array_equal(du, d * (g * whole_sig))
     np.testing.assert_array_equal(dg, d * u * (whole_sig * (1.0 + g * (1.0 - whole_sig))))
     np.testing.assert_array_equal(swiglu_forward(g, u), g * whole_sig * u)
+
+
+def test_dg_may_take_dacts_place():
+    rng = np.random.default_rng(6)
+    g, u, d = (rng.normal(size=(3, mlp.ROWS + 5, 8)).astype(np.float32) for _ in range(3))
+    dg, du = swiglu_backward(d, g, u)
+    d_again = d.copy()
+    dg2, du2 = swiglu_backward(d_again, g, u, dg_out=d_again)
+    assert np.shares_memory(dg2, d_again)
+    np.testing.assert_array_equal(dg2, dg)
+    np.testing.assert_array_equal(du2, du)
