@@ -28,7 +28,11 @@ from minilars.config import ModelConfig
 from minilars.frozen import parse_frozen_dtype
 from minilars.memory import CATEGORIES, RESIDENT
 from minilars.model import Model, StepOptions, block_saved, lowest_trainable_layer, step_saved
+from minilars.ops.linear import linear_backward_workspace
+from minilars.ops.loss import loss_workspace
+from minilars.ops.mlp import swiglu_backward_workspace
 from minilars.params import linear_module, linear_shapes, param_shapes
+from minilars.saved import declared_bytes
 
 
 def frozen_bytes(shape: tuple, form: str | None, dtype) -> int:
@@ -89,7 +93,9 @@ def constant_bytes(model: Model, sizes: dict) -> dict:
 
 def step_events(model: Model, B: int, T: int, opts: StepOptions):
     """The step's keeps and releases in its own order: ("keep", layer, Keep),
-    ("release", layer, op) and ("release_layer", layer)."""
+    ("release", layer, op) and ("release_layer", layer); and ("mark", moment) where the
+    workspace peaks: "loss" (the loss's chunk loop, before its gradient is kept) and
+    ("backward", i) (block i's backward starts, its saved set all alive)."""
     C, L = model.cfg.hidden_size, model.cfg.num_hidden_layers
     lowest = lowest_trainable_layer(model)
     outer = step_saved(model, B, T, opts)
@@ -100,8 +106,10 @@ def step_events(model: Model, B: int, T: int, opts: StepOptions):
             yield from (("keep", i, k) for k in block_saved(model, i, B, T, opts).values())
         else:
             yield "keep", i, store
-    for op, name in (("final_norm", "x"), ("final_norm", "rstd"), ("loss", "dx")):
+    for op, name in (("final_norm", "x"), ("final_norm", "rstd")):
         yield "keep", -1, outer[(op, name)]
+    yield "mark", "loss"
+    yield "keep", -1, outer[("loss", "dx")]
     yield "release", -1, "final_norm"
     yield "release", -1, "loss"
     for i in reversed(range(lowest, L)):
@@ -112,6 +120,7 @@ def step_events(model: Model, B: int, T: int, opts: StepOptions):
                 yield "release", i, "checkpoint"
             yield from (("keep", i, k) for k in block_saved(model, i, B, T, opts).values())
             yield "release", i, "checkpoint"
+        yield "mark", ("backward", i)
         yield "release_layer", i
     yield "release", -1, "checkpoint"
     yield "release", -1, "rope"
@@ -128,6 +137,7 @@ class Replay:
     peak_by_category: dict = None
     peak_moment: tuple = None
     max_by_category: dict = None
+    marks: dict = field(default_factory=dict)        # moment -> resident bytes live then
 
     def __post_init__(self):
         self.peak_by_category = dict(self.live)
@@ -176,6 +186,8 @@ def replay_step(model: Model, sizes: dict, B: int, T: int, opts: StepOptions) ->
         if event[0] == "keep":
             _, layer, keep = event
             ledger.keep(layer, keep, _buffer_key(layer, keep, opts))
+        elif event[0] == "mark":
+            ledger.marks[event[1]] = sum(ledger.live[c] for c in RESIDENT)
         elif event[0] == "release":
             _, layer, op = event
             for key in [k for k in ledger.entries if k[0] == layer and k[1] == op]:
@@ -184,3 +196,80 @@ def replay_step(model: Model, sizes: dict, B: int, T: int, opts: StepOptions) ->
             for key in [k for k in ledger.entries if k[0] == event[1]]:
                 ledger.release(key)
     return ledger
+
+
+TILE_BYTES = 2 << 20     # the dequantized tile of a half-precision or packed matmul (kernels)
+
+
+def _down_proj_workspace(model: Model, i: int, rows: int) -> int:
+    """What block i's down_proj backward allocates: its adapter's, or dx (and dW)."""
+    C, F = model.cfg.hidden_size, model.cfg.intermediate_size
+    if (i, "down_proj") in model.adapted:
+        return model.adapter.backward_workspace("down_proj", (rows, F), C, model.dtype)
+    need_dW = linear_module(i, "down_proj") + ".weight" in model.trainable
+    return linear_backward_workspace(rows, F, C, np.dtype(model.dtype).itemsize, need_dW)
+
+
+def workspace_peak(model: Model, sizes: dict, B: int, T: int, opts: StepOptions,
+                   replay: Replay) -> tuple[int, str]:
+    """(traced peak, where): what the step holds beyond its named tensors at the two
+    moments where that is largest, added to what the ledger holds then. At the loss:
+    the normed hidden state, one (chunk, V) block of logits and the loss's gradient. In
+    a block's backward, its saved set still alive: the incoming gradient, down_proj's
+    backward (dx, or an adapter's dx~ and dx), then SwiGLU's (dact, now dg, and du)."""
+    cfg, item = model.cfg, np.dtype(model.dtype).itemsize
+    N, C, F, V = B * T, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    tile = TILE_BYTES if any(cat == "frozen" and nbytes < int(np.prod(shape)) * item
+                             for (cat, nbytes), shape in _matrix_sizes(model, sizes)) else 0
+    moments = {"loss": replay.marks["loss"] + N * C * item + tile
+                       + loss_workspace(N, V, C, opts.ce_chunk, item)}
+    for (name, i), live in ((m, v) for m, v in replay.marks.items() if m != "loss"):
+        down_keeps = [k for k in block_saved(model, i, B, T, opts).values() if k.op == "down_proj"]
+        moments[f"layer {i} down_proj backward"] = (live + N * C * item + tile
+                                                    + _down_proj_workspace(model, i, N))
+        moments[f"layer {i} swiglu backward"] = (live - declared_bytes(down_keeps)
+                                                 + N * (C + F) * item
+                                                 + swiglu_backward_workspace(N, F, item))
+    where = max(moments, key=moments.get)
+    return max(moments[where], replay.peak_total), where
+
+
+def _matrix_sizes(model: Model, sizes: dict):
+    """((category, bytes), shape) of every 2-D base parameter."""
+    for name, shape in param_shapes(model.cfg).items():
+        if len(shape) == 2:
+            yield sizes[name], shape
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set now (VmRSS; 0 where unknown): the runtime a run of
+    minilars starts from (Python, NumPy, the C core, the tokenizer's library)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def predict(cfg: ModelConfig, method: str, adapter=None, batch: int = 1, seq: int = 512,
+            opts: StepOptions = StepOptions(), dtype=np.float32, frozen_dtype: str | None = None,
+            stored: dict | None = None, baseline: int | None = None) -> dict:
+    """The plan of one training step: the ledger's peak by category and its moment, the
+    workspace beside it, the runtime baseline, the predicted peak RSS, and the saved
+    bytes per token (the peak's slope in T)."""
+    model, sizes = plan_model(cfg, method, adapter, dtype, frozen_dtype, stored)
+    replay = replay_step(model, sizes, batch, seq, opts)
+    traced, where = workspace_peak(model, sizes, batch, seq, opts, replay)
+    longer = replay_step(model, sizes, batch, seq + 64, opts)
+    baseline = current_rss_bytes() if baseline is None else baseline
+    return {"ledger_peak_bytes": replay.peak_total,
+            "peak_by_category": dict(replay.peak_by_category),
+            "peak_moment": list(replay.peak_moment) if replay.peak_moment else None,
+            "workspace_bytes": traced - replay.peak_total, "workspace_moment": where,
+            "baseline_bytes": baseline, "peak_rss_bytes": baseline + traced,
+            "saved_bytes_per_token": (longer.peak_total - replay.peak_total) / (64 * batch),
+            "trainable_params": sum(nbytes for name, (_, nbytes) in sizes.items()
+                                    if name in model.trainable) // np.dtype(dtype).itemsize}

@@ -17,6 +17,7 @@ files and the command line ever call:
     saves(linear, x_buffer, x_shape, out, dtype)   what its forward keeps: [Keep]
     forward(site, x, saved) -> y          keeps into `saved` what backward needs
     backward(site, dy, saved, need_dx) -> (dx or None, {suffix: gradient})
+    backward_workspace(linear, x_shape, out, dtype)   bytes its backward allocates
     peft_config(layers) / from_peft_config(cfg, folder)    its adapter_config.json keys
     merge(site) -> (W, b)                 folded into the base, or AdapterError saying why not
     add_options(group) / from_options(args)                its command-line flags

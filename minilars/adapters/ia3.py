@@ -70,6 +70,12 @@ class IA3:
         return [Keep(linear, "y0", tuple(x_shape[:-1]) + (out_features,), dtype,
                      "dl = sum of dy * y0 needs the output before scaling")]
 
+    def backward_workspace(self, linear: str, x_shape: tuple, out_features: int, dtype) -> int:
+        """d(x * l) and dx (input scaling), or dy * l and dx (output scaling)."""
+        rows, in_features = int(np.prod(x_shape[:-1])), x_shape[-1]
+        width = in_features if linear in self.feedforward else out_features
+        return rows * (width + in_features) * np.dtype(dtype).itemsize
+
     def forward(self, site: Site, x: np.ndarray, saved) -> np.ndarray:
         """x (..., in) -> y (..., out); keeps x (input scaling) or y0 (output scaling)."""
         l = site.tensors["ia3_l"].reshape(-1)

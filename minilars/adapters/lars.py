@@ -99,6 +99,11 @@ class LARS:
                       Keep(linear, "s", (N, in_features // self.block), dtype, why)]
         return keeps
 
+    def backward_workspace(self, linear: str, x_shape: tuple, out_features: int, dtype) -> int:
+        """dx~ = dy W and dx, each (..., in) (the fused gate kernel's scratch is small;
+        the NumPy twin's is larger)."""
+        return 2 * int(np.prod(x_shape)) * np.dtype(dtype).itemsize
+
     def forward(self, site: Site, x: np.ndarray, saved) -> np.ndarray:
         """x (..., in) -> y (..., out) = W x~ (+ b); keeps x (and with save="keep" the
         gate's statistics)."""

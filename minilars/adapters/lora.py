@@ -70,6 +70,11 @@ class LoRA:
                 Keep(linear, "xa", lead + (self.rank,), dtype,
                      "drop(x) A^T, r numbers per token, for dB")]
 
+    def backward_workspace(self, linear: str, x_shape: tuple, out_features: int, dtype) -> int:
+        """dx = dy W and dxa A (and drop(x) with dropout), each (..., in)."""
+        n = int(np.prod(x_shape)) * np.dtype(dtype).itemsize
+        return (3 if self.dropout else 2) * n
+
     def _mask(self, site: Site, dropout_key: tuple, shape) -> np.ndarray:
         """Keep-mask scaled by 1/(1-p): the same for a given (seed, step, module)."""
         key = list(dropout_key) + [ord(c) for c in site.module]

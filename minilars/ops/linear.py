@@ -5,8 +5,9 @@ backward: dx = dy W;  dW = dy^T x;  db = sum of dy over rows
 Saves for backward: x, but only when dW is needed. A frozen weight needs no weight
 gradient, and then the backward needs nothing from the forward at all (dx = dy W uses only
 W): that is why frozen layers cost no saved activations unless an adapter asks for them.
-Weights stored in float16/bfloat16 go through the C kernels (float32 accumulation, no
-float32 copy of W); float32/float64 weights go to NumPy's BLAS.
+A frozen weight stored narrow (a float16 array, or a Packed matrix: bfloat16 bits or GGUF
+Q8_0/Q4_0/Q4_1 blocks) goes through minilars.kernels (dequantized a tile at a time, float32
+BLAS, no float32 copy of W); a float32/float64 weight of x's dtype goes to NumPy's BLAS.
 """
 import numpy as np
 
@@ -14,14 +15,16 @@ from minilars import kernels
 from minilars.saved import Keep
 
 
-def _matmul_xwT(x2d: np.ndarray, W: np.ndarray) -> np.ndarray:
-    if W.dtype == x2d.dtype:
+def _matmul_xwT(x2d: np.ndarray, W) -> np.ndarray:
+    """x2d (N, in) W^T: W (out, in) an ndarray of x's dtype, or any frozen form."""
+    if isinstance(W, np.ndarray) and W.dtype == x2d.dtype:
         return x2d @ W.T
     return kernels.matmul_xwT(np.ascontiguousarray(x2d), W)
 
 
-def _matmul_dyW(dy2d: np.ndarray, W: np.ndarray) -> np.ndarray:
-    if W.dtype == dy2d.dtype:
+def _matmul_dyW(dy2d: np.ndarray, W) -> np.ndarray:
+    """dy2d (N, out) W: W (out, in) as in _matmul_xwT."""
+    if isinstance(W, np.ndarray) and W.dtype == dy2d.dtype:
         return dy2d @ W
     return kernels.matmul_dyW(np.ascontiguousarray(dy2d), W)
 
@@ -30,6 +33,12 @@ def linear_saves(op: str, x_buffer: str, x_shape: tuple, dtype, need_dW: bool) -
     """What a linear keeps: its input (buffer `x_buffer`) when its weight trains, else nothing."""
     return [Keep(op, "x", x_shape, dtype, "dW = dy^T x needs the input", buffer=x_buffer)] \
         if need_dW else []
+
+
+def linear_backward_workspace(rows: int, in_features: int, out_features: int, itemsize: int,
+                              need_dW: bool) -> int:
+    """Bytes linear_backward allocates: dx (rows, in), and dW (out, in) when W trains."""
+    return (rows * in_features + (out_features * in_features if need_dW else 0)) * itemsize
 
 
 def linear_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:

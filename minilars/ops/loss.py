@@ -31,6 +31,12 @@ def loss_saves(rows: int, width: int, dtype) -> list[Keep]:
                  "the loss, waits here for the backward")]
 
 
+def loss_workspace(rows: int, vocab: int, width: int, chunk: int, itemsize: int) -> int:
+    """Bytes the chunked loss allocates at its peak: one (chunk, V) block of logits and
+    the (rows, C) gradient it returns."""
+    return (min(chunk, rows) * vocab + rows * width) * itemsize
+
+
 def logsumexp(logits: np.ndarray) -> np.ndarray:
     """Row-wise log(sum(exp)) with one (rows, V) temporary."""
     m = logits.max(axis=-1)

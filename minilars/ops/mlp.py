@@ -44,6 +44,11 @@ def swiglu_forward(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     return act.reshape(g.shape)
 
 
+def swiglu_backward_workspace(rows: int, width: int, itemsize: int) -> int:
+    """Bytes swiglu_backward allocates (with dg_out=dact): du, and a few row blocks."""
+    return (rows + 4 * min(ROWS, rows)) * width * itemsize
+
+
 def swiglu_backward(dact: np.ndarray, g: np.ndarray, u: np.ndarray, dg_out=None):
     """Returns (dg, du), each (..., F), from dact and the kept g and u. dg_out=dact writes
     dg over dact, block by block once the block is used (the caller is done with dact):

@@ -1,0 +1,106 @@
+"""The planner against real steps: `minilars bench plan` prints predicted and measured
+ledger peak and peak RSS for a grid of configurations on a model's shapes.
+
+Each configuration is measured in a fresh Python process (random weights, the frozen
+form asked for): two training steps, the peak RSS (VmHWM) reset before the second, so
+the optimizer's state is resident as in any step after a run's first. The prediction is
+minilars.plan's, made in this process from shapes alone.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from minilars.config import named_config
+from minilars.lab.memory_curve import build_model
+from minilars.memory import Ledger, mib, peak_rss_bytes, register_params, reset_peak_rss
+from minilars.model import StepOptions, forward_backward, next_token_targets, zero_grads
+from minilars.optim import AdamW, clip_grad_norm
+from minilars.plan import predict
+
+GRID_METHODS = ("full", "lora", "ia3", "lars")
+GRID_POLICIES = ("none", "layer")
+GRID_SEQ = (128, 512, 2048, 4096)
+GRID_FROZEN = (None, "float16")
+
+
+def grid(arch: str = "smollm2-135m") -> list[dict]:
+    """The default grid: methods x policies x lengths x frozen forms (full fine-tuning in
+    float32 only), plus the checkpoint stores at T=2048."""
+    cells = [dict(arch=arch, method=m, policy=p, seq=T, frozen=f)
+             for m, p, T, f in itertools.product(GRID_METHODS, GRID_POLICIES, GRID_SEQ, GRID_FROZEN)
+             if not (m == "full" and f)]
+    cells += [dict(arch=arch, method=m, policy="layer", seq=2048, frozen=f, checkpoints=c)
+              for m in ("lora", "lars") for f in (None, "float16") for c in ("bf16", "disk")]
+    return cells
+
+
+def measure(cell: dict) -> dict:
+    """One configuration, two steps in this process: ledger peak and peak RSS of the second."""
+    cfg = named_config(cell["arch"])
+    model = build_model(cfg, cell["method"], frozen_dtype=cell.get("frozen"))
+    opts = StepOptions(policy=cell["policy"], checkpoints=cell.get("checkpoints", "ram"))
+    ledger = Ledger()
+    register_params(model, ledger)
+    grads = zero_grads(model, ledger)
+    opt = AdamW(lr=1e-5)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(cell.get("batch", 1), cell["seq"]))
+    for step in range(2):
+        for g in grads.values():
+            g.fill(0)
+        ledger.reset_peak()
+        reset = reset_peak_rss()
+        t0 = time.perf_counter()
+        forward_backward(model, tokens, next_token_targets(tokens), grads, opts, ledger)
+        clip_grad_norm(grads, 1.0)
+        opt.step(model.params, grads, ledger=ledger)
+    return {"ledger_peak": ledger.peak_total, "rss_peak": peak_rss_bytes() if reset else None,
+            "seconds": time.perf_counter() - t0}
+
+
+def check(cells: list[dict], progress=None) -> list[dict]:
+    """Predicted against measured for every cell (each measured in a fresh process)."""
+    rows = []
+    for cell in cells:
+        cfg = named_config(cell["arch"])
+        plan = predict(cfg, cell["method"], batch=cell.get("batch", 1), seq=cell["seq"],
+                       opts=StepOptions(policy=cell["policy"],
+                                        checkpoints=cell.get("checkpoints", "ram")),
+                       frozen_dtype=cell.get("frozen"))
+        proc = subprocess.run([sys.executable, "-m", "minilars.lab.plan_check", json.dumps(cell)],
+                              capture_output=True, text=True, check=True)
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append({**cell, "plan_ledger": plan["ledger_peak_bytes"], "ledger": got["ledger_peak"],
+                     "plan_rss": plan["peak_rss_bytes"], "rss": got["rss_peak"],
+                     "moment": plan["peak_moment"], "seconds": got["seconds"]})
+        if progress:
+            progress(rows[-1])
+    return rows
+
+
+def format_check(rows: list[dict]) -> str:
+    lines = [f"{'method':<6} {'policy':<6} {'T':>5} {'frozen':<8} {'store':<5} "
+             f"{'ledger plan':>12} {'measured':>12} {'equal':>6} {'RSS plan MiB':>12} "
+             f"{'measured':>9} {'error':>7}"]
+    errors = []
+    for r in rows:
+        err = (r["plan_rss"] - r["rss"]) / r["rss"]
+        errors.append(abs(err))
+        lines.append(f"{r['method']:<6} {r['policy']:<6} {r['seq']:>5} {r['frozen'] or 'float32':<8} "
+                     f"{r.get('checkpoints', 'ram'):<5} {r['plan_ledger']:>12,} {r['ledger']:>12,} "
+                     f"{'yes' if r['plan_ledger'] == r['ledger'] else 'NO':>6} "
+                     f"{mib(r['plan_rss']):12.1f} {mib(r['rss']):9.1f} {100 * err:6.1f}%")
+    exact = sum(r["plan_ledger"] == r["ledger"] for r in rows)
+    lines.append(f"{len(rows)} configurations: ledger peak exact in {exact}; peak RSS error "
+                 f"median {100 * float(np.median(errors)):.1f}%, worst {100 * max(errors):.1f}%")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # python -m minilars.lab.plan_check '<cell JSON>': measure one cell (run by check())
+    print(json.dumps(measure(json.loads(sys.argv[1]))))
