@@ -4,7 +4,10 @@ Used by setup.py (`cffi_modules=["cext/build_cffi.py:ffibuilder"]`) and runnable
 
     python cext/build_cffi.py            # builds minilars/_cext*.so in place
 
-Flags: -O3 always; -fopenmp when a tiny OpenMP program compiles and links with it;
+Flags: -O3 always; -ffp-contract=off (no fused multiply-adds the source does not write:
+dequantization must round d * q + m twice, as minilars.quant does; MINILARS_FP_CONTRACT=1
+leaves it out, to measure or to see the bit-exactness tests fail);
+-fopenmp when a tiny OpenMP program compiles and links with it;
 -march=native when the compiler accepts it (the module is built on the machine that
 runs it; set MINILARS_NATIVE=0 to leave it out). MINILARS_SANITIZE=address builds with
 AddressSanitizer (see cext/README.md); MINILARS_PORTABLE=1 builds the plain-C loops
@@ -87,6 +90,8 @@ def compiler_accepts(source: str, flags: list[str], link: bool = True) -> bool:
 def compile_flags() -> tuple[list[str], list[str], bool]:
     """(extra_compile_args, extra_link_args, openmp) for this machine."""
     cflags, ldflags = ["-O3"], []
+    if os.environ.get("MINILARS_FP_CONTRACT") != "1" and compiler_accepts(PLAIN_PROBE, ["-ffp-contract=off"], link=False):
+        cflags.append("-ffp-contract=off")           # Q4_1's d * q + m: two roundings
     if os.environ.get("MINILARS_NATIVE", "1") != "0" and compiler_accepts(PLAIN_PROBE, ["-march=native"], link=False):
         cflags.append("-march=native")
     openmp = os.environ.get("MINILARS_OPENMP", "1") != "0" and compiler_accepts(OPENMP_PROBE, ["-fopenmp"])

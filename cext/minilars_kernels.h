@@ -2,7 +2,9 @@
  *
  * Every kernel has a NumPy twin that is its specification:
  *   LARS gate        minilars/ops/lars_gate.py   lars_gate_forward / lars_gate_backward
- *   dequantize       minilars/kernels.py         dequantize_numpy
+ *   dequantize       minilars/kernels.py         dequantize_numpy (minilars.quant.dequantize,
+ *                                                minilars.frozen.bf16_values)
+ *   gather rows      minilars/frozen.py          rows_to_float
  *   few-rows x W^T   minilars/kernels.py         matmul_xwT_numpy
  *
  * Conventions, for every function below:
@@ -33,6 +35,10 @@
 /* Formats of a frozen weight, held row after row (minilars_dequantize reads them). */
 #define MINILARS_WEIGHT_F16 1   /* IEEE half precision, stored as uint16 bits */
 #define MINILARS_WEIGHT_BF16 2  /* bfloat16: the top 16 bits of a float32     */
+/* GGUF blocks of 32 consecutive weights of a row (layout: minilars/quant.py):      */
+#define MINILARS_WEIGHT_Q8_0 3  /* 34 bytes: f16 d, int8 q[32];         w = d * q        */
+#define MINILARS_WEIGHT_Q4_0 4  /* 18 bytes: f16 d, 16 bytes of nibbles; w = d * (q - 8) */
+#define MINILARS_WEIGHT_Q4_1 5  /* 20 bytes: f16 d, f16 m, nibbles;      w = d * q + m    */
 
 /* 1 when compiled with OpenMP, else 0. */
 int minilars_has_openmp(void);
@@ -74,10 +80,12 @@ int minilars_lars_backward(const float *dx_tilde, const float *x,
 
 /* Dequantize a tile of a frozen weight: rows [r0, r1) and columns [c0, c1) of W (rows,
  * cols), held in weight_format row after row, into tile (r1 - r0, c1 - c0) float32,
- * row-major. Exact for F16 and BF16 (every such value is a float32).
+ * row-major. Exact for F16 and BF16 (every such value is a float32); for the GGUF blocks
+ * the same float32 bits as minilars.quant.dequantize (Q4_1's d * q + m rounds twice).
  *   reads   W, the rows r0 .. r1-1 only
  *   writes  tile
- * c0 and c1 must fall on the format's block boundaries (any column for F16/BF16). This is
+ * c0 and c1 must fall on the format's block boundaries (multiples of 32 for the GGUF
+ * formats, any column for F16/BF16), and cols must be a whole number of blocks. This is
  * the C half of every product with a half-precision W: minilars/kernels.py dequantizes one
  * tile at a time into a reused buffer and hands it to NumPy's BLAS. One thread: it runs
  * between BLAS calls, and OpenMP threads there measured slower (BLAS's threads still
@@ -85,6 +93,16 @@ int minilars_lars_backward(const float *dx_tilde, const float *x,
  * Twin: minilars.kernels.dequantize_numpy. */
 int minilars_dequantize(const void *W, int weight_format, int64_t rows, int64_t cols,
                         int64_t r0, int64_t r1, int64_t c0, int64_t c1, float *tile);
+
+/* Rows index[0 .. n-1] of a frozen weight W (rows, cols) in weight_format, each
+ * dequantized whole as minilars_dequantize does it (an embedding lookup).
+ *   reads   index (n) int64, each in [0, rows) (all checked before anything is written);
+ *           the rows of W they name, only those
+ *   writes  out (n, cols) float32
+ * One thread (n rows of `cols` floats: a few microseconds per token).
+ * Twin: minilars.frozen.rows_to_float. */
+int minilars_gather_rows(const void *W, int weight_format, int64_t rows, int64_t cols,
+                         const int64_t *index, int64_t n, float *out);
 
 /* y = x W^T for a few rows of x (generation: one token), float32 accumulation.
  *   reads   x (rows, in) float32, W (out, in) in weight_format

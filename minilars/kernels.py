@@ -17,11 +17,15 @@ The C kernels allocate nothing: each call allocates its scratch here as a NumPy 
 
 Kernels and their twins (the twin is the specification):
     lars_gate_forward / lars_gate_backward   minilars.ops.lars_gate (same names)
-    dequantize   a tile of a half-precision W to float32    dequantize_numpy
+    dequantize   a tile of a frozen W to float32    dequantize_numpy (minilars.quant.dequantize,
+                                                    minilars.frozen.bf16_values)
+    gather_rows  rows of a frozen E to float32      minilars.frozen.rows_to_float
     matmul_xwT   y = x W^T    matmul_xwT_numpy   (tiles dequantized in C, NumPy's BLAS;
                                                   few rows: minilars_matvec_xwT)
     matmul_dyW   dx = dy W    matmul_dyW_numpy
-W may be float32/float64 (NumPy BLAS), float16, or bfloat16 stored as uint16.
+A frozen W may be a float32/float64 ndarray (NumPy's BLAS), a float16 ndarray, or a
+minilars.frozen.Packed matrix: bfloat16 bits ("bf16") or GGUF blocks ("q8_0", "q4_0",
+"q4_1").
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ import os
 
 import numpy as np
 
+from minilars import quant
+from minilars.frozen import Packed, bf16_values, rows_to_float
 from minilars.ops import lars_gate as lars_spec
 
 # ---------------------------------------------------------------------- loading
@@ -139,7 +145,7 @@ def _workspace(where: str, floats: int) -> np.ndarray:
 
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-_WEIGHTS = _FLOATS + (np.dtype(np.float16), np.dtype(np.uint16))
+_HALF = (np.dtype(np.float16),)
 
 
 # ------------------------------------------------------------- LARS gate
@@ -223,69 +229,72 @@ def lars_gate_backward(dx_tilde: np.ndarray, x: np.ndarray, U: np.ndarray, V: np
     return (dx.reshape(x.shape) if need_dx else None), dU, dV, dalpha[0]
 
 
-# ------------------------------------------------------------- bfloat16
-
-def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
-    """bfloat16 bits (uint16 array) -> float32 values (exact: the bits are the top half)."""
-    u16 = np.asarray(u16)
-    if u16.dtype != np.uint16:
-        raise ValueError(f"bf16_to_f32: expected uint16 bits, got dtype {u16.dtype}")
-    return (u16.astype(np.uint32) << 16).view(np.float32)
-
-
-def f32_to_bf16(f32: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits (uint16), rounding to nearest, ties to even; NaN stays a
-    (quiet) NaN, overflow rounds to infinity as IEEE rounding does."""
-    f32 = np.asarray(f32, dtype=np.float32)
-    bits = f32.view(np.uint32).astype(np.uint64)
-    lsb = (bits >> 16) & 1
-    rounded = ((bits + 0x7FFF + lsb) >> 16).astype(np.uint16)
-    nan = np.isnan(f32)
-    if nan.any():
-        rounded[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)
-    return rounded
-
-
-def half_to_float(W: np.ndarray, dtype=np.float32) -> np.ndarray:
-    """float16 or bfloat16-as-uint16 (or float) weights -> `dtype` (a new array)."""
-    if W.dtype == np.uint16:
-        return bf16_to_f32(W).astype(dtype, copy=False)
-    return W.astype(dtype)
-
-
 # ------------------------------------------------------------- frozen weights
 #
-# A frozen weight W (out, in) is float32/float64 (NumPy's BLAS directly), float16, or
-# bfloat16 bits (uint16). Products with a half-precision W go one tile of W at a time:
-# the tile is dequantized into a float32 buffer, by the C kernel minilars_dequantize into
-# one buffer reused for every tile (the C path), or by NumPy into a new array (the twins,
-# dequantize_numpy), and NumPy's BLAS multiplies by it with out= into the result's slice.
-# Both paths run the same driver (_xwT_tiled, _dyW_tiled) with the same tiles, so they
-# make the same BLAS calls on the same numbers: their results are bit-identical. A new
-# weight format is one more case in the C kernel and in dequantize_numpy; the driver
-# does not change. With fewer than _FEW_ROWS rows (generation: one token), y = x W^T is
-# one C call that streams W once (minilars_matvec_xwT).
+# A frozen weight W (out, in) is a float32/float64 ndarray (NumPy's BLAS directly), a
+# float16 ndarray, or a Packed matrix (bf16 bits; GGUF blocks of 32 weights along a row).
+# Products with the narrow forms go one tile of W at a time: the tile is dequantized into a
+# float32 buffer, by the C kernel minilars_dequantize into one buffer reused for every tile
+# (the C path), or by NumPy into a new array (the twins, dequantize_numpy), and NumPy's
+# BLAS multiplies by it with out= into the result's slice. Both paths run the same driver
+# (_xwT_tiled, _dyW_tiled) with the same tiles, so they make the same BLAS calls on the
+# same numbers: their results are bit-identical. Tile edges are multiples of _TILE_ALIGN
+# (32), so they fall on the GGUF block boundaries. A new weight format is one more case in
+# the C kernel and in dequantize_numpy; the driver does not change. With fewer than
+# _FEW_ROWS rows (generation: one token), y = x W^T is one C call that streams W once
+# (minilars_matvec_xwT).
 
 _TILE_FLOATS = 1 << 19   # at most this many floats in one dequantized tile of W (2 MiB)
 _TILE_ALIGN = 32         # tile edges on multiples of 32 (GGUF's blocks, BLAS's register tiles)
 _FEW_ROWS = 8            # x with fewer rows: minilars_matvec_xwT (it measured faster up to ~10)
 
+# Packed formats -> the C kernels' MINILARS_WEIGHT_* names (float16 ndarrays: ..._F16)
+_PACKED_CODES = {"bf16": "MINILARS_WEIGHT_BF16", "q8_0": "MINILARS_WEIGHT_Q8_0",
+                 "q4_0": "MINILARS_WEIGHT_Q4_0", "q4_1": "MINILARS_WEIGHT_Q4_1"}
 
-def _weight_format(W: np.ndarray) -> int:
+
+def _check_frozen(name: str, W, where: str) -> None:
+    """W must be a float16 ndarray or a Packed matrix of a known format whose data the C
+    kernels can read (C-contiguous, non-empty; that data matches its shape is checked by
+    Packed itself, when it is made)."""
+    if isinstance(W, Packed):
+        if W.format not in _PACKED_CODES:
+            raise ValueError(f"{where}: {name} is a Packed matrix of format {W.format!r}; "
+                             f"expected one of {', '.join(_PACKED_CODES)}")
+        _check_array(f"{name}.data", W.data, 2, None, where)
+        return
+    _check_array(name, W, 2, _HALF, where)
+
+
+def _block_cols(W) -> int:
+    """Columns per block of W's format: 32 for the GGUF blocks, 1 otherwise."""
+    return quant.BLOCK if isinstance(W, Packed) and W.format in quant.FORMATS else 1
+
+
+def _weight_format(W) -> int:
     """The C kernels' MINILARS_WEIGHT_* code for W's format."""
-    return _lib.MINILARS_WEIGHT_BF16 if W.dtype == np.uint16 else _lib.MINILARS_WEIGHT_F16
+    if isinstance(W, Packed):
+        return getattr(_lib, _PACKED_CODES[W.format])
+    return _lib.MINILARS_WEIGHT_F16
 
 
-def _weight_ptr(W: np.ndarray):
+def _weight_ptr(W):
     """W's bytes, row after row, as the C kernels read them (a `const void *`)."""
-    return _ffi.from_buffer("char[]", W)
+    return _ffi.from_buffer("char[]", W.data if isinstance(W, Packed) else W)
 
 
-def dequantize_numpy(W: np.ndarray, r0: int, r1: int, c0: int, c1: int,
-                     dtype=np.float32) -> np.ndarray:
-    """Twin of minilars_dequantize: W[r0:r1, c0:c1] (float16, or bfloat16 bits as uint16)
-    as a new (r1 - r0, c1 - c0) array of `dtype`; exact."""
-    return half_to_float(W[r0:r1, c0:c1], dtype)
+def dequantize_numpy(W, r0: int, r1: int, c0: int, c1: int, dtype=np.float32) -> np.ndarray:
+    """Twin of minilars_dequantize: W[r0:r1, c0:c1] of a float16 ndarray or a Packed
+    matrix as a new (r1 - r0, c1 - c0) array of `dtype`, exactly: float16 by NumPy's cast,
+    bf16 by frozen.bf16_values, GGUF blocks by quant.dequantize on the blocks of columns
+    c0..c1 (on block boundaries) of rows r0..r1."""
+    if not isinstance(W, Packed):
+        return W[r0:r1, c0:c1].astype(dtype)
+    if W.format == "bf16":
+        return bf16_values(W.data[r0:r1, c0:c1]).astype(dtype, copy=False)
+    nbytes = quant.BLOCK_BYTES[W.format]
+    blocks = W.data[r0:r1, c0 // quant.BLOCK * nbytes:c1 // quant.BLOCK * nbytes]
+    return quant.dequantize(blocks, W.format, c1 - c0).astype(dtype, copy=False)
 
 
 def _split(n: int, most: int) -> list[tuple[int, int]]:
@@ -314,7 +323,7 @@ def _dyW_tiles(out_features: int, in_features: int) -> list[tuple[int, int, int,
             for k0, k1 in _split(out_features, _TILE_FLOATS // in_features)]
 
 
-def _xwT_tiled(x: np.ndarray, W: np.ndarray, dequantize) -> np.ndarray:
+def _xwT_tiled(x: np.ndarray, W, dequantize) -> np.ndarray:
     """y (N, out) = x (N, in) W^T, W (out, in) dequantized a tile at a time by
     dequantize(r0, r1, c0, c1) -> (r1 - r0, c1 - c0) array of x's dtype."""
     out_features, in_features = W.shape
@@ -324,7 +333,7 @@ def _xwT_tiled(x: np.ndarray, W: np.ndarray, dequantize) -> np.ndarray:
     return y
 
 
-def _dyW_tiled(dy: np.ndarray, W: np.ndarray, dequantize) -> np.ndarray:
+def _dyW_tiled(dy: np.ndarray, W, dequantize) -> np.ndarray:
     """dx (N, in) = dy (N, out) W, W (out, in) dequantized a tile at a time (see
     _xwT_tiled). Row tiles after the first of a column range are summed into dx through
     one (N, c1 - c0) temporary."""
@@ -344,21 +353,21 @@ def _dyW_tiled(dy: np.ndarray, W: np.ndarray, dequantize) -> np.ndarray:
     return dx
 
 
-def matmul_xwT_numpy(x: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """Twin of the C path: y (N, out) = x (N, in) W^T, W (out, in) float16 or bfloat16
-    bits, dequantized by NumPy into a new array per tile (the same tiles as the C path)."""
+def matmul_xwT_numpy(x: np.ndarray, W) -> np.ndarray:
+    """Twin of the C path: y (N, out) = x (N, in) W^T, W (out, in) float16 or Packed,
+    dequantized by NumPy into a new array per tile (the same tiles as the C path)."""
     return _xwT_tiled(x, W, lambda r0, r1, c0, c1: dequantize_numpy(W, r0, r1, c0, c1, x.dtype))
 
 
-def matmul_dyW_numpy(dy: np.ndarray, W: np.ndarray) -> np.ndarray:
+def matmul_dyW_numpy(dy: np.ndarray, W) -> np.ndarray:
     """Twin of the C path: dx (N, in) = dy (N, out) W, W as in matmul_xwT_numpy."""
     return _dyW_tiled(dy, W, lambda r0, r1, c0, c1: dequantize_numpy(W, r0, r1, c0, c1, dy.dtype))
 
 
-def _c_dequantizer(where: str, W: np.ndarray, tiles) -> callable:
+def _c_dequantizer(where: str, W, tiles) -> callable:
     """dequantize(r0, r1, c0, c1) for the driver: the C kernel writing into one float32
     buffer, sized for the largest of `tiles` (r0, r1, c0, c1) and reused for each."""
-    rows, cols = W.shape
+    rows, cols = (int(n) for n in W.shape)
     buffer = _workspace(where, max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in tiles))
     W_ptr, fmt = _weight_ptr(W), _weight_format(W)
 
@@ -370,36 +379,43 @@ def _c_dequantizer(where: str, W: np.ndarray, tiles) -> callable:
     return dequantize
 
 
+def _is_float(W) -> bool:
+    return isinstance(W, np.ndarray) and W.dtype in _FLOATS
+
+
 def _check_matmul(where, a_name, a, W, a_dim_of_W):
     _check_array(a_name, a, 2, _FLOATS, where)
-    _check_array("W", W, 2, _WEIGHTS, where)
+    if isinstance(W, Packed):
+        _check_frozen("W", W, where)
+    else:
+        _check_array("W", W, 2, _FLOATS + _HALF, where)
+        if W.dtype in _FLOATS and W.dtype != a.dtype:
+            raise ValueError(f"{where}: W has dtype {W.dtype} but {a_name} has {a.dtype}")
     if a.shape[1] != W.shape[a_dim_of_W]:
-        raise ValueError(f"{where}: {a_name} has shape {a.shape} but W has shape {W.shape}; "
-                         f"{a_name}.shape[1] must equal W.shape[{a_dim_of_W}]")
-    if W.dtype in _FLOATS and W.dtype != a.dtype:
-        raise ValueError(f"{where}: W has dtype {W.dtype} but {a_name} has {a.dtype}")
+        raise ValueError(f"{where}: {a_name} has shape {a.shape} but W has shape "
+                         f"{tuple(W.shape)}; {a_name}.shape[1] must equal W.shape[{a_dim_of_W}]")
 
 
-def _matvec_xwT_c(where: str, x: np.ndarray, W: np.ndarray) -> np.ndarray:
+def _matvec_xwT_c(where: str, x: np.ndarray, W) -> np.ndarray:
     """y (rows, out) = x (rows, in) W^T in one C call that streams W once (few rows)."""
     rows, in_features = x.shape
-    threads = int(_lib.minilars_max_threads())
-    y = np.empty((rows, W.shape[0]), dtype=np.float32)               # (rows, out)
+    out_features, threads = int(W.shape[0]), int(_lib.minilars_max_threads())
+    y = np.empty((rows, out_features), dtype=np.float32)             # (rows, out)
     work = _workspace(where, _lib.minilars_matvec_xwT_workspace(in_features, threads))
     rc = _lib.minilars_matvec_xwT(_ptr("float[]", x), _weight_ptr(W),
-                                  _weight_format(W), rows, in_features, W.shape[0],
+                                  _weight_format(W), rows, in_features, out_features,
                                   _ptr("float[]", y), threads, _ptr("float[]", work), work.size)
     _check_rc(rc, where)
     return y
 
 
-def matmul_xwT(x: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """y (N, out) = x (N, in) W^T for W (out, in) in float32/float64 (NumPy BLAS), float16
-    or bfloat16 bits (uint16; dequantized a tile at a time, float32 BLAS, when x is
-    float32 and the C path is on; else the twin matmul_xwT_numpy)."""
+def matmul_xwT(x: np.ndarray, W) -> np.ndarray:
+    """y (N, out) = x (N, in) W^T for W (out, in) a float32/float64 ndarray (NumPy BLAS), a
+    float16 ndarray or a Packed matrix (dequantized a tile at a time, float32 BLAS, when x
+    is float32 and the C path is on; else the twin matmul_xwT_numpy)."""
     where = "matmul_xwT"
     _check_matmul(where, "x", x, W, 1)
-    if W.dtype in _FLOATS:
+    if _is_float(W):
         return x @ W.T
     if not _c_for(x):
         return matmul_xwT_numpy(x, W)
@@ -409,25 +425,26 @@ def matmul_xwT(x: np.ndarray, W: np.ndarray) -> np.ndarray:
                                                       for m0, m1 in _xwT_tiles(*W.shape)]))
 
 
-def matmul_dyW(dy: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """dx (N, in) = dy (N, out) W for W (out, in), dtypes and paths as in matmul_xwT
+def matmul_dyW(dy: np.ndarray, W) -> np.ndarray:
+    """dx (N, in) = dy (N, out) W for W (out, in), forms and paths as in matmul_xwT
     (without the few-rows kernel: dx = dy W is training, not generation)."""
     where = "matmul_dyW"
     _check_matmul(where, "dy", dy, W, 0)
-    if W.dtype in _FLOATS:
+    if _is_float(W):
         return dy @ W
     if not _c_for(dy):
         return matmul_dyW_numpy(dy, W)
     return _dyW_tiled(dy, W, _c_dequantizer(where, W, _dyW_tiles(*W.shape)))
 
 
-def dequantize(W: np.ndarray, rows: tuple[int, int] | None = None,
+def dequantize(W, rows: tuple[int, int] | None = None,
                cols: tuple[int, int] | None = None) -> np.ndarray:
-    """W[r0:r1, c0:c1] of a float16 or bfloat16-bits (uint16) weight W as a new float32
-    array, rows=(r0, r1) and cols=(c0, c1) defaulting to all: the C kernel when the C
-    path is on, else dequantize_numpy (both exact)."""
+    """W[r0:r1, c0:c1] of a float16 ndarray or Packed matrix W as a new float32 array,
+    rows=(r0, r1) and cols=(c0, c1) defaulting to all (for GGUF blocks c0 and c1 must be
+    multiples of 32): the C kernel when the C path is on, else dequantize_numpy (both
+    exact, and equal bit for bit)."""
     where = "dequantize"
-    _check_array("W", W, 2, (np.dtype(np.float16), np.dtype(np.uint16)), where)
+    _check_frozen("W", W, where)
     bounds = []
     for name, span, n in (("rows", rows, W.shape[0]), ("cols", cols, W.shape[1])):
         span = (0, n) if span is None else span
@@ -437,6 +454,37 @@ def dequantize(W: np.ndarray, rows: tuple[int, int] | None = None,
             raise ValueError(f"{where}: {name} {span!r} must be (start, stop) with "
                              f"0 <= start < stop <= {n}")
         bounds += [int(span[0]), int(span[1])]
+    block = _block_cols(W)
+    if bounds[2] % block or bounds[3] % block:
+        raise ValueError(f"{where}: cols {tuple(bounds[2:])} must fall on the {W.format} "
+                         f"blocks' boundaries (multiples of {block})")
     if not _enabled:
         return dequantize_numpy(W, *bounds)
     return _c_dequantizer(where, W, [bounds])(*bounds)     # its buffer is this one tile
+
+
+def gather_rows(E, index) -> np.ndarray:
+    """Rows `index` (1-D integers, each in [0, rows)) of a float16 ndarray or Packed matrix
+    E (rows, in) as a new (len(index), in) float32 array, dequantizing only those rows (an
+    embedding lookup): the C kernel minilars_gather_rows when the C path is on, else its
+    twin frozen.rows_to_float (equal bit for bit)."""
+    where = "gather_rows"
+    _check_frozen("E", E, where)
+    index = np.asarray(index)
+    if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
+        raise ValueError(f"{where}: index must be a 1-D array of integers, got "
+                         f"{index.dtype} of shape {index.shape}")
+    rows, cols = (int(n) for n in E.shape)
+    if index.size and (index.min() < 0 or index.max() >= rows):
+        bad = index[(index < 0) | (index >= rows)][0]
+        raise ValueError(f"{where}: index holds {int(bad)}, outside [0, {rows}) "
+                         f"(the rows of E)")
+    if not _enabled or index.size == 0:
+        return rows_to_float(E, index, np.float32)
+    index64 = np.ascontiguousarray(index, dtype=np.int64)             # (n,)
+    out = np.empty((index.size, cols), dtype=np.float32)              # (n, in)
+    rc = _lib.minilars_gather_rows(_weight_ptr(E), _weight_format(E), rows, cols,
+                                   _ffi.from_buffer("int64_t[]", index64), index.size,
+                                   _ptr("float[]", out))
+    _check_rc(rc, where)
+    return out

@@ -1,8 +1,10 @@
 """C kernels against their NumPy twins, argument checks at the boundary, path selection.
 
 The twins are the specification (minilars.ops.lars_gate for the LARS gate,
-minilars.kernels.matmul_*_numpy for the matmuls). Tests that need the compiled module
-are skipped when it is not built; the NumPy-path tests always run.
+minilars.kernels.matmul_*_numpy for the matmuls, kernels.dequantize_numpy (so
+minilars.quant.dequantize) for dequantization, frozen.rows_to_float for gather_rows).
+Frozen weights in every form: float16 ndarrays and Packed bf16, q8_0, q4_0, q4_1. Tests that
+need the compiled module are skipped when it is not built; the NumPy-path tests always run.
 """
 import os
 import subprocess
@@ -12,7 +14,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minilars import kernels
+from minilars import frozen, kernels, quant
+from minilars.frozen import Packed, bf16_bits, bf16_values
 from minilars.lab.bench import _temporary_bytes
 from minilars.ops import lars_gate as lars_spec
 
@@ -117,22 +120,31 @@ def test_lars_c_detects_a_wrong_result():
     assert rel_err(got[1], want[1]) > 1e-5
 
 
+FORMATS = ("f16", "bf16") + quant.FORMATS          # every form of a frozen W
+FREEZE_NAME = {"f16": "float16", "bf16": "bfloat16"}
+
+
+def frozen_weight(shape, fmt, rng):
+    """A random (out, in) frozen weight in form `fmt` (in a multiple of 32 for the blocks)."""
+    return frozen.freeze(rng.normal(size=shape).astype(np.float32), FREEZE_NAME.get(fmt, fmt))
+
+
 @st.composite
 def matmul_case(draw):
-    rows = draw(st.sampled_from([1, 2, 3, 4, 5, 7, 9, 31, 64, 100]))
-    depth = draw(st.sampled_from([1, 3, 16, 17, 31, 32, 33, 255, 257, 576]))
-    cols = draw(st.sampled_from([1, 5, 15, 31, 32, 33, 70, 300, 700]))
-    fmt = draw(st.sampled_from(["f16", "bf16"]))
+    """(rows, in, out, fmt, tile_floats, seed): one row to many, one-block-wide (in = 32)
+    to several tiles, widths that are not multiples of the tile."""
+    rows = draw(st.sampled_from([1, 2, 3, 4, 5, 7, 8, 9, 31, 64, 100]))
+    fmt = draw(st.sampled_from(FORMATS))
+    if fmt in quant.FORMATS:
+        in_f = draw(st.sampled_from([32, 64, 96, 160, 288, 576]))
+    else:
+        in_f = draw(st.sampled_from([1, 3, 16, 17, 31, 32, 33, 255, 257, 576]))
+    out_f = draw(st.sampled_from([1, 5, 15, 31, 32, 33, 70, 300, 700]))
     # the tile budget: small ones make many tiles, tiles narrower than the matrix, and
     # (for dx = dy W on a tall W) the row tiles summed into dx
     tile_floats = draw(st.sampled_from([32, 100, 32 * 40, 5000, kernels._TILE_FLOATS]))
     seed = draw(st.integers(0, 2**31 - 1))
-    return rows, depth, cols, fmt, tile_floats, seed
-
-
-def half_weight(shape, fmt, rng):
-    W32 = rng.normal(size=shape).astype(np.float32)
-    return W32.astype(np.float16) if fmt == "f16" else kernels.f32_to_bf16(W32)
+    return rows, in_f, out_f, fmt, tile_floats, seed
 
 
 class tile_floats:
@@ -154,17 +166,18 @@ class tile_floats:
 def test_matmul_xwT_c_equals_twin(case):
     """Same tiles, same BLAS calls on the same (exactly dequantized) numbers: equal bits.
     Fewer than _FEW_ROWS rows go through minilars_matvec_xwT, whose sums run in another
-    order: there the twin is matched to float32 rounding. Both match the float64 product."""
+    order: there the twin is matched to float32 rounding, 1e-5 of the size of the sum
+    (|x| |W|^T). Both match the float64 product to that bound."""
     rows, in_f, out_f, fmt, floats, seed = case
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(rows, in_f)).astype(np.float32)
-    W = half_weight((out_f, in_f), fmt, rng)
+    W = frozen_weight((out_f, in_f), fmt, rng)
     with tile_floats(floats):
         with kernels.use_c(True):
             got = kernels.matmul_xwT(x, W)
         twin = kernels.matmul_xwT_numpy(x, W)
     assert got.shape == (rows, out_f) and got.dtype == np.float32
-    W64 = kernels.half_to_float(W, np.float64)
+    W64 = frozen.to_float(W, np.float64)
     size = np.abs(x.astype(np.float64)) @ np.abs(W64).T
     if rows >= kernels._FEW_ROWS:
         np.testing.assert_array_equal(got, twin)
@@ -177,31 +190,33 @@ def test_matmul_xwT_c_equals_twin(case):
 @settings(max_examples=MAX_EXAMPLES, deadline=None)
 @given(matmul_case())
 def test_matmul_dyW_c_equals_twin(case):
-    rows, out_f, in_f, fmt, floats, seed = case
+    rows, in_f, out_f, fmt, floats, seed = case
     rng = np.random.default_rng(seed)
     dy = rng.normal(size=(rows, out_f)).astype(np.float32)
-    W = half_weight((out_f, in_f), fmt, rng)
+    W = frozen_weight((out_f, in_f), fmt, rng)
     with tile_floats(floats):
         with kernels.use_c(True):
             got = kernels.matmul_dyW(dy, W)
         twin = kernels.matmul_dyW_numpy(dy, W)
     assert got.shape == (rows, in_f) and got.dtype == np.float32
     np.testing.assert_array_equal(got, twin)
-    W64 = kernels.half_to_float(W, np.float64)
+    W64 = frozen.to_float(W, np.float64)
     size = np.abs(dy.astype(np.float64)) @ np.abs(W64)
     assert close(got, dy.astype(np.float64) @ W64, size)
 
 
-def test_matmul_twins_equal_plain_float_products():
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matmul_twins_equal_plain_float_products(fmt):
     rng = np.random.default_rng(3)
-    x = rng.normal(size=(5, 600)).astype(np.float32)
+    x = rng.normal(size=(5, 608)).astype(np.float32)
     dy = rng.normal(size=(5, 300)).astype(np.float32)
-    W16 = rng.normal(size=(300, 600)).astype(np.float16)
+    W = frozen_weight((300, 608), fmt, rng)
+    W32 = frozen.to_float(W)
     with tile_floats(5000):                    # several tiles, a summed row tile in dy W
-        np.testing.assert_allclose(kernels.matmul_xwT_numpy(x, W16),
-                                   x @ W16.astype(np.float32).T, rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(kernels.matmul_dyW_numpy(dy, W16),
-                                   dy @ W16.astype(np.float32), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(kernels.matmul_xwT_numpy(x, W), x @ W32.T,
+                                   rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(kernels.matmul_dyW_numpy(dy, W), dy @ W32,
+                                   rtol=1e-5, atol=1e-4)
 
 
 @settings(max_examples=200, deadline=None)
@@ -223,6 +238,7 @@ def test_dyW_tiles_cover_W_once(out_f, in_f):
     seen = np.zeros((out_f, in_f), np.int8)
     for k0, k1, c0, c1 in kernels._dyW_tiles(out_f, in_f):
         seen[k0:k1, c0:c1] += 1
+        assert c0 % quant.BLOCK == 0 and (c1 % quant.BLOCK == 0 or c1 == in_f)
         if in_f <= kernels._TILE_FLOATS // kernels._TILE_ALIGN:
             assert (k1 - k0) * (c1 - c0) <= kernels._TILE_FLOATS
     assert (seen == 1).all()
@@ -230,10 +246,11 @@ def test_dyW_tiles_cover_W_once(out_f, in_f):
 
 def _every_bit_pattern(fmt):
     bits = np.arange(65536, dtype=np.uint32).astype(np.uint16).reshape(256, 256)
-    return bits.view(np.float16) if fmt == "f16" else bits
+    return bits.view(np.float16) if fmt == "f16" else Packed("bf16", bits.shape, bits)
 
 
 def _same_values(got, want):
+    """Equal float32 bits, NaN for NaN (payloads aside)."""
     assert got.dtype == np.float32 and got.shape == want.shape
     nan = np.isnan(want)
     assert (np.isnan(got) == nan).all()
@@ -244,7 +261,7 @@ def _same_values(got, want):
 @pytest.mark.parametrize("fmt", ["f16", "bf16"])
 def test_dequantize_in_c_is_exact_for_every_bit_pattern(fmt):
     W = _every_bit_pattern(fmt)
-    want = W.astype(np.float32) if fmt == "f16" else kernels.bf16_to_f32(W)
+    want = W.astype(np.float32) if fmt == "f16" else bf16_values(W.data)
     with kernels.use_c(True):
         _same_values(kernels.dequantize(W), want)
         _same_values(kernels.dequantize(W, rows=(3, 250), cols=(17, 255)), want[3:250, 17:255])
@@ -264,17 +281,86 @@ def test_f16_nan_payloads_and_signs_survive():
     np.testing.assert_array_equal(got[nan] & ~np.uint32(0x00400000), want[nan] & ~np.uint32(0x00400000))
 
 
-# ------------------------------------------------------------------ bfloat16 helpers
+def random_blocks(fmt, rows, in_f, rng):
+    """Random bytes as a Packed matrix: every scale (NaN, Inf, subnormal) and nibble."""
+    data = rng.integers(0, 256, size=(rows, quant.row_bytes(fmt, in_f)), dtype=np.uint8)
+    return Packed(fmt, (rows, in_f), data)
 
-def test_f32_to_bf16_rounds_to_nearest_even():
+
+@needs_c
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_c_dequantizes_random_blocks_like_quant(fmt):
+    """Random bytes (4096 x 8 blocks): the C kernel gives quant.dequantize's float32 bits."""
+    W = random_blocks(fmt, 4096, 256, np.random.default_rng(1))
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = quant.dequantize(W.data, fmt, 256)
+    with kernels.use_c(True):
+        _same_values(kernels.dequantize(W), want)
+        _same_values(kernels.gather_rows(W, np.arange(4096)[::-1]), want[::-1])
+
+
+@needs_c
+@settings(max_examples=MAX_EXAMPLES, deadline=None)
+@given(st.sampled_from(FORMATS), st.integers(1, 40), st.integers(1, 9), st.data())
+def test_dequantize_c_equals_twin_on_any_tile(fmt, rows, blocks, data):
+    """Any rows [r0, r1) and block-aligned columns [c0, c1), random bytes for the GGUF
+    formats: C and its twin give the same bits."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
+    step = quant.BLOCK if fmt in quant.FORMATS else 1
+    in_f = blocks * quant.BLOCK if step > 1 else data.draw(st.integers(1, 300))
+    W = random_blocks(fmt, rows, in_f, rng) if step > 1 else frozen_weight((rows, in_f), fmt, rng)
+    r0 = data.draw(st.integers(0, rows - 1))
+    r1 = data.draw(st.integers(r0 + 1, rows))
+    c0 = data.draw(st.integers(0, in_f // step - 1)) * step
+    c1 = data.draw(st.integers(c0 // step + 1, in_f // step)) * step
+    with kernels.use_c(True), np.errstate(invalid="ignore", over="ignore"):
+        got = kernels.dequantize(W, rows=(r0, r1), cols=(c0, c1))
+    with np.errstate(invalid="ignore", over="ignore"):
+        _same_values(got, kernels.dequantize_numpy(W, r0, r1, c0, c1))
+        _same_values(got, frozen.to_float(W)[r0:r1, c0:c1])
+
+
+def test_block_products_are_exact_in_float32():
+    """Why FMA contraction could not change a GGUF weight: for every float16 scale d and
+    every q (int8 for Q8_0, 0..15 and -8..7 for the 4-bit formats) d * q is exact in
+    float32 (11 significant bits times at most 8), so d * q + m rounds once either way.
+    The module is still built with -ffp-contract=off: the C means what it writes."""
+    d = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    d = d[np.isfinite(d)][:, None]                                     # (finite halves, 1)
+    q = np.arange(-128, 128, dtype=np.float32)[None, :]                # (1, 256)
+    exact = d.astype(np.float64) * q.astype(np.float64)
+    np.testing.assert_array_equal((d * q).astype(np.float64), exact)
+
+
+@needs_c
+@settings(max_examples=MAX_EXAMPLES, deadline=None)
+@given(st.sampled_from(FORMATS), st.integers(1, 50), st.integers(1, 6), st.integers(0, 80),
+       st.integers(0, 2**31 - 1))
+def test_gather_rows_c_equals_twin(fmt, rows, blocks, n, seed):
+    """Rows in any order, repeated, or none: C equals frozen.rows_to_float bit for bit."""
+    rng = np.random.default_rng(seed)
+    in_f = blocks * quant.BLOCK
+    E = frozen_weight((rows, in_f), fmt, rng)
+    index = rng.integers(0, rows, size=n)
+    with kernels.use_c(True):
+        got = kernels.gather_rows(E, index)
+    assert got.shape == (n, in_f)
+    _same_values(got, frozen.rows_to_float(E, index, np.float32))
+    with kernels.use_c(False):
+        _same_values(kernels.gather_rows(E, index), got)
+
+
+# ------------------------------------------------------------------ bfloat16 (frozen.bf16_bits)
+
+def test_bf16_bits_rounds_to_nearest_even():
     values = np.array([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 1.0 + 2**-8 + 2**-20, -2.5,
                        np.inf, -np.inf, 3.4e38, 0.0, -0.0], dtype=np.float32)
-    got = kernels.bf16_to_f32(kernels.f32_to_bf16(values))
+    got = bf16_values(bf16_bits(values))
     want = np.array([1.0, 1.0, 1.0 + 4 * 2**-8, 1.0 + 2 * 2**-8, -2.5,
                      np.inf, -np.inf, np.inf, 0.0, -0.0], dtype=np.float32)
     np.testing.assert_array_equal(got, want)
     assert np.signbit(got[-1])
-    assert np.isnan(kernels.bf16_to_f32(kernels.f32_to_bf16(np.array([np.nan], np.float32))))[0]
+    assert np.isnan(bf16_values(bf16_bits(np.array([np.nan], np.float32))))[0]
 
 
 @settings(max_examples=50, deadline=None)
@@ -282,7 +368,7 @@ def test_f32_to_bf16_rounds_to_nearest_even():
                 max_size=50))
 def test_bf16_round_trip_error_is_half_an_ulp(values):
     f32 = np.array(values, dtype=np.float32)
-    back = kernels.bf16_to_f32(kernels.f32_to_bf16(f32)).astype(np.float64)
+    back = bf16_values(bf16_bits(f32)).astype(np.float64)
     finite = np.isfinite(back)
     # half a bfloat16 ulp: 2^-8 relative, or 2^-134 absolute among the subnormals
     err = np.abs(back[finite] - f32[finite]) / np.maximum(np.abs(f32[finite]), 2.0**-126)
@@ -297,7 +383,8 @@ class _Exploding:
     def __getattr__(self, name):
         if name.startswith("MINILARS_"):
             return {"MINILARS_OK": 0, "MINILARS_ERR_ARGS": -1,
-                    "MINILARS_WEIGHT_F16": 1, "MINILARS_WEIGHT_BF16": 2}[name]
+                    "MINILARS_WEIGHT_F16": 1, "MINILARS_WEIGHT_BF16": 2, "MINILARS_WEIGHT_Q8_0": 3,
+                    "MINILARS_WEIGHT_Q4_0": 4, "MINILARS_WEIGHT_Q4_1": 5}[name]
         raise AssertionError(f"C function {name} was called with bad arguments")
 
 
@@ -350,6 +437,16 @@ def test_lars_bad_alpha_and_dx_tilde_raise_before_c(c_must_not_run):
         kernels.lars_gate_backward(dxt, x, U, V, alpha, 5)
 
 
+def _q8(rows, in_f):
+    return frozen.freeze(np.ones((rows, in_f), np.float32), "q8_0")
+
+
+def _strided_packed(rows, in_f):
+    """A Packed q8_0 whose data has the right shape but is not C-contiguous."""
+    wide = np.zeros((rows, 2 * quant.row_bytes("q8_0", in_f)), np.uint8)
+    return Packed("q8_0", (rows, in_f), wide[:, ::2])
+
+
 BAD_MATMUL = [
     ("x", lambda x, W: (x.astype(np.float16), W)),
     ("x", lambda x, W: (x[:, ::2], W[:, ::2].copy())),
@@ -357,9 +454,13 @@ BAD_MATMUL = [
     ("x", lambda x, W: (x.reshape(1, *x.shape), W)),
     ("W", lambda x, W: (x, W[:, :5])),
     ("W", lambda x, W: (x, W.astype(np.int16))),
+    ("W", lambda x, W: (x, W.view(np.uint16))),                          # no bits-means-bf16 pun
     ("W", lambda x, W: (x, W.T)),                                       # non-contiguous
     ("W", lambda x, W: (x, W[:0])),
     ("W", lambda x, W: (x, W.astype(np.float64))),                      # float W of another dtype
+    ("W", lambda x, W: (x, W.tolist())),
+    ("W has shape \\(6, 64\\)", lambda x, W: (x, _q8(6, 64))),           # Packed of another width
+    ("W.data", lambda x, W: (np.ones((4, 32), np.float32), _strided_packed(6, 32))),
 ]
 
 
@@ -381,13 +482,29 @@ def test_matmul_dyW_bad_arguments_raise_before_c(c_must_not_run):
         kernels.matmul_dyW(np.asfortranarray(dy), W)
     with pytest.raises(ValueError, match="W"):
         kernels.matmul_dyW(dy, W[::2])
+    with pytest.raises(ValueError, match="W has shape \\(5, 64\\)"):
+        kernels.matmul_dyW(dy, _q8(5, 64))
+    with pytest.raises(ValueError, match="W.data"):
+        kernels.matmul_dyW(dy, _strided_packed(6, 32))
+
+
+def test_a_packed_matrix_whose_data_does_not_match_its_shape_is_refused():
+    """Packed checks its own bytes against its shape, so the kernels can trust it."""
+    with pytest.raises(ValueError, match="q8_0 matrix of shape \\(6, 64\\)"):
+        Packed("q8_0", (6, 64), np.zeros((6, 34), np.uint8))
+    with pytest.raises(ValueError, match="bf16 matrix"):
+        Packed("bf16", (6, 64), np.zeros((6, 64), np.float16))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Packed("q4_1", (6, 40), np.zeros((6, 25), np.uint8))
 
 
 BAD_DEQUANTIZE = [
     ("W", lambda W: (W.astype(np.float32), None, None)),
+    ("W", lambda W: (W.view(np.uint16), None, None)),                    # no bits-means-bf16 pun
     ("W", lambda W: (W.T, None, None)),                                 # non-contiguous
     ("W", lambda W: (W.reshape(-1), None, None)),
     ("W", lambda W: (W[:0], None, None)),
+    ("W.data", lambda W: (_strided_packed(6, 32), None, None)),
     ("rows", lambda W: (W, (0, 7), None)),
     ("rows", lambda W: (W, (3, 3), None)),
     ("rows", lambda W: (W, (-1, 2), None)),
@@ -395,6 +512,8 @@ BAD_DEQUANTIZE = [
     ("cols", lambda W: (W, None, (0, 9))),
     ("cols", lambda W: (W, None, (0.0, 2))),
     ("cols", lambda W: (W, None, (1, 2, 3))),
+    ("cols", lambda W: (_q8(6, 64), None, (0, 40))),                    # not on a block edge
+    ("cols", lambda W: (_q8(6, 64), None, (16, 64))),
 ]
 
 
@@ -404,6 +523,24 @@ def test_dequantize_bad_arguments_raise_before_c(c_must_not_run, name, make):
     a, rows, cols = make(W)
     with pytest.raises(ValueError, match=name):
         kernels.dequantize(a, rows=rows, cols=cols)
+
+
+BAD_GATHER = [
+    ("E", lambda E, i: (np.ones((6, 32), np.float32), i)),
+    ("E", lambda E, i: (E.data, i)),                                    # raw bytes, no format
+    ("E.data", lambda E, i: (_strided_packed(6, 32), i)),
+    ("index", lambda E, i: (E, i.astype(np.float64))),
+    ("index", lambda E, i: (E, i.reshape(1, -1))),
+    ("index holds -1", lambda E, i: (E, np.array([0, -1, 2]))),
+    ("index holds 6", lambda E, i: (E, np.array([6, 0]))),
+]
+
+
+@pytest.mark.parametrize("name,make", BAD_GATHER)
+def test_gather_rows_bad_arguments_raise_before_c(c_must_not_run, name, make):
+    E, index = make(_q8(6, 32), np.array([0, 5, 5, 1]))
+    with pytest.raises(ValueError, match=name):
+        kernels.gather_rows(E, index)
 
 
 @needs_c
@@ -424,6 +561,38 @@ def test_c_dequantize_refuses_bad_ranges_and_writes_nothing():
     assert lib.minilars_dequantize(*args(lib.MINILARS_WEIGHT_F16, 4, 6, 1, 3, 2, 5)) == lib.MINILARS_OK
     np.testing.assert_array_equal(tile[:6], W[1:3, 2:5].astype(np.float32).ravel())
     assert (tile[6:] == 7.0).all()
+
+
+@needs_c
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_c_dequantize_refuses_columns_off_the_blocks_and_writes_nothing(fmt):
+    lib, ffi = kernels._lib, kernels._ffi
+    W = frozen.freeze(np.ones((4, 64), np.float32), fmt)
+    code = getattr(lib, kernels._PACKED_CODES[fmt])
+    tile = np.full(4 * 64, 7.0, np.float32)
+    args = lambda *a: (ffi.from_buffer("char[]", W.data), code, *a, ffi.from_buffer("float[]", tile))
+    for bounds in [(4, 64, 0, 4, 0, 40), (4, 64, 0, 4, 16, 64), (4, 64, 0, 4, 1, 33),
+                   (4, 48, 0, 4, 0, 32),                                 # cols not whole blocks
+                   (4, 64, 0, 4, 0, 96)]:                                 # c1 > cols
+        assert lib.minilars_dequantize(*args(*bounds)) == lib.MINILARS_ERR_ARGS
+    assert (tile == 7.0).all()
+    assert lib.minilars_dequantize(*args(4, 64, 1, 3, 32, 64)) == lib.MINILARS_OK
+    np.testing.assert_array_equal(tile[:64], frozen.to_float(W)[1:3, 32:].ravel())
+    assert (tile[64:] == 7.0).all()
+
+
+@needs_c
+def test_c_gather_refuses_an_index_out_of_range_and_writes_nothing():
+    """Every index is checked before the first row is written."""
+    lib, ffi = kernels._lib, kernels._ffi
+    E = frozen.freeze(np.ones((4, 32), np.float32), "q4_1")
+    out = np.full((3, 32), 7.0, np.float32)
+    for index in ([0, 1, 4], [0, -1, 2], [9, 0, 0]):
+        index = np.array(index, np.int64)
+        rc = lib.minilars_gather_rows(ffi.from_buffer("char[]", E.data), lib.MINILARS_WEIGHT_Q4_1,
+                                      4, 32, ffi.from_buffer("int64_t[]", index), 3,
+                                      ffi.from_buffer("float[]", out))
+        assert rc == lib.MINILARS_ERR_ARGS and (out == 7.0).all()
 
 
 @needs_c
@@ -458,9 +627,11 @@ def test_float64_always_takes_numpy_path(c_must_not_run):
     np.testing.assert_array_equal(y, lars_spec.lars_gate_forward(x, U, V, alpha, 3))
     dx = kernels.lars_gate_backward(dxt, x, U, V, alpha, 3)[0]
     assert dx.dtype == np.float64
-    W = np.ones((5, 12), np.float16)
-    assert kernels.matmul_xwT(x, W).dtype == np.float64
-    assert kernels.matmul_dyW(np.ones((3, 5)), W).dtype == np.float64
+    for W in (np.ones((5, 12), np.float16), Packed("bf16", (5, 12), np.ones((5, 12), np.uint16))):
+        assert kernels.matmul_xwT(x, W).dtype == np.float64
+        assert kernels.matmul_dyW(np.ones((3, 5)), W).dtype == np.float64
+    W = frozen.freeze(np.ones((5, 32), np.float32), "q4_1")
+    assert kernels.matmul_xwT(np.ones((3, 32)), W).dtype == np.float64
 
 
 # ------------------------------------------------------------------ path selection
@@ -471,8 +642,10 @@ def test_numpy_path_when_switched_off():
         assert kernels.kernel_status()["active"] is False
         np.testing.assert_array_equal(kernels.lars_gate_forward(x, U, V, alpha, 32),
                                       lars_spec.lars_gate_forward(x, U, V, alpha, 32))
-        W = np.ones((7, 64), np.float16)
-        np.testing.assert_array_equal(kernels.matmul_xwT(x, W), kernels.matmul_xwT_numpy(x, W))
+        for W in (np.ones((7, 64), np.float16), frozen.freeze(np.ones((7, 64), np.float32), "q8_0")):
+            np.testing.assert_array_equal(kernels.matmul_xwT(x, W), kernels.matmul_xwT_numpy(x, W))
+        E = frozen.freeze(np.ones((7, 64), np.float32), "q4_1")
+        np.testing.assert_array_equal(kernels.gather_rows(E, [6, 0]), frozen.rows_to_float(E, [6, 0]))
     assert kernels.kernel_status()["active"] is kernels.c_available()
 
 
@@ -536,13 +709,14 @@ def test_c_temporaries_do_not_grow_with_rows():
 
 
 @needs_c
-@pytest.mark.parametrize("fmt", ["f16", "bf16"])
-def test_half_matmul_temporaries_are_one_tile(fmt):
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_frozen_matmul_temporaries_are_one_tile(fmt):
     """The C path's only temporary is its tile buffer (at most _TILE_FLOATS floats), for
-    any number of rows. The twin's new tile per tile is freed before the next one: its peak
-    is one tile too for float16, and twice that for bfloat16 (a uint32 copy first)."""
+    any number of rows and any form of W. The twin's new tile per tile is freed before the
+    next one: its peak is one tile too for float16, twice that for bfloat16 (a uint32
+    copy first), more for the GGUF blocks (quant.dequantize's intermediates)."""
     rng = np.random.default_rng(0)
-    W = half_weight((1536, 576), fmt, rng)
+    W = frozen_weight((1536, 576), fmt, rng)
     for rows in (64, 512):
         x = rng.normal(size=(rows, 576)).astype(np.float32)
         dy = rng.normal(size=(rows, 1536)).astype(np.float32)
@@ -553,5 +727,16 @@ def test_half_matmul_temporaries_are_one_tile(fmt):
                 twin_bytes = _temporary_bytes(fn)
             assert 4 * kernels._TILE_FLOATS // 2 < c_bytes <= 4 * kernels._TILE_FLOATS + 4096
             assert c_bytes <= twin_bytes + 4096                    # Python objects aside
-            if fmt == "bf16":
+            if fmt != "f16":
                 assert 2 * c_bytes < twin_bytes + 8192
+
+
+@needs_c
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gather_rows_temporaries_are_the_index_only(fmt):
+    """C: the rows out and an int64 copy of the index, nothing the size of E."""
+    rng = np.random.default_rng(0)
+    E = frozen_weight((4096, 576), fmt, rng)
+    index = rng.integers(0, 4096, size=512)
+    with kernels.use_c(True):
+        assert _temporary_bytes(lambda: kernels.gather_rows(E, index)) <= 8 * 512 + 4096

@@ -5,10 +5,11 @@ and of its twin, the speed-up, and the bytes of temporaries each allocates durin
 call (tracemalloc peak during the call minus the bytes of what it returns).
 `format_kernel_table(rows)` prints them. `minilars bench kernels` calls both.
 The C kernels' workspace is a NumPy array, so it is counted in their temporaries.
-For the half-precision matmuls, the float32 BLAS product x @ W32.T (W held in float32)
-is timed as well: the goal is to be close to it without ever holding W in float32. Their
-rows are the MLP's projections at `seq` tokens, the tied LM head (49152 x 576) at the
-loss's chunk of 128 rows, and one token of generation.
+For the matmuls with a frozen W (float16, Packed bf16, Q8_0, Q4_1), the float32 BLAS
+product x @ W32.T (W held in float32) is timed as well: the goal is to be close to it
+without ever holding W in float32. Their rows are the MLP's projections at `seq` tokens,
+the tied LM head (49152 x 576, Q8_0 as SmolLM2's GGUF stores its embedding) at the loss's
+chunk of 128 rows, and one token of generation.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from minilars import kernels
 from minilars.config import named_config
+from minilars.frozen import freeze
 from minilars.lab.memory_curve import build_model
 from minilars.memory import Ledger, mib, register_params
 from minilars.model import StepOptions, forward_backward, next_token_targets, zero_grads
@@ -29,9 +31,20 @@ HIDDEN, MLP, VOCAB = 576, 1536, 49152      # SmolLM2-135M
 RANK, BLOCK = 8, 32
 
 
+FROZEN = {"f16": "float16", "bf16": "bfloat16", "q8_0": "q8_0", "q4_1": "q4_1"}  # label: freeze name
+TIME_BUDGET = 3.0          # seconds of timed calls per measurement at most (3 calls at least)
+
+
 def _median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+    """Median of `repeats` timed calls after `warmup` ones; fewer (but 3) when they would
+    take more than TIME_BUDGET seconds."""
+    first = 0.0
     for _ in range(warmup):
+        start = time.perf_counter()
         fn()
+        first = time.perf_counter() - start
+    if first > 0:
+        repeats = max(3, min(repeats, int(TIME_BUDGET / first)))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -77,12 +90,10 @@ def _measure(name: str, shape: str, fn, repeats: int) -> dict:
     return row
 
 
-def bench_kernels(seq: int = 512, repeats: int = 15, seed: int = 0) -> list[dict]:
-    """Each kernel vs its twin on SmolLM2-135M shapes at `seq` tokens (batch 1), float32
-    activations. Also the float32 BLAS reference x @ W32.T for the half-weight matmuls."""
-    rng = np.random.default_rng(seed)
+def _lars_rows(seq: int, rng, repeats: int) -> list[dict]:
+    """The fused LARS gate, forward and backward, on q/k/v/gate/up's and down's inputs."""
     rows = []
-    for width in (HIDDEN, MLP):                       # LARS on q/k/v/gate/up and on down
+    for width in (HIDDEN, MLP):
         x = rng.normal(size=(seq, width)).astype(np.float32)
         dxt = rng.normal(size=(seq, width)).astype(np.float32)
         U = (rng.uniform(-1, 1, size=(width, RANK)) / np.sqrt(width)).astype(np.float32)
@@ -94,35 +105,46 @@ def bench_kernels(seq: int = 512, repeats: int = 15, seed: int = 0) -> list[dict
         rows.append(_measure("lars_backward", shape,
                              lambda: kernels.lars_gate_backward(dxt, x, U, V, alpha, BLOCK),
                              repeats))
-    # up/gate and down projections; the LM head (float16 only: the same path as bfloat16)
-    for n, out_f, in_f, labels in ((seq, MLP, HIDDEN, ("f16", "bf16")),
-                                   (seq, HIDDEN, MLP, ("f16", "bf16")),
-                                   (DEFAULT_CHUNK, VOCAB, HIDDEN, ("f16",))):
-        W32 = (rng.normal(size=(out_f, in_f)) / np.sqrt(in_f)).astype(np.float32)
-        x = rng.normal(size=(n, in_f)).astype(np.float32)
-        dy = rng.normal(size=(n, out_f)).astype(np.float32)
-        blas_xwT = 1e3 * _median_seconds(lambda: x @ W32.T, repeats)
-        blas_dyW = 1e3 * _median_seconds(lambda: dy @ W32, repeats)
-        for label in labels:
-            W = W32.astype(np.float16) if label == "f16" else kernels.f32_to_bf16(W32)
-            shape = f"x ({n}, {in_f}) W ({out_f}, {in_f}) {label}"
-            row = _measure("matmul_xwT", shape, lambda: kernels.matmul_xwT(x, W), repeats)
-            row["blas_f32_ms"] = blas_xwT
+    return rows
+
+
+def _frozen_matmul_rows(n: int, out_f: int, in_f: int, labels, rng, repeats: int,
+                        backward: bool = True) -> list[dict]:
+    """y = x W^T (and dx = dy W) for W (out_f, in_f) in each frozen form of `labels`,
+    beside float32 BLAS on the same W held in float32."""
+    W32 = (rng.normal(size=(out_f, in_f)) / np.sqrt(in_f)).astype(np.float32)
+    x = rng.normal(size=(n, in_f)).astype(np.float32)
+    dy = rng.normal(size=(n, out_f)).astype(np.float32)
+    blas_xwT = 1e3 * _median_seconds(lambda: x @ W32.T, repeats)
+    blas_dyW = 1e3 * _median_seconds(lambda: dy @ W32, repeats) if backward else None
+    rows = []
+    for label in labels:
+        W = freeze(W32, FROZEN[label])
+        products = [("matmul_xwT", f"x ({n}, {in_f}) W ({out_f}, {in_f}) {label}",
+                     lambda: kernels.matmul_xwT(x, W), blas_xwT)]
+        if backward:
+            products.append(("matmul_dyW", f"dy ({n}, {out_f}) W ({out_f}, {in_f}) {label}",
+                             lambda: kernels.matmul_dyW(dy, W), blas_dyW))
+        for name, shape, fn, blas in products:
+            row = _measure(name, shape, fn, repeats)
+            row["blas_f32_ms"], row["c_over_blas"] = blas, row["c_ms"] / blas
             rows.append(row)
-            shape = f"dy ({n}, {out_f}) W ({out_f}, {in_f}) {label}"
-            row = _measure("matmul_dyW", shape, lambda: kernels.matmul_dyW(dy, W), repeats)
-            row["blas_f32_ms"] = blas_dyW
-            rows.append(row)
-    # one token at a time (generation): W is streamed once per call (minilars_matvec_xwT)
-    W32 = (rng.normal(size=(MLP, HIDDEN)) / np.sqrt(HIDDEN)).astype(np.float32)
-    W16, x1 = W32.astype(np.float16), rng.normal(size=(1, HIDDEN)).astype(np.float32)
-    row = _measure("matmul_xwT", f"x (1, {HIDDEN}) W ({MLP}, {HIDDEN}) f16",
-                   lambda: kernels.matmul_xwT(x1, W16), repeats)
-    row["blas_f32_ms"] = 1e3 * _median_seconds(lambda: x1 @ W32.T, repeats)
-    rows.append(row)
-    for row in rows:
-        if "blas_f32_ms" in row:
-            row["c_over_blas"] = row["c_ms"] / row["blas_f32_ms"]
+    return rows
+
+
+def bench_kernels(seq: int = 512, repeats: int = 15, seed: int = 0) -> list[dict]:
+    """Each kernel vs its twin on SmolLM2-135M shapes at `seq` tokens (batch 1), float32
+    activations. Also the float32 BLAS reference x @ W32.T for the frozen-weight matmuls:
+    the MLP's up/gate and down projections in every frozen form, the tied LM head at the
+    loss's chunk (float16 and Q8_0), and one token of generation (minilars_matvec_xwT)."""
+    rng = np.random.default_rng(seed)
+    rows = _lars_rows(seq, rng, repeats)
+    everything = ("f16", "bf16", "q8_0", "q4_1")
+    rows += _frozen_matmul_rows(seq, MLP, HIDDEN, everything, rng, repeats)
+    rows += _frozen_matmul_rows(seq, HIDDEN, MLP, everything, rng, repeats)
+    rows += _frozen_matmul_rows(DEFAULT_CHUNK, VOCAB, HIDDEN, ("f16", "q8_0"), rng, repeats)
+    rows += _frozen_matmul_rows(1, MLP, HIDDEN, ("f16", "q8_0", "q4_1"), rng, repeats,
+                                backward=False)
     return rows
 
 
@@ -131,12 +153,12 @@ def format_kernel_table(rows: list[dict]) -> str:
     status = kernels.kernel_status()
     lines = [f"kernel path: {'C' if kernels.c_available() else 'NumPy only'} "
              f"(openmp={status['openmp']}, threads={status['threads']})",
-             f"{'kernel':<14} {'shape':<38} {'C ms':>8} {'NumPy ms':>9} {'speed-up':>8} "
+             f"{'kernel':<14} {'shape':<40} {'C ms':>8} {'NumPy ms':>9} {'speed-up':>8} "
              f"{'C temp KiB':>10} {'NumPy temp KiB':>14} {'f32 BLAS ms':>11} {'C/BLAS':>6}"]
     for r in rows:
         blas = (f"{r['blas_f32_ms']:11.3f} {r['c_over_blas']:6.2f}" if "blas_f32_ms" in r
                 else f"{'':>11} {'':>6}")
-        lines.append(f"{r['kernel']:<14} {r['shape']:<38} {r['c_ms']:8.3f} {r['numpy_ms']:9.3f} "
+        lines.append(f"{r['kernel']:<14} {r['shape']:<40} {r['c_ms']:8.3f} {r['numpy_ms']:9.3f} "
                      f"{r['speedup']:7.2f}x {r['c_temp_bytes'] / 1024:10.1f} "
                      f"{r['numpy_temp_bytes'] / 1024:14.1f} {blas}")
     return "\n".join(lines)

@@ -6,7 +6,8 @@ Saves for backward: the token ids only (B*T integers); E is a parameter, not a s
 """
 import numpy as np
 
-from minilars.frozen import rows_to_float
+from minilars import kernels
+from minilars.frozen import Packed
 
 
 def check_tokens(tokens: np.ndarray, vocab_size: int) -> None:
@@ -22,11 +23,17 @@ def check_tokens(tokens: np.ndarray, vocab_size: int) -> None:
 
 def embedding_forward(tokens: np.ndarray, E, dtype=None) -> np.ndarray:
     """(B, T) ids -> (B, T, C) rows of E in `dtype` (default: E's own float dtype): a copy,
-    whatever form E is held in (float, float16, or a Packed matrix, of which only the rows
-    asked for are expanded)."""
+    whatever form E is held in. A float16 or Packed E goes through kernels.gather_rows,
+    which dequantizes only the rows asked for (its twin, frozen.rows_to_float, is the
+    specification)."""
     B, T = tokens.shape
     dtype = dtype or (E.dtype if isinstance(E, np.ndarray) else np.float32)
-    return rows_to_float(E, tokens.reshape(-1), dtype).reshape(B, T, E.shape[1])
+    ids = tokens.reshape(-1)
+    if isinstance(E, Packed) or E.dtype == np.float16:
+        rows = kernels.gather_rows(E, ids).astype(dtype, copy=False)   # exact: float32 values
+    else:
+        rows = E[ids].astype(dtype, copy=False)
+    return rows.reshape(B, T, E.shape[1])
 
 
 def embedding_backward(dh: np.ndarray, tokens: np.ndarray, dE: np.ndarray) -> None:

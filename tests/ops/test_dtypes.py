@@ -61,18 +61,21 @@ def test_other_ops_float32():
     _all_f32(dx, dW)
 
 
-def test_linear_with_half_precision_weights_float32():
-    """A float16 or bfloat16-bits frozen W, through the C path and its twin, with many rows
-    (tiles and BLAS) and one row (the streaming kernel): float32 out, forward and back."""
+def test_linear_and_embedding_with_frozen_weights_float32():
+    """A frozen W in every form (float16, Packed bf16/q8_0/q4_0/q4_1), through the C path
+    and its twin, with many rows (tiles and BLAS) and one row (the streaming kernel):
+    float32 out, forward and back; the embedding's rows too."""
     from minilars import kernels
-    W16 = _r(70, 40, seed=7).astype(np.float16)
-    Wbf = kernels.f32_to_bf16(_r(70, 40, seed=8))
+    from minilars.frozen import freeze
     paths = (True, False) if kernels.c_available() else (False,)
-    for W in (W16, Wbf):
-        for x in (_r(2, 3, 40), _r(1, 1, 40, seed=9)):
+    for name in ("float16", "bfloat16", "q8_0", "q4_0", "q4_1"):
+        W = freeze(_r(70, 64, seed=7), name)
+        for x in (_r(2, 3, 64), _r(1, 1, 64, seed=9)):
             for enabled in paths:
                 with kernels.use_c(enabled):
                     y = linear_forward(x, W)
                     dx, _, _ = linear_backward(y, None, W)
-                _all_f32(y, dx)
+                    h = embedding_forward(np.array([[1, 69, 1]]), W, F32)
+                _all_f32(y, dx, h)
                 assert y.shape == x.shape[:-1] + (70,) and dx.shape == x.shape
+                assert h.shape == (1, 3, 64)

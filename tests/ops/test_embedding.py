@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from minilars import frozen, kernels
 from minilars.ops.embedding import check_tokens, embedding_backward, embedding_forward
 from tests.gradcheck import assert_grad_close, examples, numeric_grad
 
@@ -41,6 +42,30 @@ def test_embedding_forward_casts_to_compute_dtype():
     h = embedding_forward(np.array([[3, 0]]), E, np.float32)
     assert h.dtype == np.float32
     np.testing.assert_array_equal(h[0], E[[3, 0]].astype(np.float32))
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16", "q8_0", "q4_0", "q4_1"])
+def test_embedding_of_a_frozen_matrix_is_its_rows_expanded(name):
+    """float16 and Packed E go through kernels.gather_rows (C when built, else its twin):
+    the rows equal frozen.rows_to_float's, in float32 and, exactly, in float64."""
+    rng = np.random.default_rng(1)
+    E = frozen.freeze(rng.standard_normal((50, 64)).astype(np.float32), name)
+    tokens = rng.integers(0, 50, size=(2, 9))
+    want = frozen.rows_to_float(E, tokens.reshape(-1)).reshape(2, 9, 64)
+    paths = (True, False) if kernels.c_available() else (False,)
+    for enabled in paths:
+        with kernels.use_c(enabled):
+            h = embedding_forward(tokens, E, np.float32)
+            h64 = embedding_forward(tokens, E, np.float64)
+        assert h.dtype == np.float32 and h64.dtype == np.float64
+        np.testing.assert_array_equal(h, want)
+        np.testing.assert_array_equal(h64, want.astype(np.float64))
+
+
+def test_embedding_of_a_packed_matrix_names_a_bad_id():
+    E = frozen.freeze(np.ones((5, 32), np.float32), "q8_0")
+    with pytest.raises(ValueError, match="index holds 5"):
+        embedding_forward(np.array([[0, 5]]), E, np.float32)
 
 
 @pytest.mark.parametrize("bad, msg", [(-1, "token id -1 is out of range"),
