@@ -9,6 +9,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -21,11 +22,15 @@ from minilars.config import named_config
 from minilars.data import fetch as data_fetch
 from minilars.data.mmlu import GROUP_SUBJECTS
 from minilars.data.tasks import TASKS, DataError
-from minilars.frozen import FROZEN_DTYPES
+from minilars.frozen import FROZEN_DTYPES, check_frozen_dtype
+from minilars.memory import mib
+from minilars.model import StepOptions
+from minilars.plan import (Setting, check_budget, fitting_settings, format_fits, format_plan,
+                           parse_size, predict)
 from minilars.generate import generate
 from minilars.io.atomic import write_json
 from minilars.io.fetch import FetchError, fetch_smollm2
-from minilars.io.load import read_config, tokenizer_files
+from minilars.io.load import read_config, stored_forms, tokenizer_files
 from minilars.io.peft import load_adapter, save_merged
 from minilars.lab.experiment import CellError, ExperimentOptions, run_experiment, write_report
 from minilars.lab.memory_curve import format_compare, format_memory_run, memory_runs
@@ -162,6 +167,73 @@ def cmd_memory(args) -> int:
             print(format_memory_run(res, args.model or args.arch, args.batch,
                                     np.dtype(args.dtype).name, args.per_op))
             print()
+    return 0
+
+
+# ---------------------------------------------------------------------------- plan
+
+def add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="predict a run's peak memory from shapes alone; --budget "
+                                    "lists the settings that fit")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--arch", default="smollm2-135m", help="built-in config (tiny, smollm2-135m)")
+    src.add_argument("--model", help="an HF folder or a GGUF file (config and tensor table only)")
+    p.add_argument("--method", choices=METHODS, default="lars")
+    p.add_argument("--policy", choices=("none", "layer"), default="layer")
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--attention", choices=("plain", "tiled"), default="tiled")
+    p.add_argument("--tile", type=int, default=128, help="attention tile")
+    p.add_argument("--ce-chunk", type=int, default=128, help="rows of logits alive at once")
+    add_frozen_dtype(p)
+    add_checkpoint_options(p)
+    p.add_argument("--budget", default=None, metavar="SIZE",
+                   help="peak RSS to fit, e.g. 400MiB, 1GB, 0.5G: list the settings that do")
+    p.add_argument("--json", action="store_true", help="the plan as JSON (peak_rss_bytes: the process peak)")
+    add_adapter_options(p)
+    p.set_defaults(func=cmd_plan)
+
+
+def _plan_inputs(args):
+    """(config, stored frozen forms, step options) of the plan/train arguments."""
+    cfg = read_config(args.model) if getattr(args, "model", None) else named_config(args.arch)
+    stored = stored_forms(args.model) if getattr(args, "model", None) else None
+    opts = StepOptions(policy=args.policy, attention=args.attention, tile=args.tile,
+                       ce_chunk=args.ce_chunk, checkpoints=args.checkpoints)
+    return cfg, stored, opts
+
+
+def cmd_plan(args) -> int:
+    budget = parse_size(args.budget) if args.budget else None
+    if args.seq < 1 or args.batch < 1:
+        raise UsageError("--seq and --batch must be at least 1")
+    cfg, stored, opts = _plan_inputs(args)
+    if args.seq > cfg.max_position_embeddings:
+        raise UsageError(f"--seq {args.seq} exceeds max_position_embeddings "
+                         f"({cfg.max_position_embeddings}) of this model")
+    check_frozen_dtype(args.method, args.frozen_dtype)
+    adapter = adapter_from_args(args, args.method)
+    plan = predict(cfg, args.method, adapter, args.batch, args.seq, opts,
+                   frozen_dtype=args.frozen_dtype, stored=stored)
+    fits = None
+    if budget is not None:
+        check_budget(budget, plan["baseline_bytes"], args.budget)
+        start = Setting(opts.policy, opts.checkpoints, args.frozen_dtype, opts.ce_chunk,
+                        args.batch, args.seq)
+        fits = fitting_settings(cfg, args.method, adapter, start, budget, opts, stored=stored)
+    if args.json:
+        out = dict(plan, config=cfg.to_dict(), method=args.method, seq=args.seq, batch=args.batch)
+        if fits is not None:
+            out["budget_bytes"] = budget
+            out["fits"] = [dict(setting=f[0].__dict__, changes=f[0].changes(start),
+                                peak_rss_bytes=f[1]["peak_rss_bytes"], time_factor=f[2]) for f in fits]
+        print(json.dumps(out, indent=1))
+        return 0
+    print(format_plan(plan, f"{args.model or args.arch}: {args.method}, policy {opts.policy}, "
+                            f"checkpoints {opts.checkpoints}, frozen {args.frozen_dtype or 'as stored'}, "
+                            f"batch {args.batch}, T={args.seq}"))
+    if fits is not None:
+        print(format_fits(fits, start, budget))
     return 0
 
 
@@ -380,6 +452,12 @@ def add_train(sub) -> None:
     p.add_argument("--max-examples", type=int, default=None)
     add_frozen_dtype(p)
     add_checkpoint_options(p)
+    p.add_argument("--ce-chunk", type=int, default=128, help="rows of logits alive at once")
+    p.add_argument("--budget", default=None, metavar="SIZE",
+                   help="peak RSS the run must stay under (e.g. 400MiB): checked by the planner "
+                        "before anything heavy loads; a run that does not fit is refused")
+    p.add_argument("--budget-fit", action="store_true",
+                   help="with --budget: apply the cheapest settings that fit instead of refusing")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--resume", default=None, metavar="RUN_DIR")
     add_adapter_options(p)
@@ -410,11 +488,43 @@ def cmd_train(args) -> int:
                         out=args.out, eval_every=args.eval_every, save_every=args.save_every,
                         max_examples=args.max_examples, frozen_dtype=args.frozen_dtype,
                         checkpoints=args.checkpoints, scratch_dir=args.scratch_dir,
-                        data_dir=args.data_dir, adapter=adapter_from_args(args, args.method))
+                        ce_chunk=args.ce_chunk, data_dir=args.data_dir,
+                        adapter=adapter_from_args(args, args.method))
     if os.path.exists(os.path.join(opts.out, "checkpoint")):
         raise UsageError(f"{opts.out} already holds a run; use --resume {opts.out} or another --out")
+    if args.budget:
+        opts = fit_budget(opts, parse_size(args.budget), args.budget, args.budget_fit)
     train(opts)
     return 0
+
+
+def fit_budget(opts: TrainOptions, budget: int, text: str, fit: bool) -> TrainOptions:
+    """The run's options if its plan fits `budget`; else the cheapest fitting settings
+    (fit=True) or a UsageError listing them. Reads only the model's config and tensor
+    table."""
+    opts.validate()
+    cfg, stored = read_config(opts.model), stored_forms(opts.model)
+    step = opts.step_options()
+    start = Setting(opts.policy, opts.checkpoints, opts.frozen_dtype, opts.ce_chunk,
+                    opts.batch, opts.seq)
+    plan = predict(cfg, opts.method, opts.adapter, opts.batch, opts.seq, step,
+                   frozen_dtype=opts.frozen_dtype, stored=stored)
+    check_budget(budget, plan["baseline_bytes"], text)
+    if plan["peak_rss_bytes"] <= budget:
+        print(f"budget {mib(budget):.0f} MiB: the plan's peak RSS is "
+              f"{mib(plan['peak_rss_bytes']):.0f} MiB; it fits", file=sys.stderr)
+        return opts
+    fits = fitting_settings(cfg, opts.method, opts.adapter, start, budget, step, stored=stored)
+    if not fit or not fits:
+        raise UsageError(f"the run needs about {mib(plan['peak_rss_bytes']):.0f} MiB, over "
+                         f"--budget {mib(budget):.0f} MiB.\n{format_fits(fits, start, budget)}"
+                         + ("\nrerun with one of these, or add --budget-fit" if fits else ""))
+    chosen, chosen_plan, _ = fits[0]
+    print(f"budget {mib(budget):.0f} MiB: applying {' '.join(chosen.changes(start))} "
+          f"(predicted peak RSS {mib(chosen_plan['peak_rss_bytes']):.0f} MiB)", file=sys.stderr)
+    return replace(opts, policy=chosen.policy, checkpoints=chosen.checkpoints,
+                   frozen_dtype=chosen.frozen_dtype, ce_chunk=chosen.ce_chunk,
+                   batch=chosen.batch, seq=chosen.seq)
 
 
 # ---------------------------------------------------------------------------- experiment
@@ -484,7 +594,7 @@ def cmd_experiment(args) -> int:
 
 # ---------------------------------------------------------------------------- the parser
 
-COMMANDS = (add_memory, add_info, add_fetch, add_data, add_bench, add_generate, add_merge,
+COMMANDS = (add_memory, add_plan, add_info, add_fetch, add_data, add_bench, add_generate, add_merge,
             add_eval, add_train, add_experiment)
 
 

@@ -17,7 +17,8 @@ The order of a step (model.forward_backward), which the replay follows:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from minilars.adapters import adapter_for, adapter_sites
 from minilars.checkpoints import checkpoint_keep
 from minilars.config import ModelConfig
 from minilars.frozen import parse_frozen_dtype
-from minilars.memory import CATEGORIES, RESIDENT
+from minilars.memory import CATEGORIES, RESIDENT, mib
 from minilars.model import Model, StepOptions, block_saved, lowest_trainable_layer, step_saved
 from minilars.ops.linear import linear_backward_workspace
 from minilars.ops.loss import loss_workspace
@@ -256,14 +257,14 @@ def current_rss_bytes() -> int:
 
 def predict(cfg: ModelConfig, method: str, adapter=None, batch: int = 1, seq: int = 512,
             opts: StepOptions = StepOptions(), dtype=np.float32, frozen_dtype: str | None = None,
-            stored: dict | None = None, baseline: int | None = None) -> dict:
+            stored: dict | None = None, baseline: int | None = None, slope: bool = True) -> dict:
     """The plan of one training step: the ledger's peak by category and its moment, the
     workspace beside it, the runtime baseline, the predicted peak RSS, and the saved
     bytes per token (the peak's slope in T)."""
     model, sizes = plan_model(cfg, method, adapter, dtype, frozen_dtype, stored)
     replay = replay_step(model, sizes, batch, seq, opts)
     traced, where = workspace_peak(model, sizes, batch, seq, opts, replay)
-    longer = replay_step(model, sizes, batch, seq + 64, opts)
+    longer = replay_step(model, sizes, batch, seq + 64, opts) if slope else replay
     baseline = current_rss_bytes() if baseline is None else baseline
     return {"ledger_peak_bytes": replay.peak_total,
             "peak_by_category": dict(replay.peak_by_category),
@@ -273,3 +274,158 @@ def predict(cfg: ModelConfig, method: str, adapter=None, batch: int = 1, seq: in
             "saved_bytes_per_token": (longer.peak_total - replay.peak_total) / (64 * batch),
             "trainable_params": sum(nbytes for name, (_, nbytes) in sizes.items()
                                     if name in model.trainable) // np.dtype(dtype).itemsize}
+
+
+# ---------------------------------------------------------------- budgets
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2,
+          "mb": 1000**2, "g": 1024**3, "gib": 1024**3, "gb": 1000**3}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as 400MiB, 400 MiB, 400MB (10^6), 0.4G, 512M (binary), 1e9."""
+    raw = str(text).strip()
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ").strip()
+    unit = raw[len(raw.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")):]
+    if unit.lower() not in _UNITS:
+        raise ValueError(f"size {text!r}: unknown unit {unit!r}; use B, KiB, MiB, GiB (powers of "
+                         f"1024, also written K, M, G) or KB, MB, GB (powers of 1000)")
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"size {text!r}: {number!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"size {text!r} must be a positive amount")
+    return int(value * _UNITS[unit.lower()])
+
+
+# extra compute of each change, as a factor on the step time, used only to rank settings
+# that fit (SmolLM2-135M, `minilars bench step`; README "Planning" gives the measurements);
+# a smaller CE chunk costs a few more, smaller matmuls against the head
+FROZEN_ORDER = (None, "float16", "bfloat16", "q8_0", "q4_1")
+TIME_FACTOR = {"policy layer": 1.3, "checkpoints disk": 1.05, "checkpoints bf16": 1.02,
+               "frozen float16": 1.05, "frozen bfloat16": 1.05, "frozen q8_0": 1.15,
+               "frozen q4_1": 1.2, "ce_chunk": 1.01}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way to run: what the budget search may change, and what it costs."""
+    policy: str
+    checkpoints: str
+    frozen_dtype: str | None
+    ce_chunk: int
+    batch: int
+    seq: int
+
+    def changes(self, start: "Setting") -> list[str]:
+        out = []
+        for field_, value in self.__dict__.items():
+            if value != start.__dict__[field_]:
+                out.append(f"--{field_.replace('_', '-')} {value if value is not None else 'float32'}")
+        return out
+
+    def time_factor(self, start: "Setting") -> float:
+        f = 1.0
+        if self.policy != start.policy:
+            f *= TIME_FACTOR["policy layer"]
+        if self.checkpoints != start.checkpoints:
+            f *= TIME_FACTOR[f"checkpoints {self.checkpoints}"]
+        if self.frozen_dtype != start.frozen_dtype and self.frozen_dtype is not None:
+            f *= TIME_FACTOR[f"frozen {self.frozen_dtype}"]
+        halvings = int(np.log2(start.ce_chunk / self.ce_chunk)) if self.ce_chunk < start.ce_chunk else 0
+        return f * TIME_FACTOR["ce_chunk"] ** halvings
+
+
+def _candidates(start: Setting, method: str):
+    """Every setting the search may try from `start`, batch and length unchanged."""
+    policies = [start.policy] + (["layer"] if start.policy == "none" else [])
+    frozen = [start.frozen_dtype] if method == "full" else \
+        FROZEN_ORDER[FROZEN_ORDER.index(start.frozen_dtype):] if start.frozen_dtype in FROZEN_ORDER \
+        else [start.frozen_dtype]
+    chunks = [c for c in (start.ce_chunk, 64, 32, 16) if c <= start.ce_chunk]
+    for policy, form, chunk in itertools.product(policies, frozen, dict.fromkeys(chunks)):
+        stores = ["ram", "disk", "bf16"] if policy == "layer" else ["ram"]
+        for store in stores:
+            yield Setting(policy, store, form, chunk, start.batch, start.seq)
+
+
+def _cheapest_first(found: list) -> list:
+    """Fitting settings by time (bf16 checkpoints, being approximate, after the exact ones
+    of nearly the same cost), each kept only if it needs less memory than every cheaper
+    one: the list trades time for memory, with nothing dominated."""
+    found = sorted(found, key=lambda f: (f[2] + (0.05 if f[0].checkpoints == "bf16" else 0),
+                                         f[1]["peak_rss_bytes"]))
+    kept, smallest = [], None
+    for f in found:
+        if smallest is None or f[1]["peak_rss_bytes"] < smallest:
+            kept.append(f)
+            smallest = f[1]["peak_rss_bytes"]
+    return kept
+
+
+def check_budget(budget: int, baseline: int, text: str) -> None:
+    """A budget below what the Python process itself takes cannot be met by any setting."""
+    if budget < baseline:
+        raise ValueError(f"--budget {text} is below this machine's runtime baseline "
+                         f"({mib(baseline):.0f} MiB: Python, NumPy, minilars)")
+
+
+def fitting_settings(cfg: ModelConfig, method: str, adapter, start: Setting, budget: int,
+                     base_opts: StepOptions = StepOptions(), dtype=np.float32,
+                     stored: dict | None = None, most: int = 5) -> list[tuple]:
+    """[(setting, plan, time factor)] of the cheapest settings that fit `budget` (predicted
+    peak RSS), cheapest extra compute first (exact checkpoints before bf16 at equal cost).
+    When none fits at the asked batch and length, halved batches, then halved lengths."""
+    baseline = current_rss_bytes()
+    tried = [start]
+    while True:
+        found = []
+        for s in _candidates(tried[-1], method):
+            opts = replace(base_opts, policy=s.policy, checkpoints=s.checkpoints, ce_chunk=s.ce_chunk)
+            plan = predict(cfg, method, adapter, s.batch, s.seq, opts, dtype, s.frozen_dtype,
+                           stored, baseline, slope=False)
+            if plan["peak_rss_bytes"] <= budget:
+                found.append((s, plan, s.time_factor(start)))
+        if found:
+            return _cheapest_first(found)[:most]
+        last = tried[-1]
+        if last.batch > 1:
+            tried.append(replace(last, batch=last.batch // 2))
+        elif last.seq > 64:
+            tried.append(replace(last, seq=last.seq // 2))
+        else:
+            return []
+
+
+def format_plan(plan: dict, title: str) -> str:
+    """The plan as the `minilars plan` table."""
+    cats = plan["peak_by_category"]
+    moment = plan["peak_moment"]
+    where = f"layer {moment[0]} {moment[1]}.{moment[2]}" if moment and moment[0] >= 0 else \
+        (f"{moment[1]}.{moment[2]}" if moment else "before the step")
+    rows = [("frozen weights", cats["frozen"]), ("trainable", cats["trainable"]),
+            ("gradients", cats["gradients"]), ("optimizer", cats["optimizer"]),
+            ("saved activations", cats["activations"]),
+            ("workspace", plan["workspace_bytes"]), ("runtime baseline", plan["baseline_bytes"])]
+    lines = [f"plan: {title}"] + [f"  {name:<20} {mib(n):9.1f} MiB" for name, n in rows]
+    lines += [f"  {'predicted peak RSS':<20} {mib(plan['peak_rss_bytes']):9.1f} MiB",
+              f"  ledger peak {mib(plan['ledger_peak_bytes']):.1f} MiB at {where}; workspace "
+              f"largest at {plan['workspace_moment']}"]
+    if cats.get("disk"):
+        lines.append(f"  on disk at the peak (checkpoints, not resident): {mib(cats['disk']):.1f} MiB")
+    lines.append(f"  saved bytes per token: {plan['saved_bytes_per_token']:,.0f}")
+    return "\n".join(lines)
+
+
+def format_fits(fits: list, start: Setting, budget: int) -> str:
+    """The settings that fit a budget, cheapest extra compute first."""
+    if not fits:
+        return (f"budget {mib(budget):.0f} MiB: nothing fits, not even at batch 1 and T=64 with "
+                f"every memory setting; the smallest model state alone is larger")
+    lines = [f"budget {mib(budget):.0f} MiB: settings that fit, cheapest extra compute first"]
+    for s, plan, factor in fits:
+        changes = " ".join(s.changes(start)) or "(as asked)"
+        approx = "  (bf16 checkpoints: gradients approximate)" if s.checkpoints == "bf16" else ""
+        lines.append(f"  {mib(plan['peak_rss_bytes']):7.1f} MiB  ~{factor:.2f}x time  {changes}{approx}")
+    return "\n".join(lines)

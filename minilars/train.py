@@ -36,6 +36,7 @@ from minilars.io.safetensors_io import (load_model, load_safetensors, save_model
 from minilars.io.load import load_params
 from minilars.memory import Ledger, mib, peak_rss_bytes, register_params
 from minilars.model import Model, StepOptions, forward_backward, forward_loss, zero_grads
+from minilars.ops.loss import DEFAULT_CHUNK
 from minilars.optim import AdamW, clip_grad_norm
 
 
@@ -63,6 +64,7 @@ class TrainOptions:
     max_examples: int | None = None         # cap on training rows (after a seeded shuffle)
     frozen_dtype: str | None = None         # frozen matrices as float16, bfloat16, q8_0, q4_1 ...
     checkpoints: str = "ram"                # policy layer's block inputs: ram | bf16 | disk
+    ce_chunk: int = DEFAULT_CHUNK           # rows of logits alive at once in the loss
     scratch_dir: str | None = None          # the disk store's folder (default: the run folder)
     data_dir: str = "data"
     adapter: object = None                  # the adapter's settings (LoRA(...), ...); None: defaults
@@ -79,7 +81,7 @@ class TrainOptions:
         return dataclasses.asdict(self)
 
     def step_options(self) -> StepOptions:
-        return StepOptions(policy=self.policy, attention=self.attention,
+        return StepOptions(policy=self.policy, attention=self.attention, ce_chunk=self.ce_chunk,
                            checkpoints=self.checkpoints, scratch_dir=self.scratch_dir or self.out)
 
     def validate(self):

@@ -22,6 +22,18 @@ def read_config(path: str) -> ModelConfig:
     return ModelConfig.from_json(path)
 
 
+def stored_forms(path: str) -> dict | None:
+    """{name: frozen form} of a GGUF file's matrices as load_gguf keeps them (float16,
+    bfloat16, q8_0, ...; float32 ones are held in the compute dtype); None for a folder,
+    whose tensors load in the compute dtype."""
+    if not is_gguf(path):
+        return None
+    gf, cfg, by_hf_name = open_gguf_model(path)
+    forms = {"F16": "float16", "BF16": "bfloat16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+    return {name: forms[t.type] for name, t in by_hf_name.items()
+            if len(t.shape) == 2 and t.type in forms}
+
+
 def read_tokenizer(path: str) -> Tokenizer:
     """The tokenizer alone (no weights read)."""
     if is_gguf(path):
