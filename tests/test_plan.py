@@ -2,6 +2,7 @@
 peak's categories and moment, the per-category maxima, on a grid of methods, policies,
 checkpoint stores, attention forms, frozen forms, batches and lengths."""
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -10,7 +11,11 @@ from minilars.adapters import IA3, LARS, LoRA
 from minilars.config import named_config
 from minilars.lab.memory_curve import build_model, measure_lengths
 from minilars.model import StepOptions
-from minilars.plan import plan_model, replay_step
+from minilars.cli import main
+from minilars.io.load import read_config
+from minilars.plan import (Setting, current_rss_bytes, fitting_settings, parse_size, plan_model,
+                           predict, replay_step)
+from tiny_folder import make_tiny_folder
 
 ADAPTERS = {"full": None, "lora": LoRA(rank=3), "ia3": IA3(),
             "lars": LARS(rank=3, block=16), "lars-keep": LARS(rank=2, block=8, save="keep"),
@@ -47,3 +52,73 @@ def test_the_plan_is_the_ledger_to_the_byte(name, method, opts, frozen, bt):
     assert plan.peak_by_category == got["peak_by_category"]
     assert plan.max_by_category["activations"] == got["activations_peak"]
     assert plan.peak_moment == got["peak_moment"]
+
+
+# ------------------------------------------------------------------ sizes, budgets, the command
+
+@pytest.mark.parametrize("text, value", [("400MiB", 400 * 2**20), ("400 MiB", 400 * 2**20),
+                                         ("400MB", 400 * 10**6), ("0.5G", 2**29), ("512m", 2**29),
+                                         ("1e9", 10**9), ("2 GiB", 2 * 2**30), ("100", 100)])
+def test_sizes_in_the_usual_spellings(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text, msg", [("400MX", "unknown unit 'MX'"), ("MiB", "'' is not a number"),
+                                       ("-5M", "must be a positive"), ("0", "must be a positive"),
+                                       ("four GiB", "'four' is not a number")])
+def test_bad_sizes_are_named(text, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_size(text)
+
+
+def test_plan_json_and_its_figures(capsys):
+    assert main(["plan", "--arch", "tiny", "--method", "lars", "--block", "16", "--seq", "48",
+                 "--batch", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    model, sizes = plan_model(named_config("tiny"), "lars", LARS(block=16))
+    replay = replay_step(model, sizes, 2, 48, StepOptions(policy="layer"))
+    assert out["ledger_peak_bytes"] == replay.peak_total
+    assert out["peak_rss_bytes"] == out["baseline_bytes"] + out["ledger_peak_bytes"] + out["workspace_bytes"]
+    assert out["peak_moment"] and out["saved_bytes_per_token"] > 0
+
+
+def test_a_budget_lists_cheaper_memory_first_and_nothing_dominated():
+    cfg = named_config("smollm2-135m")
+    start = Setting("none", "ram", None, 128, 1, 1024)
+    full = predict(cfg, "lars", seq=1024, opts=StepOptions(policy="none"))["peak_rss_bytes"]
+    fits = fitting_settings(cfg, "lars", None, start, int(full * 0.5), StepOptions(policy="none"))
+    assert fits
+    assert all(f[1]["peak_rss_bytes"] <= full * 0.5 for f in fits)
+    times = [f[2] for f in fits]
+    rss = [f[1]["peak_rss_bytes"] for f in fits]
+    assert times == sorted(times) and rss == sorted(rss, reverse=True) and len(set(rss)) == len(rss)
+    assert fitting_settings(cfg, "full", None, start, 50 * 2**20, StepOptions(policy="none")) == []
+
+
+def test_train_refuses_a_run_over_its_budget_before_loading(tmp_path, capsys, monkeypatch):
+    folder = make_tiny_folder(str(tmp_path / "m"))
+    (tmp_path / "d.jsonl").write_text('{"text": "hello world, a tiny test"}\n' * 4)
+    import minilars.train as train_module
+    monkeypatch.setattr(train_module, "load_base", lambda *a, **k: pytest.fail("loaded weights"))
+    base = ["train", "--model", folder, "--method", "lora", "--data", str(tmp_path / "d.jsonl"),
+            "--steps", "1", "--seq", "32", "--policy", "none"]
+    baseline = current_rss_bytes()
+    assert main(base + ["--out", str(tmp_path / "a"), "--budget", f"{baseline // 2}"]) == 1
+    assert "below this machine's runtime baseline" in capsys.readouterr().err
+    plan = predict(read_config(folder), "lora", seq=32, opts=StepOptions(policy="none"))
+    tight = str(plan["peak_rss_bytes"] - 1)
+    assert main(base + ["--out", str(tmp_path / "b"), "--budget", tight]) == 2
+    err = capsys.readouterr().err
+    assert "over --budget" in err and "--policy layer" in err and "--budget-fit" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_budget_fit_applies_the_cheapest_fitting_settings(tmp_path, capsys):
+    folder = make_tiny_folder(str(tmp_path / "m"))
+    (tmp_path / "d.jsonl").write_text('{"text": "hello world, a tiny test"}\n' * 4)
+    plan = predict(read_config(folder), "lora", seq=32, opts=StepOptions(policy="none"))
+    assert main(["train", "--model", folder, "--method", "lora", "--data", str(tmp_path / "d.jsonl"),
+                 "--steps", "1", "--seq", "32", "--policy", "none", "--out", str(tmp_path / "r"),
+                 "--budget", str(plan["peak_rss_bytes"] - 1), "--budget-fit"]) == 0
+    assert "applying --policy layer" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["policy"] == "layer"
