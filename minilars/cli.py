@@ -28,12 +28,14 @@ from minilars.model import StepOptions
 from minilars.plan import (Setting, check_budget, fitting_settings, format_fits, format_plan,
                            parse_size, predict)
 from minilars.generate import generate
-from minilars.io.atomic import write_json
+from minilars.io.atomic import write_json, write_text
 from minilars.io.fetch import FetchError, fetch_smollm2
 from minilars.io.load import read_config, stored_forms, tokenizer_files
 from minilars.io.peft import load_adapter, save_merged
 from minilars.lab.experiment import CellError, ExperimentOptions, run_experiment, write_report
-from minilars.lab.memory_curve import format_compare, format_memory_run, memory_runs
+from minilars.lab.memory_curve import (curve_lengths, format_compare, format_memory_run,
+                                       memory_plot, memory_runs, planned_line)
+from minilars.lab.svg import svg_curves
 from minilars.train import TrainOptions, load_base, train
 
 
@@ -96,6 +98,9 @@ def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scratch-dir", default=None,
                    help="folder of the disk store's scratch file (default: the run folder "
                         "for train, else a temp dir)")
+    p.add_argument("--mlp-rows", type=int, default=0, metavar="N",
+                   help="--policy layer: recompute and backprop each MLP N rows at a time, so "
+                        "its (T, F) tensors never exist whole (exact; default 0: whole)")
 
 
 def _load(args):
@@ -134,6 +139,8 @@ def add_memory(sub) -> None:
     p.add_argument("--compare", action="store_true", help="one table with every method")
     p.add_argument("--per-op", action="store_true", help="also print saved tensors per op")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", default=None, metavar="FILE.svg",
+                   help="draw the measured ledger peaks on the planned lines against T")
     add_adapter_options(p)
     p.set_defaults(func=cmd_memory)
 
@@ -153,11 +160,17 @@ def cmd_memory(args) -> int:
             raise UsageError(f"unknown method {method!r}; expected one of {METHODS}")
     progress = None if args.json else (
         lambda r: print(f"  T={r['seq']}: {r['seconds']:.1f}s", file=sys.stderr))
-    results = memory_runs(cfg, [(m, adapter_from_args(args, m)) for m in methods], args.policy,
+    adapters = {m: adapter_from_args(args, m) for m in methods}
+    results = memory_runs(cfg, list(adapters.items()), args.policy,
                           args.seq, batch=args.batch, seed=args.seed, dtype=args.dtype,
                           frozen_dtype=args.frozen_dtype, attention=args.attention,
                           tile=args.tile, ce_chunk=args.ce_chunk, checkpoints=args.checkpoints,
-                          scratch_dir=args.scratch_dir, progress=progress)
+                          scratch_dir=args.scratch_dir, mlp_rows=args.mlp_rows, progress=progress)
+    if args.plot:
+        write_text(args.plot, memory_plot(cfg, results, adapters, args.batch, args.attention,
+                                          args.tile, args.ce_chunk,
+                                          f"{args.model or args.arch}, batch {args.batch}"))
+        print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
         print(json.dumps({"config": cfg.to_dict(), "seq": args.seq, "results": results}, indent=1))
     elif args.compare:
@@ -190,6 +203,8 @@ def add_plan(sub) -> None:
     p.add_argument("--budget", default=None, metavar="SIZE",
                    help="peak RSS to fit, e.g. 400MiB, 1GB, 0.5G: list the settings that do")
     p.add_argument("--json", action="store_true", help="the plan as JSON (peak_rss_bytes: the process peak)")
+    p.add_argument("--plot", default=None, metavar="FILE.svg",
+                   help="draw the planned peak RSS and ledger peak against T (128 ... 8192)")
     add_adapter_options(p)
     p.set_defaults(func=cmd_plan)
 
@@ -199,7 +214,7 @@ def _plan_inputs(args):
     cfg = read_config(args.model) if getattr(args, "model", None) else named_config(args.arch)
     stored = stored_forms(args.model) if getattr(args, "model", None) else None
     opts = StepOptions(policy=args.policy, attention=args.attention, tile=args.tile,
-                       ce_chunk=args.ce_chunk, checkpoints=args.checkpoints)
+                       ce_chunk=args.ce_chunk, checkpoints=args.checkpoints, mlp_rows=args.mlp_rows)
     return cfg, stored, opts
 
 
@@ -219,8 +234,17 @@ def cmd_plan(args) -> int:
     if budget is not None:
         check_budget(budget, plan["baseline_bytes"], args.budget)
         start = Setting(opts.policy, opts.checkpoints, args.frozen_dtype, opts.ce_chunk,
-                        args.batch, args.seq)
+                        args.batch, args.seq, opts.mlp_rows)
         fits = fitting_settings(cfg, args.method, adapter, start, budget, opts, stored=stored)
+    if args.plot:
+        seqs = curve_lengths([s for s in (128, args.seq, 8192) if s <= cfg.max_position_embeddings])
+        line = lambda key: planned_line(cfg, args.method, adapter, opts, args.frozen_dtype,
+                                        args.batch, seqs, key)
+        write_text(args.plot, svg_curves(
+            [("peak RSS", line("peak_rss_bytes"), []), ("ledger peak", line("ledger_peak_bytes"), [])],
+            title=f"{args.model or args.arch}: {args.method}, policy {opts.policy}, "
+                  f"{opts.checkpoints} checkpoints, batch {args.batch}"))
+        print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
         out = dict(plan, config=cfg.to_dict(), method=args.method, seq=args.seq, batch=args.batch)
         if fits is not None:
@@ -488,7 +512,7 @@ def cmd_train(args) -> int:
                         out=args.out, eval_every=args.eval_every, save_every=args.save_every,
                         max_examples=args.max_examples, frozen_dtype=args.frozen_dtype,
                         checkpoints=args.checkpoints, scratch_dir=args.scratch_dir,
-                        ce_chunk=args.ce_chunk, data_dir=args.data_dir,
+                        mlp_rows=args.mlp_rows, ce_chunk=args.ce_chunk, data_dir=args.data_dir,
                         adapter=adapter_from_args(args, args.method))
     if os.path.exists(os.path.join(opts.out, "checkpoint")):
         raise UsageError(f"{opts.out} already holds a run; use --resume {opts.out} or another --out")
@@ -506,7 +530,7 @@ def fit_budget(opts: TrainOptions, budget: int, text: str, fit: bool) -> TrainOp
     cfg, stored = read_config(opts.model), stored_forms(opts.model)
     step = opts.step_options()
     start = Setting(opts.policy, opts.checkpoints, opts.frozen_dtype, opts.ce_chunk,
-                    opts.batch, opts.seq)
+                    opts.batch, opts.seq, opts.mlp_rows)
     plan = predict(cfg, opts.method, opts.adapter, opts.batch, opts.seq, step,
                    frozen_dtype=opts.frozen_dtype, stored=stored)
     check_budget(budget, plan["baseline_bytes"], text)
@@ -524,7 +548,7 @@ def fit_budget(opts: TrainOptions, budget: int, text: str, fit: bool) -> TrainOp
           f"(predicted peak RSS {mib(chosen_plan['peak_rss_bytes']):.0f} MiB)", file=sys.stderr)
     return replace(opts, policy=chosen.policy, checkpoints=chosen.checkpoints,
                    frozen_dtype=chosen.frozen_dtype, ce_chunk=chosen.ce_chunk,
-                   batch=chosen.batch, seq=chosen.seq)
+                   batch=chosen.batch, seq=chosen.seq, mlp_rows=chosen.mlp_rows)
 
 
 # ---------------------------------------------------------------------------- experiment

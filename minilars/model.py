@@ -46,7 +46,7 @@ from minilars.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward, rmsnorm_save
 from minilars.ops.rope import rope_backward, rope_forward, rope_saves, rope_tables
 from minilars.params import init_params, linear_module, linear_shapes, lm_head_name
 from minilars.checkpoints import CHECKPOINT_STORES, open_store, read_buffer_keep
-from minilars.saved import Saved
+from minilars.saved import Keep, Saved
 
 POLICIES = ("none", "layer")
 ATTENTION_FORMS = ("plain", "tiled")
@@ -93,6 +93,8 @@ class StepOptions:
     ce_chunk: int = DEFAULT_CHUNK # rows of logits alive at once in the loss
     checkpoints: str = "ram"      # where policy layer keeps block inputs: ram | bf16 | disk
     scratch_dir: str | None = None  # the disk store's folder (default: a temp dir)
+    mlp_rows: int = 0             # policy layer: recompute and backprop the MLP this many
+                                  # rows at a time (0: the whole block at once)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -106,6 +108,9 @@ class StepOptions:
         if self.checkpoints not in CHECKPOINT_STORES:
             raise ValueError(f"unknown checkpoint store {self.checkpoints!r}; expected one of "
                              f"{CHECKPOINT_STORES}")
+        if self.mlp_rows < 0 or (self.mlp_rows and self.policy != "layer"):
+            raise ValueError(f"--mlp-rows {self.mlp_rows}: a positive row count, for --policy "
+                             f"layer (whose backward recomputes each block)")
         if self.checkpoints != "ram" and self.policy != "layer":
             raise ValueError(f"--checkpoints {self.checkpoints} stores the block inputs of "
                              f"--policy layer; policy {self.policy!r} keeps none")
@@ -166,22 +171,38 @@ def block_saved(model: Model, i: int, B: int, T: int, opts: StepOptions) -> dict
     """Everything block i keeps for its backward, op by op in the order its forward keeps
     them: (op, name) -> Keep. The block's shared buffers are h_in (its input), attn_in
     (the normed input of q, k, v), attn_out (attention's output, o_proj's input), h_mid,
-    mlp_in (the normed input of gate and up) and act (down_proj's input)."""
+    mlp_in (the normed input of gate and up) and act (down_proj's input). With mlp_rows
+    the MLP half keeps only its input h_mid; mlp_rows_saved declares each row block."""
     cfg, dt = model.cfg, model.dtype
-    C, F, nh, nkv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
-                         cfg.num_key_value_heads, cfg.head_dim)
+    C, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     keeps = [*rmsnorm_saves("attn_norm", "h_in", (B, T, C), dt),
              *linear_saved(model, i, "q_proj", "attn_in", (B, T, C)),
              *linear_saved(model, i, "k_proj", "attn_in", (B, T, C)),
              *linear_saved(model, i, "v_proj", "attn_in", (B, T, C)),
              *attention_saves(opts.attention, B, nh, nkv, T, hd, dt, out_buffer="attn_out"),
-             *linear_saved(model, i, "o_proj", "attn_out", (B, T, nh * hd)),
-             *rmsnorm_saves("mlp_norm", "h_mid", (B, T, C), dt),
-             *linear_saved(model, i, "gate_proj", "mlp_in", (B, T, C)),
-             *linear_saved(model, i, "up_proj", "mlp_in", (B, T, C)),
-             *swiglu_saves((B, T, F), dt),
-             *linear_saved(model, i, "down_proj", "act", (B, T, F))]
+             *linear_saved(model, i, "o_proj", "attn_out", (B, T, nh * hd))]
+    if opts.mlp_rows:
+        keeps.append(Keep("mlp_rows", "h_mid", (B, T, C), dt, "the MLP half's input: its "
+                          "backward recomputes it a block of rows at a time", buffer="h_mid"))
+    else:
+        keeps += mlp_saved(model, i, (B, T))
     return {(k.op, k.name): k for k in keeps}
+
+
+def mlp_saved(model: Model, i: int, lead: tuple) -> list:
+    """What block i's MLP half keeps for rows of shape `lead` ((B, T), or (1, rows))."""
+    cfg, dt = model.cfg, model.dtype
+    C, F = cfg.hidden_size, cfg.intermediate_size
+    return [*rmsnorm_saves("mlp_norm", "h_mid", lead + (C,), dt),
+            *linear_saved(model, i, "gate_proj", "mlp_in", lead + (C,)),
+            *linear_saved(model, i, "up_proj", "mlp_in", lead + (C,)),
+            *swiglu_saves(lead + (F,), dt),
+            *linear_saved(model, i, "down_proj", "act", lead + (F,))]
+
+
+def mlp_rows_saved(model: Model, i: int, rows: int) -> dict:
+    """What one row block of block i's MLP keeps (its input is a view of h_mid)."""
+    return {(k.op, k.name): k for k in mlp_saved(model, i, (1, rows))}
 
 
 def step_saved(model: Model, B: int, T: int, opts: StepOptions) -> dict:
@@ -375,12 +396,53 @@ def attention_backward(model: Model, i: int, dh_mid: np.ndarray, rope: Rope, sav
     return dx
 
 
+def attention_backward_workspace(cfg: ModelConfig, rows: int, itemsize: int) -> int:
+    """Bytes attention_backward allocates at its peak beyond its input and what it
+    releases: o_proj's dx, dq, dk, dv and their merged copies, the q, k, v projections'
+    dx and their sum (the norm's dx): measured 5.0-5.3 (T, C) floats on SmolLM2 shapes."""
+    return rows * (2 * cfg.q_dim + 4 * cfg.kv_dim + 2 * cfg.hidden_size) * itemsize
+
+
 def block_backward(model: Model, i: int, dh_out: np.ndarray, rope: Rope, saved: Saved,
                    grads: dict, opts: StepOptions, need_dx: bool = True):
     """dh_out (B, T, C) -> dh_in (B, T, C) (None if not needed); releases what it consumes."""
-    dh_mid = dh_out + mlp_backward(model, i, dh_out, saved, grads)
+    if opts.mlp_rows:
+        dh_mid = mlp_backward_by_rows(model, i, dh_out, saved, grads, opts)
+    else:
+        dh_mid = dh_out + mlp_backward(model, i, dh_out, saved, grads)
     dx = attention_backward(model, i, dh_mid, rope, saved, grads, opts, need_dx)
     return dh_mid + dx if need_dx else None
+
+
+def recompute_block(model: Model, i: int, h: np.ndarray, rope: Rope, saved: Saved,
+                    opts: StepOptions) -> None:
+    """Policy layer, before block i's backward: its forward again, keeping. With mlp_rows
+    the MLP half is not run here: only its input h_mid is kept, for mlp_backward_by_rows."""
+    if not opts.mlp_rows:
+        block_forward(model, i, h, rope, saved, opts)
+        return
+    saved.keep("mlp_rows", "h_mid", h + attention_forward(model, i, h, rope, saved, opts))
+
+
+def mlp_backward_by_rows(model: Model, i: int, dh_out: np.ndarray, saved: Saved,
+                         grads: dict, opts: StepOptions) -> np.ndarray:
+    """dh_mid (B, T, C) through block i's MLP half, opts.mlp_rows rows at a time: each row
+    block is recomputed (keeping only its own saved set) and backpropagated at once. The
+    MLP acts on each position alone, so the gradients are those of the whole block."""
+    h_mid = saved.get("mlp_rows", "h_mid")
+    B, T, C = h_mid.shape
+    h2, d2 = h_mid.reshape(-1, C), dh_out.reshape(-1, C)
+    dh_mid = np.empty_like(d2)                                          # (B*T, C)
+    for r0 in range(0, B * T, opts.mlp_rows):
+        rows = slice(r0, r0 + opts.mlp_rows)
+        n = h2[rows].shape[0]
+        part = Saved(saved.ledger, i, mlp_rows_saved(model, i, n), saved.training,
+                     saved.dropout_key)
+        mlp_forward(model, i, h2[rows].reshape(1, n, C), part)
+        dh_mid[rows] = d2[rows] + mlp_backward(model, i, d2[rows].reshape(1, n, C), part,
+                                               grads)[0]
+    saved.release("mlp_rows")
+    return dh_mid.reshape(B, T, C)
 
 
 # ------------------------------------------------------------------------ whole model
@@ -491,7 +553,7 @@ def _backward_blocks(step: _Step, dh: np.ndarray, grads: dict, lowest: int,
     for i in reversed(range(lowest, model.cfg.num_hidden_layers)):
         if opts.policy == "layer":
             step.saveds[i] = step.block_store(i)
-            block_forward(model, i, step.store.take(i), step.rope, step.saveds[i], opts)  # recompute
+            recompute_block(model, i, step.store.take(i), step.rope, step.saveds[i], opts)
             step.store.release(i)
         need_dx = i > lowest or embedding_trains
         dh = block_backward(model, i, dh, step.rope, step.saveds.pop(i), grads, opts, need_dx)
@@ -507,6 +569,9 @@ def forward_backward(model: Model, tokens: np.ndarray, targets: np.ndarray,
     drawn."""
     cfg, p = model.cfg, model.params
     tokens = check_inputs(cfg, tokens, targets)
+    if opts.mlp_rows and getattr(model.adapter, "dropout", 0):
+        raise ValueError("--mlp-rows needs LoRA dropout 0: a dropout mask is drawn for a whole "
+                         "input, not for a block of its rows")
     B, T = tokens.shape
     step = _Step(model, opts, ledger if ledger is not None else Ledger(), dropout_key, B, T)
     step.outer = Saved(step.ledger, -1, step_saved(model, B, T, opts), dropout_key=dropout_key)

@@ -28,7 +28,8 @@ from minilars.checkpoints import checkpoint_keep
 from minilars.config import ModelConfig
 from minilars.frozen import parse_frozen_dtype
 from minilars.memory import CATEGORIES, RESIDENT, mib
-from minilars.model import Model, StepOptions, block_saved, lowest_trainable_layer, step_saved
+from minilars.model import (Model, StepOptions, attention_backward_workspace, block_saved,
+                            lowest_trainable_layer, mlp_rows_saved, mlp_saved, step_saved)
 from minilars.ops.linear import linear_backward_workspace
 from minilars.ops.loss import loss_workspace
 from minilars.ops.mlp import swiglu_backward_workspace
@@ -122,6 +123,14 @@ def step_events(model: Model, B: int, T: int, opts: StepOptions):
             yield from (("keep", i, k) for k in block_saved(model, i, B, T, opts).values())
             yield "release", i, "checkpoint"
         yield "mark", ("backward", i)
+        if opts.mlp_rows:
+            for r0 in range(0, B * T, opts.mlp_rows):
+                n = min(opts.mlp_rows, B * T - r0)
+                yield from (("keep", i, k) for k in mlp_rows_saved(model, i, n).values())
+                yield "mark", ("rows", i, n)
+                for op in ("down_proj", "swiglu", "gate_proj", "up_proj", "mlp_norm"):
+                    yield "release", i, op
+            yield "release", i, "mlp_rows"
         yield "release_layer", i
     yield "release", -1, "checkpoint"
     yield "release", -1, "rope"
@@ -213,24 +222,42 @@ def _down_proj_workspace(model: Model, i: int, rows: int) -> int:
 
 def workspace_peak(model: Model, sizes: dict, B: int, T: int, opts: StepOptions,
                    replay: Replay) -> tuple[int, str]:
-    """(traced peak, where): what the step holds beyond its named tensors at the two
-    moments where that is largest, added to what the ledger holds then. At the loss:
-    the normed hidden state, one (chunk, V) block of logits and the loss's gradient. In
-    a block's backward, its saved set still alive: the incoming gradient, down_proj's
-    backward (dx, or an adapter's dx~ and dx), then SwiGLU's (dact, now dg, and du)."""
+    """(traced peak, where): what the step holds beyond its named tensors where that is
+    largest, added to what the ledger holds then. At the loss: the normed hidden state,
+    one (chunk, V) block of logits and the loss's gradient. In a block's backward, with its
+    saved set alive: the incoming gradient, down_proj's backward (dx, or an adapter's dx~
+    and dx), then SwiGLU's (dact, now dg, and du); then the attention half's (dh_mid and
+    attention_backward_workspace). With mlp_rows, the MLP's for one row block, beside the
+    whole dh_out and dh_mid."""
     cfg, item = model.cfg, np.dtype(model.dtype).itemsize
     N, C, F, V = B * T, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     tile = TILE_BYTES if any(cat == "frozen" and nbytes < int(np.prod(shape)) * item
                              for (cat, nbytes), shape in _matrix_sizes(model, sizes)) else 0
     moments = {"loss": replay.marks["loss"] + N * C * item + tile
                        + loss_workspace(N, V, C, opts.ce_chunk, item)}
-    for (name, i), live in ((m, v) for m, v in replay.marks.items() if m != "loss"):
-        down_keeps = [k for k in block_saved(model, i, B, T, opts).values() if k.op == "down_proj"]
-        moments[f"layer {i} down_proj backward"] = (live + N * C * item + tile
-                                                    + _down_proj_workspace(model, i, N))
-        moments[f"layer {i} swiglu backward"] = (live - declared_bytes(down_keeps)
-                                                 + N * (C + F) * item
-                                                 + swiglu_backward_workspace(N, F, item))
+    for mark, live in replay.marks.items():
+        if mark == "loss":
+            continue
+        if mark[0] == "rows":                       # one row block of an MLP, by rows
+            _, i, n = mark
+            flowing, rows_, name = 2 * N * C * item + n * C * item, n, f"layer {i} MLP rows"
+        elif opts.mlp_rows:                         # the block's attention half, by rows
+            i = mark[1]
+            moments[f"layer {i} attention backward"] = (
+                live - N * C * item + 2 * N * C * item + attention_backward_workspace(cfg, N, item))
+            continue
+        else:
+            i = mark[1]
+            flowing, rows_, name = N * C * item, N, f"layer {i}"
+            moments[f"layer {i} attention backward"] = (
+                live - declared_bytes(mlp_saved(model, i, (B, T))) + 2 * N * C * item
+                + attention_backward_workspace(cfg, N, item))
+        down_keeps = [k for k in mlp_saved(model, i, (1, rows_)) if k.op == "down_proj"]
+        moments[f"{name} down_proj backward"] = (live + flowing + tile
+                                                 + _down_proj_workspace(model, i, rows_))
+        moments[f"{name} swiglu backward"] = (live - declared_bytes(down_keeps) + flowing
+                                              + rows_ * F * item
+                                              + swiglu_backward_workspace(rows_, F, item))
     where = max(moments, key=moments.get)
     return max(moments[where], replay.peak_total), where
 
@@ -302,8 +329,10 @@ def parse_size(text: str) -> int:
 # extra compute of each change, as a factor on the step time, used only to rank settings
 # that fit (SmolLM2-135M, `minilars bench step`; README "Planning" gives the measurements);
 # a smaller CE chunk costs a few more, smaller matmuls against the head
+MLP_ROWS = 512           # the row block the search tries for the MLP's backward
 FROZEN_ORDER = (None, "float16", "bfloat16", "q8_0", "q4_1")
 TIME_FACTOR = {"policy layer": 1.3, "checkpoints disk": 1.05, "checkpoints bf16": 1.02,
+               "mlp_rows": 1.02,
                "frozen float16": 1.05, "frozen bfloat16": 1.05, "frozen q8_0": 1.15,
                "frozen q4_1": 1.2, "ce_chunk": 1.01}
 
@@ -317,6 +346,7 @@ class Setting:
     ce_chunk: int
     batch: int
     seq: int
+    mlp_rows: int = 0
 
     def changes(self, start: "Setting") -> list[str]:
         out = []
@@ -331,6 +361,8 @@ class Setting:
             f *= TIME_FACTOR["policy layer"]
         if self.checkpoints != start.checkpoints:
             f *= TIME_FACTOR[f"checkpoints {self.checkpoints}"]
+        if self.mlp_rows != start.mlp_rows:
+            f *= TIME_FACTOR["mlp_rows"]
         if self.frozen_dtype != start.frozen_dtype and self.frozen_dtype is not None:
             f *= TIME_FACTOR[f"frozen {self.frozen_dtype}"]
         halvings = int(np.log2(start.ce_chunk / self.ce_chunk)) if self.ce_chunk < start.ce_chunk else 0
@@ -346,8 +378,9 @@ def _candidates(start: Setting, method: str):
     chunks = [c for c in (start.ce_chunk, 64, 32, 16) if c <= start.ce_chunk]
     for policy, form, chunk in itertools.product(policies, frozen, dict.fromkeys(chunks)):
         stores = ["ram", "disk", "bf16"] if policy == "layer" else ["ram"]
-        for store in stores:
-            yield Setting(policy, store, form, chunk, start.batch, start.seq)
+        rows = dict.fromkeys([start.mlp_rows, MLP_ROWS]) if policy == "layer" else [0]
+        for store, mlp_rows in itertools.product(stores, rows):
+            yield Setting(policy, store, form, chunk, start.batch, start.seq, mlp_rows)
 
 
 def _cheapest_first(found: list) -> list:
@@ -382,7 +415,8 @@ def fitting_settings(cfg: ModelConfig, method: str, adapter, start: Setting, bud
     while True:
         found = []
         for s in _candidates(tried[-1], method):
-            opts = replace(base_opts, policy=s.policy, checkpoints=s.checkpoints, ce_chunk=s.ce_chunk)
+            opts = replace(base_opts, policy=s.policy, checkpoints=s.checkpoints,
+                           ce_chunk=s.ce_chunk, mlp_rows=s.mlp_rows)
             plan = predict(cfg, method, adapter, s.batch, s.seq, opts, dtype, s.frozen_dtype,
                            stored, baseline, slope=False)
             if plan["peak_rss_bytes"] <= budget:

@@ -65,6 +65,7 @@ class TrainOptions:
     frozen_dtype: str | None = None         # frozen matrices as float16, bfloat16, q8_0, q4_1 ...
     checkpoints: str = "ram"                # policy layer's block inputs: ram | bf16 | disk
     ce_chunk: int = DEFAULT_CHUNK           # rows of logits alive at once in the loss
+    mlp_rows: int = 0                       # policy layer: the MLP's backward by this many rows
     scratch_dir: str | None = None          # the disk store's folder (default: the run folder)
     data_dir: str = "data"
     adapter: object = None                  # the adapter's settings (LoRA(...), ...); None: defaults
@@ -82,6 +83,7 @@ class TrainOptions:
 
     def step_options(self) -> StepOptions:
         return StepOptions(policy=self.policy, attention=self.attention, ce_chunk=self.ce_chunk,
+                           mlp_rows=self.mlp_rows,
                            checkpoints=self.checkpoints, scratch_dir=self.scratch_dir or self.out)
 
     def validate(self):

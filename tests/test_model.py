@@ -19,8 +19,8 @@ from minilars.config import named_config
 from minilars.memory import Ledger, owning_buffer
 from minilars.checkpoints import checkpoint_keep
 from minilars.model import (IGNORE, Model, StepOptions, block_saved, forward_backward,
-                            forward_logits, forward_loss, next_token_targets, step_saved,
-                            zero_grads)
+                            forward_logits, forward_loss, mlp_rows_saved, next_token_targets,
+                            step_saved, zero_grads)
 from minilars.optim import AdamW, clip_grad_norm
 from minilars.params import param_shapes
 from minilars.reference import reference_logits
@@ -113,6 +113,8 @@ def test_gradients_identical_across_policy_attention_and_loss(name):
         "none/tiled/chunked": StepOptions(policy="none", attention="tiled", loss="chunked", tile=3, ce_chunk=4),
         "layer/tiled/chunked": StepOptions(policy="layer", attention="tiled", loss="chunked", tile=5, ce_chunk=1),
         "layer/tiled/plain": StepOptions(policy="layer", attention="tiled", loss="plain", tile=2),
+        "layer/rows": StepOptions(policy="layer", tile=5, mlp_rows=3),
+        "layer/disk/rows": StepOptions(policy="layer", checkpoints="disk", mlp_rows=8),
     }
     ref_loss, ref = _grads(model, tokens, targets, variants["none/plain/plain"])
     for label, opts in variants.items():
@@ -280,8 +282,9 @@ SAVED_SET_CASES = [("tiny", "full", None), ("tiny-qwen2", "full", None),
 @pytest.mark.parametrize("opts", [StepOptions(policy="none", tile=4),
                                   StepOptions(policy="layer", attention="plain"),
                                   StepOptions(policy="layer", checkpoints="bf16"),
-                                  StepOptions(policy="layer", checkpoints="disk")],
-                         ids=["none-tiled", "layer-plain", "layer-bf16", "layer-disk"])
+                                  StepOptions(policy="layer", checkpoints="disk"),
+                                  StepOptions(policy="layer", mlp_rows=4)],
+                         ids=["none-tiled", "layer-plain", "layer-bf16", "layer-disk", "layer-rows"])
 def test_every_block_keeps_exactly_what_it_declares(name, method, settings, opts):
     """Per layer, the tensors a real step keeps are the declared ones (no more, no fewer);
     tensors declared with one buffer name share one buffer, different names never do; and
@@ -302,6 +305,8 @@ def test_every_block_keeps_exactly_what_it_declares(name, method, settings, opts
         if opts.policy == "layer":
             keep = checkpoint_keep(opts.checkpoints, (B, T, cfg.hidden_size), model.dtype)
             declared[(keep.op, keep.name)] = keep
+        if opts.mlp_rows:
+            declared.update(mlp_rows_saved(model, i, opts.mlp_rows))
         layer_sets.append((i, declared))
     for layer, declared in layer_sets:
         kept = {(op, n): bid for (l, op, n), bid in ledger.kept.items() if l == layer}

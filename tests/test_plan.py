@@ -24,7 +24,9 @@ OPTS = {"none": StepOptions(policy="none", tile=8),
         "none-plain": StepOptions(policy="none", attention="plain", ce_chunk=7),
         "layer": StepOptions(policy="layer", tile=16),
         "layer-bf16": StepOptions(policy="layer", checkpoints="bf16"),
-        "layer-disk": StepOptions(policy="layer", checkpoints="disk")}
+        "layer-disk": StepOptions(policy="layer", checkpoints="disk"),
+        "layer-rows": StepOptions(policy="layer", mlp_rows=10),
+        "layer-disk-rows": StepOptions(policy="layer", checkpoints="disk", mlp_rows=64)}
 
 
 def _measured(cfg, method, adapter, opts, frozen, B, T):

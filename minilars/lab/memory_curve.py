@@ -19,7 +19,9 @@ from minilars.frozen import check_frozen_dtype, freeze_matrices
 from minilars.memory import (CATEGORIES, Ledger, mib, peak_rss_bytes, register_params,
                              reset_peak_rss)
 from minilars.model import Model, StepOptions, forward_backward, next_token_targets, zero_grads
+from minilars.lab.svg import svg_curves
 from minilars.optim import AdamW, clip_grad_norm
+from minilars.plan import predict
 
 
 def build_model(cfg: ModelConfig, method: str, seed: int = 0, dtype=np.float32,
@@ -114,7 +116,7 @@ def format_rows(rows: list[dict], title: str) -> str:
 def memory_runs(cfg: ModelConfig, methods: list, policies: list[str], seqs: list[int],
                 batch: int = 1, seed: int = 0, dtype=np.float32, frozen_dtype: str | None = None,
                 attention: str = "tiled", tile: int = 128, ce_chunk: int = 128,
-                checkpoints: str = "ram", scratch_dir: str | None = None,
+                checkpoints: str = "ram", scratch_dir: str | None = None, mlp_rows: int = 0,
                 progress=None) -> list[dict]:
     """`minilars memory`: for each (method, adapter settings) of `methods` and each
     policy, a fresh model and one measured step per length, traced from before the model
@@ -125,7 +127,7 @@ def memory_runs(cfg: ModelConfig, methods: list, policies: list[str], seqs: list
         for policy in policies:
             opts = StepOptions(policy=policy, attention=attention, tile=tile, ce_chunk=ce_chunk,
                                checkpoints=checkpoints if policy == "layer" else "ram",
-                               scratch_dir=scratch_dir)
+                               scratch_dir=scratch_dir, mlp_rows=mlp_rows if policy == "layer" else 0)
             tracemalloc.start()
             model = build_model(cfg, method, seed=seed, dtype=dtype, frozen_dtype=frozen_dtype,
                                 adapter=adapter)
@@ -135,6 +137,7 @@ def memory_runs(cfg: ModelConfig, methods: list, policies: list[str], seqs: list
                 r["per_op"] = [{**o, "shape": list(o["shape"])} for o in r["per_op"]]
             results.append({"method": method, "policy": policy, "attention": attention,
                             "checkpoints": opts.checkpoints, "frozen_dtype": frozen_dtype,
+                            "mlp_rows": opts.mlp_rows,
                             "trainable_params": sum(model.params[n].size for n in model.trainable),
                             "base_params": model.base_param_count(),
                             "saved_bytes_per_token": slope_per_token(rows),
@@ -185,3 +188,34 @@ def format_compare(results: list[dict], seqs: list[int]) -> str:
                                for a, b in zip(lars["rows"], lora["rows"]))
             lines.append(f"LARS/LoRA peak ratio, policy={policy}: {ratios}")
     return "\n".join(lines)
+
+
+def curve_lengths(seqs: list[int]) -> list[int]:
+    """The lengths a planned line is drawn through: the measured ones and the powers of two
+    between them."""
+    lo, hi = min(seqs), max(seqs)
+    powers = [2 ** e for e in range(int(np.log2(lo)), int(np.log2(hi)) + 2) if lo <= 2 ** e <= hi]
+    return sorted(set(seqs) | set(powers))
+
+
+def planned_line(cfg: ModelConfig, method: str, adapter, opts: StepOptions, frozen_dtype,
+                 batch: int, seqs: list[int], key: str = "ledger_peak_bytes") -> list[tuple]:
+    """[(T, MiB)] of the plan's `key` at each length."""
+    return [(T, mib(predict(cfg, method, adapter, batch, T, opts, frozen_dtype=frozen_dtype,
+                            slope=False)[key])) for T in seqs]
+
+
+def memory_plot(cfg: ModelConfig, results: list[dict], adapters: dict, batch: int,
+                attention: str, tile: int, ce_chunk: int, title: str) -> str:
+    """The SVG of `minilars memory --plot`: per method and policy the measured ledger
+    peaks (circles) on the planned line."""
+    series = []
+    for res in results:
+        opts = StepOptions(policy=res["policy"], attention=attention, tile=tile,
+                           ce_chunk=ce_chunk, checkpoints=res["checkpoints"], mlp_rows=res["mlp_rows"])
+        seqs = [r["seq"] for r in res["rows"]]
+        line = planned_line(cfg, res["method"], adapters[res["method"]], opts,
+                            res["frozen_dtype"], batch, curve_lengths(seqs))
+        series.append((f"{res['method']} {res['policy']}", line,
+                       [(r["seq"], mib(r["ledger_peak"])) for r in res["rows"]]))
+    return svg_curves(series, title=title, y_label="ledger peak (MiB)")

@@ -55,3 +55,52 @@ def svg_scatter(points, baseline=None, title="", width=520, height=340) -> str:
                   f'<text x="{X(x) + 8:.1f}" y="{Y(y) + 4:.1f}">{name}</text>']
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
+
+
+COLOURS = ("#3366cc", "#dc3912", "#ff9900", "#109618", "#990099", "#0099c6", "#dd4477",
+           "#66aa00", "#b82e2e", "#316395")
+
+
+def svg_curves(series, title="", x_label="sequence length T (tokens)",
+               y_label="peak memory (MiB)", width=640, height=400) -> str:
+    """Lines and points against a base-2 log x axis (sequence lengths): series is a list
+    of (label, line [(x, y)], points [(x, y)]): the line is the prediction, the points what
+    was measured (either may be empty). One colour per series, a legend at the right."""
+    xs = [x for _, line, pts in series for x, _ in line + pts]
+    ys = [y for _, line, pts in series for _, y in line + pts]
+    lx0, lx1 = math.log2(min(xs)), math.log2(max(xs))
+    lx1 = lx1 if lx1 > lx0 else lx0 + 1
+    y0, y1 = 0.0, max(ys) * 1.08
+    left, right, top, bottom = 70, width - 190, 40, height - 50
+    X = lambda x: left + (math.log2(x) - lx0) / (lx1 - lx0) * (right - left)
+    Y = lambda y: bottom - (y - y0) / (y1 - y0) * (bottom - top)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{(left + right) / 2}" y="22" text-anchor="middle">{title}</text>']
+    for e in range(math.ceil(lx0), math.floor(lx1) + 1):
+        parts += [f'<line x1="{X(2 ** e):.1f}" y1="{top}" x2="{X(2 ** e):.1f}" y2="{bottom}" stroke="#ddd"/>',
+                  f'<text x="{X(2 ** e):.1f}" y="{bottom + 16}" text-anchor="middle">{2 ** e}</text>']
+    for t in ticks(y0, y1):
+        parts += [f'<line x1="{left}" y1="{Y(t):.1f}" x2="{right}" y2="{Y(t):.1f}" stroke="#ddd"/>',
+                  f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" text-anchor="end">{t:g}</text>']
+    parts += [f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>',
+              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="black"/>',
+              f'<text x="{(left + right) / 2}" y="{height - 12}" text-anchor="middle">{x_label}</text>',
+              f'<text x="18" y="{(top + bottom) / 2}" transform="rotate(-90 18 {(top + bottom) / 2})" '
+              f'text-anchor="middle">{y_label}</text>']
+    for k, (label, line, pts) in enumerate(series):
+        colour = COLOURS[k % len(COLOURS)]
+        if line:
+            path = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in sorted(line))
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        parts += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="4" fill="white" stroke="{colour}" '
+                  f'stroke-width="2"/>' for x, y in pts]
+        ly = top + 8 + 18 * k
+        parts += [f'<line x1="{right + 14}" y1="{ly}" x2="{right + 36}" y2="{ly}" stroke="{colour}" stroke-width="2"/>',
+                  f'<text x="{right + 42}" y="{ly + 4}">{label}</text>']
+    note_y = top + 8 + 18 * len(series) + 10
+    parts += [f'<text x="{right + 14}" y="{note_y}" fill="#666">lines: planned</text>',
+              f'<text x="{right + 14}" y="{note_y + 16}" fill="#666">circles: measured</text>',
+              "</svg>"]
+    return "\n".join(parts) + "\n"

@@ -268,9 +268,12 @@ def test_adapter_gradients_identical_across_policies_and_attention(name, variant
     model = _adapted(name, variant, seed=3)
     tokens, targets = _batch(model.cfg, T=9, seed=4)
     ref_loss, ref = _grads(model, tokens, targets, StepOptions(policy="none", attention="plain"))
-    for opts in (StepOptions(policy="layer", attention="plain"),
-                 StepOptions(policy="none", attention="tiled", tile=4),
-                 StepOptions(policy="layer", attention="tiled", tile=2, ce_chunk=3)):
+    variants = [StepOptions(policy="layer", attention="plain"),
+                StepOptions(policy="none", attention="tiled", tile=4),
+                StepOptions(policy="layer", attention="tiled", tile=2, ce_chunk=3)]
+    if variant != "lora-dropout":          # dropout masks are drawn per whole input
+        variants.append(StepOptions(policy="layer", mlp_rows=4, checkpoints="disk"))
+    for opts in variants:
         loss, grads = _grads(model, tokens, targets, opts)
         assert abs(loss - ref_loss) < 1e-12, opts
         for pname in ref:
@@ -486,3 +489,10 @@ def test_lora_dropout_is_off_at_inference():
     b = _adapted("tiny", "lora-dropout", seed=0)
     tokens, _ = _batch(a.cfg)
     np.testing.assert_array_equal(forward_logits(a, tokens), forward_logits(b, tokens))
+
+
+def test_mlp_rows_refuses_lora_dropout():
+    model = _adapted("tiny", "lora-dropout")
+    tokens, targets = _batch(model.cfg)
+    with pytest.raises(ValueError, match="--mlp-rows needs LoRA dropout 0"):
+        _grads(model, tokens, targets, StepOptions(policy="layer", mlp_rows=4))
