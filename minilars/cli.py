@@ -15,7 +15,7 @@ import numpy as np
 
 import minilars
 from minilars import evaluate, kernels
-from minilars.lab import bench
+from minilars.lab import bench, plan_check
 from minilars.adapters import ADAPTERS, METHODS
 from minilars.checkpoints import CHECKPOINT_STORES
 from minilars.config import named_config
@@ -329,12 +329,25 @@ def add_bench(sub) -> None:
     q.add_argument("--seq", type=int, default=512)
     q.add_argument("--policy", default="layer", choices=("none", "layer"))
     q.add_argument("--repeats", type=int, default=2)
+    q = bsub.add_parser("plan", help="the planner against measured steps on a grid of "
+                                     "configurations (each in a fresh process)")
+    q.add_argument("--arch", default="smollm2-135m")
+    q.add_argument("--quick", action="store_true", help="a 6-configuration subset")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
     if args.bench_command == "kernels":
         print(bench.format_kernel_table(bench.bench_kernels(seq=args.seq)))
+    elif args.bench_command == "plan":
+        cells = plan_check.grid(args.arch)
+        cells = cells[::8] if args.quick else cells
+        t0 = time.perf_counter()
+        rows = plan_check.check(cells, progress=lambda r: print(
+            f"  {r['method']} {r['policy']} T={r['seq']} {r['frozen'] or 'float32'} "
+            f"{r.get('checkpoints', 'ram')}: {r['seconds']:.1f} s/step", file=sys.stderr))
+        print(plan_check.format_check(rows))
+        print(f"grid measured in {time.perf_counter() - t0:.0f} s")
     else:
         rows = bench.bench_step(args.arch, args.method, args.seq, args.policy, repeats=args.repeats)
         print(bench.format_step_table(rows))

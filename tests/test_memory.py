@@ -272,3 +272,22 @@ def test_cli_memory_rejects_a_too_long_sequence(capsys):
     assert code != 0
     err = capsys.readouterr().err
     assert "--seq 100000" in err and "max_position_embeddings (256)" in err
+
+
+def test_memory_plot_puts_measured_points_on_planned_lines(tmp_path, capsys):
+    """`memory --plot`: every measured circle is a vertex of its series' planned line (the
+    plan equals the ledger), with labelled axes, round ticks and a legend."""
+    import re
+    from minilars.cli import main
+    path = tmp_path / "curve.svg"
+    assert main(["memory", "--arch", "tiny", "--compare", "--method", "lora,lars", "--block", "16",
+                 "--policy", "none,layer", "--seq", "16,32,64", "--plot", str(path)]) == 0
+    svg = path.read_text()
+    assert "sequence length T (tokens)" in svg and "ledger peak (MiB)" in svg
+    assert all(label in svg for label in ("lora none", "lora layer", "lars none", "lars layer"))
+    lines = re.findall(r'<polyline points="([^"]+)" fill="none" stroke="(#\w+)"', svg)
+    circles = re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)" r="4" fill="white" stroke="(#\w+)"', svg)
+    assert len(lines) == 4 and len(circles) == 12
+    vertices = {colour: set(points.split()) for points, colour in lines}
+    for cx, cy, colour in circles:
+        assert f"{cx},{cy}" in vertices[colour], (cx, cy, colour)

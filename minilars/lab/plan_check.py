@@ -37,6 +37,9 @@ def grid(arch: str = "smollm2-135m") -> list[dict]:
              if not (m == "full" and f)]
     cells += [dict(arch=arch, method=m, policy="layer", seq=2048, frozen=f, checkpoints=c)
               for m in ("lora", "lars") for f in (None, "float16") for c in ("bf16", "disk")]
+    cells += [dict(arch=arch, method=m, policy="layer", seq=T, frozen=f, checkpoints="disk",
+                   mlp_rows=512) for m in ("lora", "lars") for T in (2048, 4096)
+              for f in ("q8_0", "q4_1")]
     return cells
 
 
@@ -44,7 +47,8 @@ def measure(cell: dict) -> dict:
     """One configuration, two steps in this process: ledger peak and peak RSS of the second."""
     cfg = named_config(cell["arch"])
     model = build_model(cfg, cell["method"], frozen_dtype=cell.get("frozen"))
-    opts = StepOptions(policy=cell["policy"], checkpoints=cell.get("checkpoints", "ram"))
+    opts = StepOptions(policy=cell["policy"], checkpoints=cell.get("checkpoints", "ram"),
+                       mlp_rows=cell.get("mlp_rows", 0))
     ledger = Ledger()
     register_params(model, ledger)
     grads = zero_grads(model, ledger)
@@ -70,7 +74,8 @@ def check(cells: list[dict], progress=None) -> list[dict]:
         cfg = named_config(cell["arch"])
         plan = predict(cfg, cell["method"], batch=cell.get("batch", 1), seq=cell["seq"],
                        opts=StepOptions(policy=cell["policy"],
-                                        checkpoints=cell.get("checkpoints", "ram")),
+                                        checkpoints=cell.get("checkpoints", "ram"),
+                                        mlp_rows=cell.get("mlp_rows", 0)),
                        frozen_dtype=cell.get("frozen"))
         proc = subprocess.run([sys.executable, "-m", "minilars.lab.plan_check", json.dumps(cell)],
                               capture_output=True, text=True, check=True)
@@ -84,7 +89,7 @@ def check(cells: list[dict], progress=None) -> list[dict]:
 
 
 def format_check(rows: list[dict]) -> str:
-    lines = [f"{'method':<6} {'policy':<6} {'T':>5} {'frozen':<8} {'store':<5} "
+    lines = [f"{'method':<6} {'policy':<6} {'T':>5} {'frozen':<8} {'store':<9} "
              f"{'ledger plan':>12} {'measured':>12} {'equal':>6} {'RSS plan MiB':>12} "
              f"{'measured':>9} {'error':>7}"]
     errors = []
@@ -92,7 +97,8 @@ def format_check(rows: list[dict]) -> str:
         err = (r["plan_rss"] - r["rss"]) / r["rss"]
         errors.append(abs(err))
         lines.append(f"{r['method']:<6} {r['policy']:<6} {r['seq']:>5} {r['frozen'] or 'float32':<8} "
-                     f"{r.get('checkpoints', 'ram'):<5} {r['plan_ledger']:>12,} {r['ledger']:>12,} "
+                     f"{r.get('checkpoints', 'ram') + ('+rows' if r.get('mlp_rows') else ''):<9} "
+                     f"{r['plan_ledger']:>12,} {r['ledger']:>12,} "
                      f"{'yes' if r['plan_ledger'] == r['ledger'] else 'NO':>6} "
                      f"{mib(r['plan_rss']):12.1f} {mib(r['rss']):9.1f} {100 * err:6.1f}%")
     exact = sum(r["plan_ledger"] == r["ledger"] for r in rows)
