@@ -105,7 +105,8 @@ int minilars_gather_rows(const void *W, int weight_format, int64_t rows, int64_t
                          const int64_t *index, int64_t n, float *out);
 
 /* y = x W^T for a few rows of x (generation: one token), float32 accumulation.
- *   reads   x (rows, in) float32, W (out, in) in weight_format
+ *   reads   x (rows, in) float32, W (out, in) in weight_format (in a whole number of
+ *           the format's blocks)
  *   writes  y (rows, out) float32
  * W is streamed once: each thread dequantizes one row of W at a time into its part of the
  * workspace (in floats per thread) and dots it with every row of x; W's rows are split

@@ -247,6 +247,7 @@ def lars_gate_backward(dx_tilde: np.ndarray, x: np.ndarray, U: np.ndarray, V: np
 _TILE_FLOATS = 1 << 19   # at most this many floats in one dequantized tile of W (2 MiB)
 _TILE_ALIGN = 32         # tile edges on multiples of 32 (GGUF's blocks, BLAS's register tiles)
 _FEW_ROWS = 8            # x with fewer rows: minilars_matvec_xwT (it measured faster up to ~10)
+_MATVEC_ONE_THREAD = 1 << 22   # W of fewer weights: the matvec on one thread (see _matvec_xwT_c)
 
 # Packed formats -> the C kernels' MINILARS_WEIGHT_* names (float16 ndarrays: ..._F16)
 _PACKED_CODES = {"bf16": "MINILARS_WEIGHT_BF16", "q8_0": "MINILARS_WEIGHT_Q8_0",
@@ -397,9 +398,15 @@ def _check_matmul(where, a_name, a, W, a_dim_of_W):
 
 
 def _matvec_xwT_c(where: str, x: np.ndarray, W) -> np.ndarray:
-    """y (rows, out) = x (rows, in) W^T in one C call that streams W once (few rows)."""
+    """y (rows, out) = x (rows, in) W^T in one C call that streams W once (few rows).
+    One thread for a W of fewer than _MATVEC_ONE_THREAD weights: waking OpenMP's sleeping
+    threads (and sharing cores with BLAS's, still spinning after the last product) costs
+    more than they save there (an MLP matrix of SmolLM2, 1536 x 576 in Q8_0: 0.08 ms on
+    one thread, 0.13 ms on two, on 2 cores); the tied LM head (28 M weights) uses them."""
     rows, in_features = x.shape
-    out_features, threads = int(W.shape[0]), int(_lib.minilars_max_threads())
+    out_features = int(W.shape[0])
+    threads = (1 if out_features * in_features < _MATVEC_ONE_THREAD
+               else int(_lib.minilars_max_threads()))
     y = np.empty((rows, out_features), dtype=np.float32)             # (rows, out)
     work = _workspace(where, _lib.minilars_matvec_xwT_workspace(in_features, threads))
     rc = _lib.minilars_matvec_xwT(_ptr("float[]", x), _weight_ptr(W),

@@ -205,6 +205,26 @@ def test_matmul_dyW_c_equals_twin(case):
     assert close(got, dy.astype(np.float64) @ W64, size)
 
 
+@needs_c
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matvec_is_the_same_on_one_thread_and_many(fmt):
+    """Each y[n, c] is one thread's dot product in a fixed order, so the threads a W's
+    size selects (kernels._MATVEC_ONE_THREAD) do not change a bit."""
+    rng = np.random.default_rng(4)
+    W = frozen_weight((301, 96), fmt, rng)
+    x = rng.normal(size=(3, 96)).astype(np.float32)
+    saved = kernels._MATVEC_ONE_THREAD
+    try:
+        with kernels.use_c(True):
+            kernels._MATVEC_ONE_THREAD = 1 << 40                        # one thread
+            one = kernels.matmul_xwT(x, W)
+            kernels._MATVEC_ONE_THREAD = 0                              # all of them
+            many = kernels.matmul_xwT(x, W)
+    finally:
+        kernels._MATVEC_ONE_THREAD = saved
+    np.testing.assert_array_equal(one, many)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_matmul_twins_equal_plain_float_products(fmt):
     rng = np.random.default_rng(3)
