@@ -406,11 +406,13 @@ def check_budget(budget: int, baseline: int, text: str) -> None:
 
 def fitting_settings(cfg: ModelConfig, method: str, adapter, start: Setting, budget: int,
                      base_opts: StepOptions = StepOptions(), dtype=np.float32,
-                     stored: dict | None = None, most: int = 5) -> list[tuple]:
+                     stored: dict | None = None, most: int = 5,
+                     baseline: int | None = None) -> list[tuple]:
     """[(setting, plan, time factor)] of the cheapest settings that fit `budget` (predicted
     peak RSS), cheapest extra compute first (exact checkpoints before bf16 at equal cost).
-    When none fits at the asked batch and length, halved batches, then halved lengths."""
-    baseline = current_rss_bytes()
+    When none fits at the asked batch and length, halved batches, then halved lengths.
+    `baseline` is the runtime's own RSS (this process's, measured, unless given)."""
+    baseline = current_rss_bytes() if baseline is None else baseline
     tried = [start]
     while True:
         found = []

@@ -87,14 +87,18 @@ def test_plan_json_and_its_figures(capsys):
 def test_a_budget_lists_cheaper_memory_first_and_nothing_dominated():
     cfg = named_config("smollm2-135m")
     start = Setting("none", "ram", None, 128, 1, 1024)
-    full = predict(cfg, "lars", seq=1024, opts=StepOptions(policy="none"))["peak_rss_bytes"]
-    fits = fitting_settings(cfg, "lars", None, start, int(full * 0.5), StepOptions(policy="none"))
+    baseline = 60 * 2**20  # a fresh process's, fixed: the test process's own RSS grows with the suite
+    full = predict(cfg, "lars", seq=1024, opts=StepOptions(policy="none"),
+                   baseline=baseline)["peak_rss_bytes"]
+    fits = fitting_settings(cfg, "lars", None, start, int(full * 0.5), StepOptions(policy="none"),
+                            baseline=baseline)
     assert fits
     assert all(f[1]["peak_rss_bytes"] <= full * 0.5 for f in fits)
     times = [f[2] for f in fits]
     rss = [f[1]["peak_rss_bytes"] for f in fits]
     assert times == sorted(times) and rss == sorted(rss, reverse=True) and len(set(rss)) == len(rss)
-    assert fitting_settings(cfg, "full", None, start, 50 * 2**20, StepOptions(policy="none")) == []
+    assert fitting_settings(cfg, "full", None, start, 50 * 2**20, StepOptions(policy="none"),
+                            baseline=baseline) == []
 
 
 def test_train_refuses_a_run_over_its_budget_before_loading(tmp_path, capsys, monkeypatch):
