@@ -86,6 +86,33 @@ def adapter_from_args(args, method: str):
     return None if method == "full" else ADAPTERS[method].from_options(args)
 
 
+def _frozen_list(text: str) -> list[str]:
+    """A comma list of frozen forms: float32 (the weights as loaded) or a FROZEN_DTYPES name."""
+    names = _str_list(text)
+    for name in names:
+        if name != "float32" and name not in FROZEN_DTYPES:
+            raise argparse.ArgumentTypeError(
+                f"unknown frozen form {name!r}; expected float32 or one of {', '.join(FROZEN_DTYPES)}")
+    return names
+
+
+def _checkpoint_list(text: str) -> list[str]:
+    """A comma list of checkpoint stores."""
+    names = _str_list(text)
+    for name in names:
+        if name not in CHECKPOINT_STORES:
+            raise argparse.ArgumentTypeError(
+                f"unknown checkpoint store {name!r}; expected one of {', '.join(CHECKPOINT_STORES)}")
+    return names
+
+
+def _on_off_list(text: str) -> list[str]:
+    names = _str_list(text)
+    if not names or any(n not in ("on", "off") for n in names):
+        raise argparse.ArgumentTypeError(f"expected on, off or on,off, got {text!r}")
+    return names
+
+
 def add_frozen_dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frozen-dtype", choices=tuple(FROZEN_DTYPES), default=None,
                    help="hold frozen weight matrices in this dtype (adapter methods only)")
@@ -328,7 +355,16 @@ def add_bench(sub) -> None:
     q.add_argument("--method", default="lars", choices=METHODS)
     q.add_argument("--seq", type=int, default=512)
     q.add_argument("--policy", default="layer", choices=("none", "layer"))
+    q.add_argument("--batch", type=int, default=1)
     q.add_argument("--repeats", type=int, default=2)
+    q.add_argument("--frozen-dtype", type=_frozen_list, default=["float32", "float16"],
+                   help="comma list of frozen forms to time (float32 and any of "
+                        f"{', '.join(FROZEN_DTYPES)}); default float32,float16")
+    q.add_argument("--checkpoints", type=_checkpoint_list, default=["ram"],
+                   help="comma list of checkpoint stores to time (ram, bf16, disk)")
+    q.add_argument("--mlp-rows", type=int, default=0, metavar="N")
+    q.add_argument("--c-core", type=_on_off_list, default=["on", "off"],
+                   help="on, off or on,off (the NumPy twins)")
     q = bsub.add_parser("plan", help="the planner against measured steps on a grid of "
                                      "configurations (each in a fresh process)")
     q.add_argument("--arch", default="smollm2-135m")
@@ -349,7 +385,12 @@ def cmd_bench(args) -> int:
         print(plan_check.format_check(rows))
         print(f"grid measured in {time.perf_counter() - t0:.0f} s")
     else:
-        rows = bench.bench_step(args.arch, args.method, args.seq, args.policy, repeats=args.repeats)
+        frozen = tuple(None if f == "float32" else f for f in args.frozen_dtype)
+        rows = bench.bench_step(args.arch, args.method, args.seq, args.policy, args.batch,
+                                args.repeats, frozen_dtypes=frozen,
+                                checkpoints=tuple(args.checkpoints),
+                                c_core=tuple(c == "on" for c in args.c_core),
+                                mlp_rows=args.mlp_rows)
         print(bench.format_step_table(rows))
     return 0
 
@@ -366,6 +407,7 @@ def add_generate(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    add_frozen_dtype(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -412,6 +454,7 @@ def add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--out", default=None, help="JSON result file")
+    add_frozen_dtype(p)
     p.set_defaults(func=cmd_eval)
 
 

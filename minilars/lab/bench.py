@@ -167,16 +167,18 @@ def format_kernel_table(rows: list[dict]) -> str:
 # ---------------------------------------------------------------- a whole training step
 
 def bench_step(arch: str = "smollm2-135m", method: str = "lars", seq: int = 512,
-               policy: str = "layer", batch: int = 1, repeats: int = 2, seed: int = 0) -> list[dict]:
-    """Tokens per second of one forward + backward + AdamW step, in one process, for each
-    variant: C core on/off x frozen weights in float32/float16 (float16 only for adapter
-    methods: full fine-tuning trains, so keeps float32, every weight). Median of `repeats`
-    timed steps after one warm-up step. Ratios within one run are what to compare."""
+               policy: str = "layer", batch: int = 1, repeats: int = 2, seed: int = 0,
+               frozen_dtypes: tuple = (None, "float16"), checkpoints: tuple = ("ram",),
+               c_core: tuple = (True, False), mlp_rows: int = 0) -> list[dict]:
+    """Seconds and tokens per second of one forward + backward + AdamW step, in one process,
+    for each variant: frozen weights (None = float32) x checkpoint store x C core on/off.
+    Full fine-tuning trains every weight, so keeps float32 only. Median of `repeats` timed
+    steps after one warm-up step. Ratios within one run are what to compare."""
     cfg = named_config(arch)
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(batch, seq))
     targets = next_token_targets(tokens)
-    opts = StepOptions(policy=policy)
-    frozen_dtypes = [None] if method == "full" else [None, "float16"]
+    frozen_dtypes = [None] if method == "full" else list(frozen_dtypes)
+    c_choices = [c for c in c_core if c is False or kernels.c_available()]
     rows = []
     for frozen in frozen_dtypes:
         model = build_model(cfg, method, seed=seed, frozen_dtype=frozen)
@@ -185,34 +187,42 @@ def bench_step(arch: str = "smollm2-135m", method: str = "lars", seq: int = 512,
         weight_bytes = ledger.live["frozen"] + ledger.live["trainable"]
         grads = zero_grads(model)
         opt = AdamW(lr=1e-5)
-        c_choices = [True, False] if kernels.c_available() else [False]
-        for use_c_core in c_choices:
-            with kernels.use_c(use_c_core):
-                times = []
-                for i in range(repeats + 1):
-                    for g in grads.values():
-                        g.fill(0)
-                    t0 = time.perf_counter()
-                    forward_backward(model, tokens, targets, grads, opts)
-                    clip_grad_norm(grads, 1.0)
-                    opt.step(model.params, grads)
-                    if i:                                     # the first step warms up
-                        times.append(time.perf_counter() - t0)
-            seconds = float(np.median(times))
-            rows.append({"method": method, "policy": policy, "seq": seq, "batch": batch,
-                         "weights": "float16" if frozen is not None else "float32",
-                         "c_core": use_c_core, "seconds": seconds,
-                         "tok_per_s": batch * seq / seconds, "weight_mib": mib(weight_bytes)})
+        for store in checkpoints:
+            opts = StepOptions(policy=policy, checkpoints=store, mlp_rows=mlp_rows)
+            for use_c_core in c_choices:
+                with kernels.use_c(use_c_core):
+                    seconds = _step_seconds(model, tokens, targets, grads, opt, opts, repeats)
+                rows.append({"method": method, "policy": policy, "seq": seq, "batch": batch,
+                             "weights": frozen or "float32", "checkpoints": store,
+                             "c_core": use_c_core, "seconds": seconds,
+                             "tok_per_s": batch * seq / seconds, "weight_mib": mib(weight_bytes)})
         del model, grads, opt
     return rows
 
 
+def _step_seconds(model, tokens, targets, grads, opt, opts: StepOptions, repeats: int) -> float:
+    """Median seconds of `repeats` training steps after one warm-up step."""
+    times = []
+    for i in range(repeats + 1):
+        for g in grads.values():
+            g.fill(0)
+        t0 = time.perf_counter()
+        forward_backward(model, tokens, targets, grads, opts)
+        clip_grad_norm(grads, 1.0)
+        opt.step(model.params, grads)
+        if i:                                     # the first step warms up
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
 def format_step_table(rows: list[dict]) -> str:
-    base = next((r for r in rows if r["weights"] == "float32" and r["c_core"]), rows[0])
-    lines = [f"{rows[0]['method']} step, policy {rows[0]['policy']}, T={rows[0]['seq']}, "
-             f"batch {rows[0]['batch']} (median of timed steps; ratios vs float32 + C core)",
-             f"{'weights':<8} {'C core':<7} {'s/step':>8} {'tok/s':>8} {'weights MiB':>12} {'time ratio':>11}"]
+    base = rows[0]
+    lines = [f"{base['method']} step, policy {base['policy']}, T={base['seq']}, "
+             f"batch {base['batch']} (median of timed steps; time ratio vs the first row)",
+             f"{'weights':<9} {'checkpoints':<12} {'C core':<7} {'s/step':>8} {'tok/s':>8} "
+             f"{'weights MiB':>12} {'time ratio':>11}"]
     for r in rows:
-        lines.append(f"{r['weights']:<8} {'yes' if r['c_core'] else 'no':<7} {r['seconds']:8.2f} "
-                     f"{r['tok_per_s']:8.0f} {r['weight_mib']:12.1f} {r['seconds'] / base['seconds']:11.2f}")
+        lines.append(f"{r['weights']:<9} {r['checkpoints']:<12} {'yes' if r['c_core'] else 'no':<7} "
+                     f"{r['seconds']:8.2f} {r['tok_per_s']:8.0f} {r['weight_mib']:12.1f} "
+                     f"{r['seconds'] / base['seconds']:11.2f}")
     return "\n".join(lines)
