@@ -118,13 +118,10 @@ def storage(W) -> np.ndarray:
     return W if isinstance(W, np.ndarray) else W.data
 
 
-def freeze_matrices(params: dict, trainable, name: str | None) -> None:
-    """Put every 2-D parameter that does not train into frozen form `name`, in place."""
-    if name is None:
-        return
-    for key, array in params.items():
-        if array.ndim == 2 and key not in trainable:
-            try:
-                params[key] = freeze(array, name)
-            except quant.QuantError as e:
-                raise ValueError(f"{key}: {e}") from None
+def freeze_named(key: str, matrix: np.ndarray, name: str):
+    """freeze(matrix, name), with a refusal (a block size that does not divide the width)
+    naming the parameter `key`."""
+    try:
+        return freeze(matrix, name)
+    except quant.QuantError as e:
+        raise ValueError(f"{key}: {e}") from None

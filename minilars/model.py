@@ -72,8 +72,10 @@ class Model:
     adapted: tuple = ()
 
     @classmethod
-    def random(cls, cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> "Model":
-        return cls(cfg, init_params(cfg, seed, dtype), dtype=dtype)
+    def random(cls, cfg: ModelConfig, seed: int = 0, dtype=np.float32,
+               frozen_dtype: str | None = None) -> "Model":
+        """Seeded random weights, every matrix in `frozen_dtype` if given (adapter methods)."""
+        return cls(cfg, init_params(cfg, seed, dtype, frozen_dtype), dtype=dtype)
 
     def train_all(self) -> "Model":
         """Full fine-tuning: every base parameter trains."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from minilars.config import ModelConfig
+from minilars.frozen import freeze_named
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -86,9 +87,12 @@ def config_mismatch(cfg: ModelConfig, shapes: dict) -> tuple[str, str] | None:
     return None
 
 
-def init_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+def init_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32,
+                frozen_dtype: str | None = None) -> dict[str, np.ndarray]:
     """Seeded random weights for any config: normal(0, 0.02) matrices, ones for norms,
-    small normal biases (nonzero so bias gradients are exercised in tests)."""
+    small normal biases (nonzero so bias gradients are exercised in tests). With
+    `frozen_dtype`, each matrix is put in that frozen form as soon as it is drawn, so the
+    whole float32 model never exists (the process's RSS stays that of the frozen form)."""
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in param_shapes(cfg).items():
@@ -97,7 +101,8 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> dict[str, 
         elif name.endswith(".bias"):
             params[name] = (0.02 * rng.standard_normal(shape)).astype(dtype)
         else:
-            params[name] = (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(dtype, copy=False)
+            matrix = (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(dtype, copy=False)
+            params[name] = matrix if frozen_dtype is None else freeze_named(name, matrix, frozen_dtype)
     return params
 
 

@@ -69,10 +69,24 @@ def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     return np.concatenate([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=-1)
 
 
+QUANTIZE_CHUNK = 1 << 20      # weights quantized at once: the temporaries are a few of these
+
+
 def quantize(W: np.ndarray, fmt: str) -> np.ndarray:
-    """W (out, in) float -> (out, row_bytes) uint8 blocks of `fmt`, as llama.cpp writes them."""
+    """W (out, in) float -> (out, row_bytes) uint8 blocks of `fmt`, as llama.cpp writes them.
+    Rows go QUANTIZE_CHUNK weights at a time (blocks are independent), so the float32
+    temporaries stay a few MiB even for a 49152 x 576 embedding."""
     out_features, in_features = W.shape
-    row_bytes(fmt, in_features)
+    blocks = np.empty((out_features, row_bytes(fmt, in_features)), dtype=np.uint8)
+    rows = max(1, QUANTIZE_CHUNK // in_features)
+    for r in range(0, out_features, rows):
+        blocks[r:r + rows] = _quantize_rows(W[r:r + rows], fmt)
+    return blocks
+
+
+def _quantize_rows(W: np.ndarray, fmt: str) -> np.ndarray:
+    """quantize's arithmetic on some whole rows: (rows, in) -> (rows, row_bytes)."""
+    out_features = W.shape[0]
     x = np.asarray(W, dtype=np.float32).reshape(-1, BLOCK)             # (n, 32)
     with np.errstate(divide="ignore"):
         if fmt == "q8_0":

@@ -30,6 +30,11 @@ MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 # GGML tensor types minilars reads: id -> name
 TENSOR_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 30: "BF16"}
+# the other GGML types llama.cpp writes, named only to say which one a file holds
+OTHER_TYPES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K",
+               14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
+               20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
+               26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0"}
 FLOAT_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 # metadata value types: id -> struct format (None: string, array)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -119,8 +124,10 @@ def _read_tensor_info(cur: _Cursor, path: str) -> tuple:
     type_id = cur.unpack("<I", f"tensor {name!r}")
     offset = cur.unpack("<Q", f"tensor {name!r}")
     if type_id not in TENSOR_TYPES:
-        raise GGUFError(f"{path}: tensor {name!r} has GGML type {type_id}, which minilars does "
-                        f"not read; supported: {', '.join(TENSOR_TYPES.values())}")
+        raise GGUFError(f"{path}: tensor {name!r} has GGML type {type_id} "
+                        f"({OTHER_TYPES.get(type_id, 'unknown')}), which minilars does not read; "
+                        f"supported: {', '.join(TENSOR_TYPES.values())} (requantize the file, "
+                        f"e.g. with llama.cpp's llama-quantize to Q8_0 or Q4_1)")
     if any(d == 0 or d > 2**31 for d in dims):
         raise GGUFError(f"{path}: tensor {name!r} has dimensions {dims}")
     return name, tuple(reversed(dims)), TENSOR_TYPES[type_id], offset

@@ -15,7 +15,7 @@ import numpy as np
 
 from minilars.adapters import adapter_for, attach
 from minilars.config import ModelConfig
-from minilars.frozen import check_frozen_dtype, freeze_matrices
+from minilars.frozen import check_frozen_dtype
 from minilars.memory import (CATEGORIES, Ledger, mib, peak_rss_bytes, register_params,
                              reset_peak_rss)
 from minilars.model import Model, StepOptions, forward_backward, next_token_targets, zero_grads
@@ -29,8 +29,7 @@ def build_model(cfg: ModelConfig, method: str, seed: int = 0, dtype=np.float32,
     """Random weights with the method attached: full fine-tuning, or `adapter` (the
     method's settings; None: its defaults) on the base."""
     check_frozen_dtype(method, frozen_dtype)
-    model = Model.random(cfg, seed, dtype)
-    freeze_matrices(model.params, (), frozen_dtype)
+    model = Model.random(cfg, seed, dtype, frozen_dtype)
     if method == "full":
         return model.train_all()
     return attach(model, adapter if adapter is not None else adapter_for(method), seed=seed)

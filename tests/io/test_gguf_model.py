@@ -390,3 +390,86 @@ def test_real_smollm2_fetch(tmp_path):
     assert tok.decode(tok.encode(text)) == text
     assert tok.encode("Hello world") == [19556, 905]
     assert tok.default_system_prompt == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+# ---------------------------------------------------------------- damaged files: named errors
+
+def _tensor_fields(data: bytes, gguf_tensor: str) -> tuple[int, int]:
+    """(offset of the tensor's GGML type id, its number of dimensions) in a GGUF's bytes."""
+    name = gguf_tensor.encode()
+    at = data.index(len(name).to_bytes(8, "little") + name) + 8 + len(name)
+    n_dims = int.from_bytes(data[at:at + 4], "little")
+    return at + 4 + 8 * n_dims, n_dims
+
+
+@pytest.fixture
+def good_gguf(tmp_path):
+    cfg = tiny_cfg(tied=True)
+    path = tmp_path / "good.gguf"
+    write_tiny_gguf(path, cfg, init_params(cfg))
+    return path
+
+
+def _damaged(tmp_path, good: bytes, surgery) -> str:
+    data = bytearray(good)
+    surgery(data)
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(bytes(data))
+    return str(path)
+
+
+def _set_type(tensor: str, type_id: int):
+    def surgery(data):
+        at, _ = _tensor_fields(bytes(data), tensor)
+        data[at:at + 4] = type_id.to_bytes(4, "little")
+    return surgery
+
+
+def _set_offset(tensor: str, offset: int):
+    def surgery(data):
+        at, _ = _tensor_fields(bytes(data), tensor)
+        data[at + 4:at + 12] = offset.to_bytes(8, "little")
+    return surgery
+
+
+def _set_first_dim(tensor: str, value: int):
+    def surgery(data):
+        at, n_dims = _tensor_fields(bytes(data), tensor)
+        first = at - 8 * n_dims
+        data[first:first + 8] = value.to_bytes(8, "little")
+    return surgery
+
+
+def _add_to_tensor_count(delta: int):
+    def surgery(data):
+        count = int.from_bytes(data[8:16], "little") + delta
+        data[8:16] = count.to_bytes(8, "little")
+    return surgery
+
+
+@pytest.mark.parametrize("surgery, message", [
+    (_set_type("blk.0.ffn_down.weight", 13),
+     r"tensor 'blk.0.ffn_down.weight' has GGML type 13 \(Q5_K\), which minilars does not read"),
+    (_set_type("blk.0.ffn_down.weight", 99), r"'blk.0.ffn_down.weight' has GGML type 99 \(unknown\)"),
+    (_set_offset("output_norm.weight", 1 << 40), r"tensor 'output_norm.weight' .* lies past the end"),
+    (_set_first_dim("blk.1.ffn_up.weight", 48),
+     r"tensor 'blk.1.ffn_up.weight' of type Q4_1 has 48 columns, not a multiple of the block size 32"),
+    (_set_first_dim("blk.1.ffn_up.weight", 32), r"tensors do not match the config.*up_proj.weight. has shape \[96, 32\], expected \[96, 64\]"),
+    (_set_first_dim("blk.1.ffn_up.weight", 96), r"tensors .blk.1.ffn_up.weight. and .blk.1.ffn_down.weight. overlap"),
+    (_add_to_tensor_count(-1), r"tensors do not match the config|missing"),
+    (_add_to_tensor_count(+1), r"bad.gguf: "),
+    (lambda data: data.__delitem__(slice(len(data) // 2, None)), r"bad.gguf: .*(truncated|past the end)"),
+    (lambda data: data.__delitem__(slice(2000, None)), r"bad.gguf: truncated"),
+])
+def test_a_damaged_gguf_gets_a_named_error(good_gguf, tmp_path, surgery, message):
+    path = _damaged(tmp_path, good_gguf.read_bytes(), surgery)
+    with pytest.raises(GGUFError, match=message):
+        load_gguf(path)
+
+
+def test_the_command_line_prints_a_damaged_ggufs_error_on_one_line(good_gguf, tmp_path, capsys):
+    path = _damaged(tmp_path, good_gguf.read_bytes(), _set_type("blk.0.ffn_down.weight", 13))
+    assert main(["generate", "--model", path, "--prompt", "hi", "--max-new-tokens", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Q5_K" in err and "blk.0.ffn_down.weight" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
