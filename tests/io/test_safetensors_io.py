@@ -276,3 +276,13 @@ def test_metadata_is_written(tmp_path):
     save_safetensors_atomic(path, {"a": np.ones(2, np.float32)}, metadata={"k": "v"})
     assert read_safetensors_header(path)[1] == {"k": "v"}
     assert safetensors_io.load_safetensors(path)["a"].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("form", ["q8_0", "q4_0", "q4_1"])
+def test_a_width_the_block_size_does_not_divide_is_refused_at_load(tmp_path, form):
+    cfg = named_config("tiny").replace(intermediate_size=80)    # down_proj takes 80 inputs
+    save_model(str(tmp_path), cfg, init_params(cfg))
+    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.0.mlp.down_proj.weight' cannot "
+                                              rf"be held as {form}: .*80"):
+        load_model(str(tmp_path), frozen_dtype=form)
+    assert load_model(str(tmp_path), frozen_dtype="float16")[1]["model.layers.0.mlp.down_proj.weight"].dtype == np.float16
