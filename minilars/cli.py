@@ -368,7 +368,10 @@ def add_bench(sub) -> None:
     q = bsub.add_parser("plan", help="the planner against measured steps on a grid of "
                                      "configurations (each in a fresh process)")
     q.add_argument("--arch", default="smollm2-135m")
-    q.add_argument("--quick", action="store_true", help="a 6-configuration subset")
+    q.add_argument("--quick", action="store_true", help="every eighth configuration")
+    q.add_argument("--plot", default=None, metavar="FILE.svg",
+                   help="also draw LARS's peak RSS per frozen form and checkpoint store against T "
+                        "(planned lines, measured points)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -384,6 +387,9 @@ def cmd_bench(args) -> int:
             f"{r.get('checkpoints', 'ram')}: {r['seconds']:.1f} s/step", file=sys.stderr))
         print(plan_check.format_check(rows))
         print(f"grid measured in {time.perf_counter() - t0:.0f} s")
+        if args.plot:
+            write_text(args.plot, plan_check.edge_plot(rows, args.arch))
+            print(f"wrote {args.plot}", file=sys.stderr)
     else:
         frozen = tuple(None if f == "float32" else f for f in args.frozen_dtype)
         rows = bench.bench_step(args.arch, args.method, args.seq, args.policy, args.batch,

@@ -128,3 +128,17 @@ def test_budget_fit_applies_the_cheapest_fitting_settings(tmp_path, capsys):
                  "--budget", str(plan["peak_rss_bytes"] - 1), "--budget-fit"]) == 0
     assert "applying --policy layer" in capsys.readouterr().err
     assert json.loads((tmp_path / "r" / "run.json").read_text())["policy"] == "layer"
+
+
+def test_the_edge_plot_draws_each_frozen_form_and_store_with_its_measured_points():
+    import re
+    from minilars.lab.plan_check import EDGE_FROZEN, EDGE_STORES, edge_cells, edge_plot
+    cells = edge_cells("tiny")
+    rows = [dict(c, rss=(k + 1) * 2**20) for k, c in enumerate(cells)]
+    rows.append(dict(cells[0], mlp_rows=512, rss=2**30))           # row blocks: not on these lines
+    svg = edge_plot(rows, "tiny", longest=256)
+    assert "peak RSS (MiB)" in svg and "sequence length T (tokens)" in svg
+    labels = [f"{f or 'float32'} {c}" for f in EDGE_FROZEN for c in EDGE_STORES]
+    assert all(f">{label}<" in svg for label in labels)
+    assert len(re.findall(r"<polyline", svg)) == len(labels)
+    assert len(re.findall(r'<circle cx="[\d.]+" cy="[\d.]+" r="4"', svg)) == len(cells)

@@ -17,7 +17,8 @@ import time
 import numpy as np
 
 from minilars.config import named_config
-from minilars.lab.memory_curve import build_model
+from minilars.lab.memory_curve import build_model, curve_lengths, planned_line
+from minilars.lab.svg import svg_curves
 from minilars.memory import Ledger, mib, peak_rss_bytes, register_params, reset_peak_rss
 from minilars.model import StepOptions, forward_backward, next_token_targets, zero_grads
 from minilars.optim import AdamW, clip_grad_norm
@@ -25,22 +26,57 @@ from minilars.plan import predict
 
 GRID_METHODS = ("full", "lora", "ia3", "lars")
 GRID_POLICIES = ("none", "layer")
-GRID_SEQ = (128, 512, 2048, 4096)
+GRID_SEQ = (128, 512, 2048)
 GRID_FROZEN = (None, "float16")
 
 
 def grid(arch: str = "smollm2-135m") -> list[dict]:
     """The default grid: methods x policies x lengths x frozen forms (full fine-tuning in
-    float32 only), plus the checkpoint stores at T=2048."""
+    float32 only); each method at T=4096 with policy layer; the checkpoint stores at
+    T=2048; the quantized forms with disk checkpoints and MLP row blocks at 2048 and 4096.
+    (T=4096 is where attention's T^2 makes a step slow, so it is sampled, not crossed.)"""
     cells = [dict(arch=arch, method=m, policy=p, seq=T, frozen=f)
              for m, p, T, f in itertools.product(GRID_METHODS, GRID_POLICIES, GRID_SEQ, GRID_FROZEN)
              if not (m == "full" and f)]
+    cells += [dict(arch=arch, method=m, policy="layer", seq=4096, frozen=None) for m in GRID_METHODS]
     cells += [dict(arch=arch, method=m, policy="layer", seq=2048, frozen=f, checkpoints=c)
               for m in ("lora", "lars") for f in (None, "float16") for c in ("bf16", "disk")]
     cells += [dict(arch=arch, method=m, policy="layer", seq=T, frozen=f, checkpoints="disk",
                    mlp_rows=512) for m in ("lora", "lars") for T in (2048, 4096)
               for f in ("q8_0", "q4_1")]
-    return cells
+    return cells + [c for c in edge_cells(arch) if c not in cells]
+
+
+EDGE_FROZEN = (None, "float16", "q8_0", "q4_1")
+EDGE_STORES = ("ram", "disk")
+EDGE_SEQ = (512, 2048)
+
+
+def edge_cells(arch: str) -> list[dict]:
+    """LARS, policy layer, each frozen form x checkpoint store at EDGE_SEQ: the measured
+    points of the edge-memory curve (edge_plot). ram cells carry no checkpoints key, as
+    the grid's own do, so the two lists share them."""
+    return [dict(arch=arch, method="lars", policy="layer", seq=T, frozen=f,
+                 **({} if c == "ram" else {"checkpoints": c}))
+            for f in EDGE_FROZEN for c in EDGE_STORES for T in EDGE_SEQ]
+
+
+def edge_plot(rows: list[dict], arch: str, longest: int = 8192) -> str:
+    """The SVG of `bench plan --plot`: LARS's planned peak RSS against T (256 ... longest)
+    for each frozen form and checkpoint store, with the measured peaks of the grid's rows
+    on them."""
+    cfg = named_config(arch)
+    series = []
+    for frozen, store in itertools.product(EDGE_FROZEN, EDGE_STORES):
+        opts = StepOptions(policy="layer", checkpoints=store)
+        line = planned_line(cfg, "lars", None, opts, frozen, 1, curve_lengths([256, longest]),
+                            "peak_rss_bytes")
+        points = [(r["seq"], mib(r["rss"])) for r in rows
+                  if r["method"] == "lars" and r["policy"] == "layer" and r["frozen"] == frozen
+                  and r.get("checkpoints", "ram") == store and not r.get("mlp_rows")]
+        series.append((f"{frozen or 'float32'} {store}", line, points))
+    return svg_curves(series, title=f"{arch}: LARS, policy layer, batch 1 (lines: plan; points: measured)",
+                      y_label="peak RSS (MiB)")
 
 
 def measure(cell: dict) -> dict:
