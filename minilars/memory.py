@@ -170,16 +170,27 @@ def register_params(model, ledger: Ledger) -> None:
         ledger.keep(-1, "param", name, storage(array), category=category)
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (VmHWM), Linux; 0 where unknown."""
+def _status_bytes(key: str) -> int:
+    """A kB field of /proc/self/status in bytes (Linux); 0 where unknown."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (VmHWM), Linux; 0 where unknown."""
+    return _status_bytes("VmHWM:")
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set now (VmRSS; 0 where unknown): the runtime a run of
+    minilars starts from (Python, NumPy, the C core, the tokenizer's library)."""
+    return _status_bytes("VmRSS:")
 
 
 def reset_peak_rss() -> bool:

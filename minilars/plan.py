@@ -27,7 +27,7 @@ from minilars.adapters import adapter_for, adapter_sites
 from minilars.checkpoints import checkpoint_keep
 from minilars.config import ModelConfig
 from minilars.frozen import parse_frozen_dtype
-from minilars.memory import CATEGORIES, RESIDENT, mib
+from minilars.memory import CATEGORIES, RESIDENT, current_rss_bytes, mib
 from minilars.model import (Model, StepOptions, attention_backward_workspace, block_saved,
                             lowest_trainable_layer, mlp_rows_saved, mlp_saved, step_saved)
 from minilars.ops.linear import linear_backward_workspace
@@ -267,19 +267,6 @@ def _matrix_sizes(model: Model, sizes: dict):
     for name, shape in param_shapes(model.cfg).items():
         if len(shape) == 2:
             yield sizes[name], shape
-
-
-def current_rss_bytes() -> int:
-    """This process's resident set now (VmRSS; 0 where unknown): the runtime a run of
-    minilars starts from (Python, NumPy, the C core, the tokenizer's library)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def predict(cfg: ModelConfig, method: str, adapter=None, batch: int = 1, seq: int = 512,

@@ -13,7 +13,8 @@ from minilars.lab.memory_curve import build_model, measure_lengths
 from minilars.model import StepOptions
 from minilars.cli import main
 from minilars.io.load import read_config
-from minilars.plan import (Setting, current_rss_bytes, fitting_settings, parse_size, plan_model,
+from minilars.memory import current_rss_bytes
+from minilars.plan import (Setting, fitting_settings, parse_size, plan_model,
                            predict, replay_step)
 from tiny_folder import make_tiny_folder
 

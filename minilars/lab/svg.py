@@ -14,6 +14,31 @@ def ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [first + k * step for k in range(int((hi - first) / step + 1e-9) + 1)]
 
 
+def _frame(width, height, box, title, title_x, title_y, x_ticks, y_ticks, x_label, y_label,
+           label_gap, y_label_x) -> list[str]:
+    """The opening of a plot: white page, title, grid lines at the ticks [(pixel, text)],
+    the two axes and their labels (the x label `label_gap` above the bottom edge, the
+    rotated y label at x = y_label_x). box = (left, right, top, bottom) in pixels."""
+    left, right, top, bottom = box
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{title_x}" y="{title_y}" text-anchor="middle">{title}</text>']
+    for x, text in x_ticks:
+        parts += [f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}" stroke="#ddd"/>',
+                  f'<text x="{x:.1f}" y="{bottom + 16}" text-anchor="middle">{text}</text>']
+    for y, text in y_ticks:
+        parts += [f'<line x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="#ddd"/>',
+                  f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{text}</text>']
+    y_mid, x_label_at = (top + bottom) / 2, y_label_x
+    parts += [f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>',
+              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="black"/>',
+              f'<text x="{(left + right) / 2}" y="{height - label_gap}" text-anchor="middle">{x_label}</text>',
+              f'<text x="{x_label_at}" y="{y_mid}" transform="rotate(-90 {x_label_at} {y_mid})" '
+              f'text-anchor="middle">{y_label}</text>']
+    return parts
+
+
 def svg_scatter(points, baseline=None, title="", width=520, height=340) -> str:
     """A dependency-free SVG scatter of (name, peak MiB, mean accuracy %, std % or None):
     one labelled point per method, ± std error bars where there are seeds to give one, and
@@ -26,22 +51,9 @@ def svg_scatter(points, baseline=None, title="", width=520, height=340) -> str:
     left, right, top, bottom = 64, width - 24, 40, height - 44
     X = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
     Y = lambda y: bottom - (y - y0) / (y1 - y0) * (bottom - top)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'font-family="sans-serif" font-size="12">',
-             f'<rect width="{width}" height="{height}" fill="white"/>',
-             f'<text x="{width / 2}" y="20" text-anchor="middle">{title}</text>']
-    for t in ticks(x0, x1):
-        parts += [f'<line x1="{X(t):.1f}" y1="{top}" x2="{X(t):.1f}" y2="{bottom}" stroke="#ddd"/>',
-                  f'<text x="{X(t):.1f}" y="{bottom + 16}" text-anchor="middle">{t:g}</text>']
-    for t in ticks(y0, y1):
-        parts += [f'<line x1="{left}" y1="{Y(t):.1f}" x2="{right}" y2="{Y(t):.1f}" stroke="#ddd"/>',
-                  f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" text-anchor="end">{t:g}</text>']
-    parts += [f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>',
-              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="black"/>',
-              f'<text x="{(left + right) / 2}" y="{height - 8}" text-anchor="middle">'
-              f'peak training memory (ledger, MiB)</text>',
-              f'<text x="16" y="{(top + bottom) / 2}" transform="rotate(-90 16 {(top + bottom) / 2})" '
-              f'text-anchor="middle">mean accuracy (%)</text>']
+    parts = _frame(width, height, (left, right, top, bottom), title, width / 2, 20,
+                   [(X(t), f"{t:g}") for t in ticks(x0, x1)], [(Y(t), f"{t:g}") for t in ticks(y0, y1)],
+                   "peak training memory (ledger, MiB)", "mean accuracy (%)", label_gap=8, y_label_x=16)
     if baseline is not None:
         parts += [f'<line x1="{left}" y1="{Y(baseline):.1f}" x2="{right}" y2="{Y(baseline):.1f}" '
                   f'stroke="#999" stroke-dasharray="6 4"/>',
@@ -74,21 +86,9 @@ def svg_curves(series, title="", x_label="sequence length T (tokens)",
     left, right, top, bottom = 70, width - 190, 40, height - 50
     X = lambda x: left + (math.log2(x) - lx0) / (lx1 - lx0) * (right - left)
     Y = lambda y: bottom - (y - y0) / (y1 - y0) * (bottom - top)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'font-family="sans-serif" font-size="12">',
-             f'<rect width="{width}" height="{height}" fill="white"/>',
-             f'<text x="{(left + right) / 2}" y="22" text-anchor="middle">{title}</text>']
-    for e in range(math.ceil(lx0), math.floor(lx1) + 1):
-        parts += [f'<line x1="{X(2 ** e):.1f}" y1="{top}" x2="{X(2 ** e):.1f}" y2="{bottom}" stroke="#ddd"/>',
-                  f'<text x="{X(2 ** e):.1f}" y="{bottom + 16}" text-anchor="middle">{2 ** e}</text>']
-    for t in ticks(y0, y1):
-        parts += [f'<line x1="{left}" y1="{Y(t):.1f}" x2="{right}" y2="{Y(t):.1f}" stroke="#ddd"/>',
-                  f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" text-anchor="end">{t:g}</text>']
-    parts += [f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>',
-              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="black"/>',
-              f'<text x="{(left + right) / 2}" y="{height - 12}" text-anchor="middle">{x_label}</text>',
-              f'<text x="18" y="{(top + bottom) / 2}" transform="rotate(-90 18 {(top + bottom) / 2})" '
-              f'text-anchor="middle">{y_label}</text>']
+    parts = _frame(width, height, (left, right, top, bottom), title, (left + right) / 2, 22,
+                   [(X(2 ** e), str(2 ** e)) for e in range(math.ceil(lx0), math.floor(lx1) + 1)],
+                   [(Y(t), f"{t:g}") for t in ticks(y0, y1)], x_label, y_label, label_gap=12, y_label_x=18)
     for k, (label, line, pts) in enumerate(series):
         colour = COLOURS[k % len(COLOURS)]
         if line:
