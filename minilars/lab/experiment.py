@@ -83,16 +83,20 @@ def zero_shot_cell(opts, task, log):
             log(f"{task} {shots}-shot: acc {res['acc']:.3f}")
         write_json(path, {"task": task, "method": "zero-shot", "seed": 0, "skip": True})
         return
-    if task == "kv_lookup":
-        res = longctx_score(model, tok, opts)
-    else:
-        rows = load_eval_rows(task, opts.data_dir, opts.eval_limit, seed=0)
-        res = score_multiple_choice(model, tok, rows, max_len=_context(model, opts.seq * 2),
-                                    progress=_progress(f"{task} zero-shot "))
+    res = _score(model, tok, task, opts, f"{task} zero-shot ")
     write_json(path, {"task": task, "method": "zero-shot", "seed": 0, "acc": res["acc"],
                       "acc_norm": res.get("acc_norm", res["acc"]), "n": res["n"],
                       "eval_seconds": time.perf_counter() - t0})
     log(f"{task} zero-shot: acc {res['acc']:.3f} acc_norm {res.get('acc_norm', res['acc']):.3f}")
+
+
+def _score(model, tok, task: str, opts, label: str) -> dict:
+    """The task's score: the key-value probe's, or multiple-choice accuracy on the eval rows."""
+    if task == "kv_lookup":
+        return longctx_score(model, tok, opts)
+    rows = load_eval_rows(task, opts.data_dir, opts.eval_limit, seed=0)
+    return score_multiple_choice(model, tok, rows, max_len=_context(model, opts.seq * 2),
+                                 progress=_progress(label))
 
 
 def _context(model, tokens: int) -> int:
@@ -171,12 +175,7 @@ def method_cell(opts, task, method, seed, log):
     summary = train_in_subprocess(topts)
     model, tok = load_trained(opts.model, run_dir)
     t0 = time.perf_counter()
-    if task == "kv_lookup":
-        res = longctx_score(model, tok, opts)
-    else:
-        rows = load_eval_rows(task, opts.data_dir, opts.eval_limit, seed=0)
-        res = score_multiple_choice(model, tok, rows, max_len=_context(model, opts.seq * 2),
-                                    progress=_progress(f"{task} {method} seed {seed} "))
+    res = _score(model, tok, task, opts, f"{task} {method} seed {seed} ")
     cell = {"task": task, "method": method, "seed": seed, "acc": res["acc"],
             "acc_norm": res.get("acc_norm", res["acc"]), "n": res["n"],
             "final_loss": summary["final_loss"], "train_seconds": summary["seconds"],
