@@ -23,14 +23,14 @@ from minilars.data import fetch as data_fetch
 from minilars.data.mmlu import GROUP_SUBJECTS
 from minilars.data.tasks import TASKS, DataError
 from minilars.frozen import FROZEN_DTYPES, check_frozen_dtype
-from minilars.memory import mib
+from minilars.memory import current_rss_bytes, mib
 from minilars.model import StepOptions
 from minilars.plan import (Setting, check_budget, fitting_settings, format_fits, format_plan,
                            parse_size, predict)
 from minilars.generate import generate
 from minilars.io.atomic import write_json, write_text
 from minilars.io.fetch import FetchError, fetch_smollm2
-from minilars.io.load import read_config, stored_forms, tokenizer_files
+from minilars.io.load import read_config, read_tokenizer, stored_forms, tokenizer_files
 from minilars.io.peft import load_adapter, save_merged
 from minilars.lab.experiment import CellError, ExperimentOptions, run_experiment, write_report
 from minilars.lab.memory_curve import (curve_lengths, format_compare, format_memory_run,
@@ -590,17 +590,23 @@ def fit_budget(opts: TrainOptions, budget: int, text: str, fit: bool) -> TrainOp
     table."""
     opts.validate()
     cfg, stored = read_config(opts.model), stored_forms(opts.model)
+    # the run's runtime includes its tokenizer (about 17 MiB for SmolLM2's): build it once
+    # here so the baseline measured now holds it (the heap it leaves is reused by the run's)
+    tokenizer = read_tokenizer(opts.model)
+    baseline = current_rss_bytes()
+    del tokenizer
     step = opts.step_options()
     start = Setting(opts.policy, opts.checkpoints, opts.frozen_dtype, opts.ce_chunk,
                     opts.batch, opts.seq, opts.mlp_rows)
     plan = predict(cfg, opts.method, opts.adapter, opts.batch, opts.seq, step,
-                   frozen_dtype=opts.frozen_dtype, stored=stored)
+                   frozen_dtype=opts.frozen_dtype, stored=stored, baseline=baseline)
     check_budget(budget, plan["baseline_bytes"], text)
     if plan["peak_rss_bytes"] <= budget:
         print(f"budget {mib(budget):.0f} MiB: the plan's peak RSS is "
               f"{mib(plan['peak_rss_bytes']):.0f} MiB; it fits", file=sys.stderr)
         return opts
-    fits = fitting_settings(cfg, opts.method, opts.adapter, start, budget, step, stored=stored)
+    fits = fitting_settings(cfg, opts.method, opts.adapter, start, budget, step, stored=stored,
+                            baseline=baseline)
     if not fit or not fits:
         raise UsageError(f"the run needs about {mib(plan['peak_rss_bytes']):.0f} MiB, over "
                          f"--budget {mib(budget):.0f} MiB.\n{format_fits(fits, start, budget)}"

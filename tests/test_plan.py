@@ -11,12 +11,14 @@ from minilars.adapters import IA3, LARS, LoRA
 from minilars.config import named_config
 from minilars.lab.memory_curve import build_model, measure_lengths
 from minilars.model import StepOptions
+from minilars import cli
 from minilars.cli import main
 from minilars.io.load import read_config
-from minilars.memory import current_rss_bytes
 from minilars.plan import (Setting, fitting_settings, parse_size, plan_model,
                            predict, replay_step)
 from tiny_folder import make_tiny_folder
+
+BASELINE = 60 * 2**20   # a fresh process's runtime, fixed: the suite's own RSS grows as it runs
 
 ADAPTERS = {"full": None, "lora": LoRA(rank=3), "ia3": IA3(),
             "lars": LARS(rank=3, block=16), "lars-keep": LARS(rank=2, block=8, save="keep"),
@@ -88,7 +90,7 @@ def test_plan_json_and_its_figures(capsys):
 def test_a_budget_lists_cheaper_memory_first_and_nothing_dominated():
     cfg = named_config("smollm2-135m")
     start = Setting("none", "ram", None, 128, 1, 1024)
-    baseline = 60 * 2**20  # a fresh process's, fixed: the test process's own RSS grows with the suite
+    baseline = BASELINE
     full = predict(cfg, "lars", seq=1024, opts=StepOptions(policy="none"),
                    baseline=baseline)["peak_rss_bytes"]
     fits = fitting_settings(cfg, "lars", None, start, int(full * 0.5), StepOptions(policy="none"),
@@ -107,12 +109,13 @@ def test_train_refuses_a_run_over_its_budget_before_loading(tmp_path, capsys, mo
     (tmp_path / "d.jsonl").write_text('{"text": "hello world, a tiny test"}\n' * 4)
     import minilars.train as train_module
     monkeypatch.setattr(train_module, "load_base", lambda *a, **k: pytest.fail("loaded weights"))
+    monkeypatch.setattr(cli, "current_rss_bytes", lambda: BASELINE)   # the runtime, fixed
     base = ["train", "--model", folder, "--method", "lora", "--data", str(tmp_path / "d.jsonl"),
             "--steps", "1", "--seq", "32", "--policy", "none"]
-    baseline = current_rss_bytes()
-    assert main(base + ["--out", str(tmp_path / "a"), "--budget", f"{baseline // 2}"]) == 1
+    assert main(base + ["--out", str(tmp_path / "a"), "--budget", f"{BASELINE // 2}"]) == 1
     assert "below this machine's runtime baseline" in capsys.readouterr().err
-    plan = predict(read_config(folder), "lora", seq=32, opts=StepOptions(policy="none"))
+    plan = predict(read_config(folder), "lora", seq=32, opts=StepOptions(policy="none"),
+                   baseline=BASELINE)
     tight = str(plan["peak_rss_bytes"] - 1)
     assert main(base + ["--out", str(tmp_path / "b"), "--budget", tight]) == 2
     err = capsys.readouterr().err
@@ -120,10 +123,12 @@ def test_train_refuses_a_run_over_its_budget_before_loading(tmp_path, capsys, mo
     assert not (tmp_path / "b").exists()
 
 
-def test_budget_fit_applies_the_cheapest_fitting_settings(tmp_path, capsys):
+def test_budget_fit_applies_the_cheapest_fitting_settings(tmp_path, capsys, monkeypatch):
     folder = make_tiny_folder(str(tmp_path / "m"))
     (tmp_path / "d.jsonl").write_text('{"text": "hello world, a tiny test"}\n' * 4)
-    plan = predict(read_config(folder), "lora", seq=32, opts=StepOptions(policy="none"))
+    monkeypatch.setattr(cli, "current_rss_bytes", lambda: BASELINE)
+    plan = predict(read_config(folder), "lora", seq=32, opts=StepOptions(policy="none"),
+                   baseline=BASELINE)
     assert main(["train", "--model", folder, "--method", "lora", "--data", str(tmp_path / "d.jsonl"),
                  "--steps", "1", "--seq", "32", "--policy", "none", "--out", str(tmp_path / "r"),
                  "--budget", str(plan["peak_rss_bytes"] - 1), "--budget-fit"]) == 0
