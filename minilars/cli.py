@@ -245,6 +245,16 @@ def _plan_inputs(args):
     return cfg, stored, opts
 
 
+def runtime_baseline(model: str | None) -> int:
+    """This process's RSS as a run starts: a run's runtime includes its tokenizer (about
+    17 MiB for SmolLM2's), so with a model it is built once first (the heap it leaves is
+    reused by the run's own)."""
+    if model:
+        tokenizer = read_tokenizer(model)
+        del tokenizer
+    return current_rss_bytes()
+
+
 def cmd_plan(args) -> int:
     budget = parse_size(args.budget) if args.budget else None
     if args.seq < 1 or args.batch < 1:
@@ -255,14 +265,16 @@ def cmd_plan(args) -> int:
                          f"({cfg.max_position_embeddings}) of this model")
     check_frozen_dtype(args.method, args.frozen_dtype)
     adapter = adapter_from_args(args, args.method)
+    baseline = runtime_baseline(args.model)
     plan = predict(cfg, args.method, adapter, args.batch, args.seq, opts,
-                   frozen_dtype=args.frozen_dtype, stored=stored)
+                   frozen_dtype=args.frozen_dtype, stored=stored, baseline=baseline)
     fits = None
     if budget is not None:
         check_budget(budget, plan["baseline_bytes"], args.budget)
         start = Setting(opts.policy, opts.checkpoints, args.frozen_dtype, opts.ce_chunk,
                         args.batch, args.seq, opts.mlp_rows)
-        fits = fitting_settings(cfg, args.method, adapter, start, budget, opts, stored=stored)
+        fits = fitting_settings(cfg, args.method, adapter, start, budget, opts, stored=stored,
+                                baseline=baseline)
     if args.plot:
         seqs = curve_lengths([s for s in (128, args.seq, 8192) if s <= cfg.max_position_embeddings])
         line = lambda key: planned_line(cfg, args.method, adapter, opts, args.frozen_dtype,
@@ -590,11 +602,7 @@ def fit_budget(opts: TrainOptions, budget: int, text: str, fit: bool) -> TrainOp
     table."""
     opts.validate()
     cfg, stored = read_config(opts.model), stored_forms(opts.model)
-    # the run's runtime includes its tokenizer (about 17 MiB for SmolLM2's): build it once
-    # here so the baseline measured now holds it (the heap it leaves is reused by the run's)
-    tokenizer = read_tokenizer(opts.model)
-    baseline = current_rss_bytes()
-    del tokenizer
+    baseline = runtime_baseline(opts.model)
     step = opts.step_options()
     start = Setting(opts.policy, opts.checkpoints, opts.frozen_dtype, opts.ce_chunk,
                     opts.batch, opts.seq, opts.mlp_rows)
