@@ -17,9 +17,9 @@ from minilars.adapters import LARS, attach
 from minilars.frozen import Packed
 from minilars.model import StepOptions, forward_backward, forward_logits, next_token_targets, zero_grads
 from minilars.train import load_base
-from conftest import ROOT
 
 pytestmark = pytest.mark.reference
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GGUF = os.path.join(ROOT, "weights", "smollm2-135m.Q4_1.gguf")
 
 
