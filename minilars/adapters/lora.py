@@ -89,7 +89,7 @@ class LoRA:
         xd = x * self._mask(site, saved.dropout_key, x.shape).astype(x.dtype) if use_dropout else x
         xa = saved.keep(site.linear, "xa", linear_forward(xd, A))       # (..., r)
         y = linear_forward(x, site.W, site.b)                            # (..., out)
-        y += self.scale * linear_forward(xa, B)
+        y += linear_forward(self.scale * xa, B)     # scale the (..., r) factor: one (..., out) temporary
         return y
 
     def backward(self, site: Site, dy: np.ndarray, saved, need_dx: bool = True):
