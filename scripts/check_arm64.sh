@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The arm64 check: install minilars in a Debian arm64 root (Raspberry Pi OS 64-bit is
+# Debian bookworm for aarch64) run through qemu-user-static, exactly as the README says,
+# run the default test suite there, then a tiny end-to-end pass (memory, train, eval ppl,
+# generate). Prints pytest's summary line and the wall times.
+#
+#   sudo scripts/check_arm64.sh [--quick] [ROOT_DIR]   (default /var/tmp/minilars-arm64)
+#
+# --quick skips the test suite (install and the end-to-end pass only: minutes, not half an hour).
+#
+# Needs root, network access to a Debian mirror and PyPI, and on the host:
+#   apt-get install qemu-user-static debootstrap binfmt-support
+# The root is built once (debootstrap, about 5 minutes) and reused; the repository is
+# copied in fresh each time (git ls-files: what a clone holds). Everything runs under
+# emulation, so times are many times a real Pi's. Not part of .ci/run: the suite alone
+# takes about half an hour here.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+quick=0
+if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
+root=${1:-/var/tmp/minilars-arm64}
+mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+mirror=${mirror:-http://deb.debian.org/debian}
+start=$(date +%s)
+
+[ "$(id -u)" = 0 ] || { echo "$0: run as root (debootstrap and chroot need it)" >&2; exit 1; }
+for tool in debootstrap qemu-aarch64-static chroot; do
+  command -v "$tool" >/dev/null || { echo "$0: $tool is missing: apt-get install qemu-user-static debootstrap binfmt-support" >&2; exit 1; }
+done
+
+# binfmt_misc: let the kernel run aarch64 binaries through qemu
+mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+  update-binfmts --enable qemu-aarch64 2>/dev/null || update-binfmts --import qemu-aarch64
+fi
+
+if [ ! -x "$root/usr/bin/python3" ]; then
+  echo "== debootstrap bookworm arm64 into $root from $mirror"
+  debootstrap --arch=arm64 --include=python3,python3-venv,python3-dev,gcc,libc6-dev,libgomp1,git,ca-certificates \
+    bookworm "$root" "$mirror"
+fi
+echo "== root ready after $(( $(date +%s) - start )) s"
+
+cleanup() { for m in proc sys dev; do umount -l "$root/$m" 2>/dev/null || true; done; }
+trap cleanup EXIT
+for m in proc sys dev; do mountpoint -q "$root/$m" || mount --bind "/$m" "$root/$m"; done
+cp /etc/resolv.conf "$root/etc/resolv.conf"
+# the host's CA bundle, so pip inside trusts what the host trusts (a TLS-inspecting proxy's CA)
+ca=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
+[ -f "$ca" ] && cp "$ca" "$root/etc/ssl/certs/host-ca-bundle.crt"
+
+rm -rf "$root/minilars" && mkdir -p "$root/minilars"
+(cd "$repo" && git ls-files -z | xargs -0 cp --parents -t "$root/minilars")
+
+inside() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 \
+           PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt SSL_CERT_FILE=/etc/ssl/certs/host-ca-bundle.crt \
+           PIP_DEFAULT_TIMEOUT=180 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+           bash -c "cd /minilars && $1"; }
+
+t0=$(date +%s)
+echo "== install, as the README says"
+inside "uname -m && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[dev]' && minilars info"
+echo "== installed in $(( $(date +%s) - t0 )) s"
+
+suite=0
+if [ $quick = 0 ]; then
+  t0=$(date +%s)
+  echo "== the default test suite"
+  set +e
+  inside "set -o pipefail; .venv/bin/python -m pytest -q -p no:cacheprovider 2>&1 | tail -n 15"
+  suite=$?
+  set -e
+  echo "== suite ran in $(( $(date +%s) - t0 )) s"
+fi
+
+t0=$(date +%s)
+echo "== end to end on a tiny model"
+inside "set -e; . .venv/bin/activate
+  python3 -c 'import sys; sys.path.insert(0, \"tests\"); from tiny_folder import make_tiny_folder; make_tiny_folder(\"/tmp/tiny\")'
+  printf '{\"text\": \"I inherited from my parents a reckless spirit that has caused me trouble.\"}\n%.0s' 1 2 3 4 > /tmp/d.jsonl
+  minilars memory --arch tiny --seq 32,64
+  rm -rf /tmp/run && minilars train --model /tmp/tiny --method lars --data /tmp/d.jsonl --seq 32 --steps 4 --policy layer --checkpoints disk --frozen-dtype q8_0 --out /tmp/run
+  minilars eval ppl --model /tmp/tiny --adapter /tmp/run --text minilars/resources/botchan.txt --seq 64 --max-tokens 512
+  minilars generate --model /tmp/tiny --prompt 'I inherited' --max-new-tokens 8"
+echo "== end to end in $(( $(date +%s) - t0 )) s; total $(( $(date +%s) - start )) s"
+exit $suite
