@@ -18,7 +18,7 @@
   on one machine are identical byte for byte. A change under 1% in a decimal (a MiB figure,
   a ratio) passes; the exact byte counts beside them do not.
   Full-size renders here (2 cores): tutorial 1 0.2 s, 2 about 30 s, 3 about 45 s, 4 about
-  10 s; 1-3 are in the default suite. Tutorial 4 needs the real weights
+  10 s, 5 about 13 s; 1-3 and 5 are in the default suite. Tutorial 4 needs the real weights
   (weights/smollm2-135m): it is marked `reference` (CI runs it after fetching them) and
   skips without them; where they are present, the default suite runs it too.
 
