@@ -314,14 +314,17 @@ def parse_size(text: str) -> int:
 
 
 # extra compute of each change, as a factor on the step time, used only to rank settings
-# that fit (SmolLM2-135M, `minilars bench step`; README "Planning" gives the measurements);
-# a smaller CE chunk costs a few more, smaller matmuls against the head
+# that fit. Measured on SmolLM2-135M, LARS, T=512, 2 cores, with `minilars bench step`
+# (README "Planning"): policy layer 2.95 / 2.20 s = 1.34; disk checkpoints 1.04, bf16
+# 1.06; frozen float16 1.00, q8_0 1.20, q4_1 1.15. Not measured, estimated: bfloat16 frozen
+# (as float16), the MLP by row blocks and each halving of the loss's chunk (a few more,
+# smaller matmuls).
 MLP_ROWS = 512           # the row block the search tries for the MLP's backward
 FROZEN_ORDER = (None, "float16", "bfloat16", "q8_0", "q4_1")
-TIME_FACTOR = {"policy layer": 1.3, "checkpoints disk": 1.05, "checkpoints bf16": 1.02,
+TIME_FACTOR = {"policy layer": 1.34, "checkpoints disk": 1.04, "checkpoints bf16": 1.06,
                "mlp_rows": 1.02,
-               "frozen float16": 1.05, "frozen bfloat16": 1.05, "frozen q8_0": 1.15,
-               "frozen q4_1": 1.2, "ce_chunk": 1.01}
+               "frozen float16": 1.0, "frozen bfloat16": 1.0, "frozen q8_0": 1.2,
+               "frozen q4_1": 1.15, "ce_chunk": 1.01}
 
 
 @dataclass(frozen=True)

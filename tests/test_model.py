@@ -14,8 +14,9 @@ with q/k/v biases and an untied lm_head):
 import numpy as np
 import pytest
 
-from minilars.adapters import adapter_for, attach
+from minilars.adapters import LARS, adapter_for, attach
 from minilars.config import named_config
+from minilars.frozen import Packed, to_float
 from minilars.memory import Ledger, owning_buffer
 from minilars.checkpoints import checkpoint_keep
 from minilars.model import (IGNORE, Model, StepOptions, block_saved, forward_backward,
@@ -319,3 +320,26 @@ def test_every_block_keeps_exactly_what_it_declares(name, method, settings, opts
     if opts.policy == "none":     # at the end of the forward every block's set is alive
         assert ledger.max_by_category["activations"] == sum(
             declared_bytes(d.values()) for _, d in layer_sets)
+
+
+@pytest.mark.parametrize("form", ["q8_0", "q4_0", "q4_1", "bfloat16"])
+def test_gradients_on_frozen_blocks_equal_the_dequantized_models(form):
+    """A LARS step on frozen weights held as blocks gives the gradients of the same model
+    with those weights expanded to float32 (the kernels only reorder float32 sums)."""
+    cfg = named_config("tiny")
+    packed = attach(Model.random(cfg, 0, frozen_dtype=form), LARS(rank=2, block=16), seed=1)
+    expanded = Model(cfg, {k: to_float(v) if isinstance(v, Packed) else v.copy()
+                           for k, v in packed.params.items()})
+    expanded = attach(expanded, LARS(rank=2, block=16), seed=1)
+    for name in packed.trainable:
+        expanded.params[name][...] = packed.params[name]
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, size=(2, 24))
+    grads = []
+    for model in (packed, expanded):
+        g = zero_grads(model)
+        forward_backward(model, tokens, next_token_targets(tokens), g, StepOptions(policy="layer"))
+        grads.append(g)
+    assert any(isinstance(v, Packed) for v in packed.params.values())
+    for name in grads[1]:
+        np.testing.assert_allclose(grads[0][name], grads[1][name], rtol=1e-4,
+                                   atol=1e-6 * np.abs(grads[1][name]).max(), err_msg=name)
