@@ -68,16 +68,27 @@ def check_frozen_dtype(method: str, name: str | None) -> None:
                          "trains every weight, so none is frozen (and trained weights are float)")
 
 
+BF16_CHUNK = 1 << 20     # values converted at once: the uint32 temporaries stay a few MiB
+
+
 def bf16_bits(W: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bits (uint16), rounding to nearest, ties to even; NaN stays a
-    (quiet) NaN, overflow rounds to infinity as IEEE rounding does."""
-    f32 = np.asarray(W, dtype=np.float32)
-    bits = f32.view(np.uint32).astype(np.uint64)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(f32)
-    if nan.any():
-        rounded[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)
-    return rounded
+    (quiet) NaN, overflow rounds to infinity as IEEE rounding does. BF16_CHUNK values at
+    a time, in uint32 (a finite value's bits + 0x8000 stay below 2^32; NaNs, which could
+    wrap, are set afterwards), so a (T, C) checkpoint or an embedding needs no copies of
+    itself."""
+    f32 = np.ascontiguousarray(W, dtype=np.float32).reshape(-1)
+    out = np.empty(f32.shape, dtype=np.uint16)
+    for c0 in range(0, f32.size, BF16_CHUNK):
+        part = f32[c0:c0 + BF16_CHUNK]
+        bits = part.view(np.uint32)
+        rounded = bits + np.uint32(0x7FFF)
+        rounded += (bits >> np.uint32(16)) & np.uint32(1)
+        out[c0:c0 + BF16_CHUNK] = rounded >> np.uint32(16)
+        nan = np.isnan(part)
+        if nan.any():
+            out[c0:c0 + BF16_CHUNK][nan] = (bits[nan] >> np.uint32(16)) | np.uint32(0x0040)
+    return out.reshape(np.shape(W))
 
 
 def bf16_values(bits: np.ndarray) -> np.ndarray:
