@@ -86,31 +86,16 @@ def adapter_from_args(args, method: str):
     return None if method == "full" else ADAPTERS[method].from_options(args)
 
 
-def _frozen_list(text: str) -> list[str]:
-    """A comma list of frozen forms: float32 (the weights as loaded) or a FROZEN_DTYPES name."""
-    names = _str_list(text)
-    for name in names:
-        if name != "float32" and name not in FROZEN_DTYPES:
+def _names_in(allowed: tuple, what: str):
+    """An argparse type: a comma list of names, each one of `allowed` (a bad one is named)."""
+    def parse(text: str) -> list[str]:
+        names = _str_list(text)
+        bad = [n for n in names if n not in allowed] or ([text] if not names else [])
+        if bad:
             raise argparse.ArgumentTypeError(
-                f"unknown frozen form {name!r}; expected float32 or one of {', '.join(FROZEN_DTYPES)}")
-    return names
-
-
-def _checkpoint_list(text: str) -> list[str]:
-    """A comma list of checkpoint stores."""
-    names = _str_list(text)
-    for name in names:
-        if name not in CHECKPOINT_STORES:
-            raise argparse.ArgumentTypeError(
-                f"unknown checkpoint store {name!r}; expected one of {', '.join(CHECKPOINT_STORES)}")
-    return names
-
-
-def _on_off_list(text: str) -> list[str]:
-    names = _str_list(text)
-    if not names or any(n not in ("on", "off") for n in names):
-        raise argparse.ArgumentTypeError(f"expected on, off or on,off, got {text!r}")
-    return names
+                f"unknown {what} {bad[0]!r}; expected a comma list of {', '.join(allowed)}")
+        return names
+    return parse
 
 
 def add_frozen_dtype(p: argparse.ArgumentParser) -> None:
@@ -369,13 +354,13 @@ def add_bench(sub) -> None:
     q.add_argument("--policy", default="layer", choices=("none", "layer"))
     q.add_argument("--batch", type=int, default=1)
     q.add_argument("--repeats", type=int, default=2)
-    q.add_argument("--frozen-dtype", type=_frozen_list, default=["float32", "float16"],
+    q.add_argument("--frozen-dtype", type=_names_in(("float32",) + tuple(FROZEN_DTYPES), "frozen form"), default=["float32", "float16"],
                    help="comma list of frozen forms to time (float32 and any of "
                         f"{', '.join(FROZEN_DTYPES)}); default float32,float16")
-    q.add_argument("--checkpoints", type=_checkpoint_list, default=["ram"],
+    q.add_argument("--checkpoints", type=_names_in(CHECKPOINT_STORES, "checkpoint store"), default=["ram"],
                    help="comma list of checkpoint stores to time (ram, bf16, disk)")
     q.add_argument("--mlp-rows", type=int, default=0, metavar="N")
-    q.add_argument("--c-core", type=_on_off_list, default=["on", "off"],
+    q.add_argument("--c-core", type=_names_in(("on", "off"), "C core choice"), default=["on", "off"],
                    help="on, off or on,off (the NumPy twins)")
     q = bsub.add_parser("plan", help="the planner against measured steps on a grid of "
                                      "configurations (each in a fresh process)")

@@ -30,11 +30,11 @@ def _frame(width, height, box, title, title_x, title_y, x_ticks, y_ticks, x_labe
     for y, text in y_ticks:
         parts += [f'<line x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="#ddd"/>',
                   f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{text}</text>']
-    y_mid, x_label_at = (top + bottom) / 2, y_label_x
+    y_mid = (top + bottom) / 2
     parts += [f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>',
               f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="black"/>',
               f'<text x="{(left + right) / 2}" y="{height - label_gap}" text-anchor="middle">{x_label}</text>',
-              f'<text x="{x_label_at}" y="{y_mid}" transform="rotate(-90 {x_label_at} {y_mid})" '
+              f'<text x="{y_label_x}" y="{y_mid}" transform="rotate(-90 {y_label_x} {y_mid})" '
               f'text-anchor="middle">{y_label}</text>']
     return parts
 
