@@ -739,3 +739,55 @@ int minilars_matvec_xwT(const float *x, const void *W, int weight_format,
     }
     return MINILARS_OK;
 }
+
+/* ------------------------------------------------------------ what was compiled */
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define BUILD_ARCH "x86_64"
+#elif defined(__aarch64__)
+#define BUILD_ARCH "aarch64"
+#elif defined(__arm__)
+#define BUILD_ARCH "arm"
+#else
+#define BUILD_ARCH "other"
+#endif
+
+/* the registers the vector-extension loops (CHUNK floats) are mapped onto */
+#if defined(__AVX512F__)
+#define BUILD_VECTOR "512"
+#elif defined(__AVX__)
+#define BUILD_VECTOR "256"
+#elif defined(__SSE2__) || defined(__ARM_NEON)
+#define BUILD_VECTOR "128"
+#else
+#define BUILD_VECTOR "0"
+#endif
+
+#ifdef HAVE_VECTOR_EXT
+#define BUILD_LOOPS "vector-ext"
+#else
+#define BUILD_LOOPS "plain"
+#endif
+
+/* the branch f16_at and f16_run compiled */
+#if defined(__F16C__)
+#define BUILD_F16 "f16c"
+#elif defined(__ARM_FP16_FORMAT_IEEE)
+#define BUILD_F16 "arm-fp16"
+#else
+#define BUILD_F16 "bits"
+#endif
+
+#if defined(QUANT_AVX512)
+#define BUILD_GGUF "avx512"
+#elif defined(QUANT_AVX2)
+#define BUILD_GGUF "avx2"
+#else
+#define BUILD_GGUF "plain"
+#endif
+
+const char *minilars_build_features(void)
+{
+    return "arch=" BUILD_ARCH " vector=" BUILD_VECTOR " loops=" BUILD_LOOPS
+           " f16=" BUILD_F16 " gguf=" BUILD_GGUF;
+}

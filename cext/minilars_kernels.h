@@ -46,6 +46,14 @@ int minilars_has_openmp(void);
 /* Threads a parallel kernel will use (omp_get_max_threads(), or 1). */
 int minilars_max_threads(void);
 
+/* What this build compiled, as space-separated key=value words (a static string):
+ *   arch=x86_64|aarch64|arm|other   vector=512|256|128|0 (bits of the widest SIMD
+ *   registers the compiler may use for the vector-extension loops; 0: scalar)
+ *   loops=vector-ext|plain   f16=f16c|arm-fp16|bits   gguf=avx512|avx2|plain
+ * The f16 and gguf words name the branch of f16_at/f16_run and of the GGUF block loops
+ * that the preprocessor kept, so a build on a new machine can be checked. */
+const char *minilars_build_features(void);
+
 /* LARS gate, forward, fused (no (N, in) temporary besides the output).
  *   reads   x (rows, in), U (in, rank), V (rank, in/block), alpha, eps
  *   writes  x_tilde (rows, in)

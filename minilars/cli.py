@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 
 import minilars
-from minilars import evaluate, kernels
+from minilars import evaluate, kernels, threads
 from minilars.lab import bench, plan_check
 from minilars.adapters import ADAPTERS, METHODS
 from minilars.checkpoints import CHECKPOINT_STORES
@@ -113,6 +113,29 @@ def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mlp-rows", type=int, default=0, metavar="N",
                    help="--policy layer: recompute and backprop each MLP N rows at a time, so "
                         "its (T, F) tensors never exist whole (exact; default 0: whole)")
+
+
+def _threads_type(text: str):
+    try:
+        return threads.parse_threads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_threads_type, default=None, metavar="N|auto",
+                   help="threads for BLAS and the C core together (default auto: the cores "
+                        "no other process is keeping busy when the command starts)")
+
+
+def use_threads(setting) -> int:
+    """Resolve --threads (None: auto), set BLAS's and OpenMP's counts, and say so on stderr
+    when auto took fewer than all cores. Returns the count."""
+    n, why = threads.choose_threads(setting or "auto")
+    threads.set_threads(n)
+    if n < len(threads.usable_cores()):
+        print(f"threads: {n} ({why}; --threads N to choose)", file=sys.stderr)
+    return n
 
 
 def _load(args):
@@ -300,6 +323,11 @@ def cmd_info(args) -> int:
     for k, v in status.items():
         if k not in ("active", "reason"):
             print(f"  {k}: {v}")
+    print(f"cpu: {platform.machine()}")
+    for line in threads.describe():
+        print(line)
+    for warning in threads.conflicts():
+        print(f"warning: {warning}")
     return 0
 
 
@@ -347,6 +375,7 @@ def add_bench(sub) -> None:
     bsub = p.add_subparsers(dest="bench_command", required=True)
     q = bsub.add_parser("kernels", help="each C kernel against its NumPy twin")
     q.add_argument("--seq", type=int, default=512)
+    add_threads(q)
     q = bsub.add_parser("step", help="tokens/s of a whole training step")
     q.add_argument("--arch", default="smollm2-135m")
     q.add_argument("--method", default="lars", choices=METHODS)
@@ -362,6 +391,7 @@ def add_bench(sub) -> None:
     q.add_argument("--mlp-rows", type=int, default=0, metavar="N")
     q.add_argument("--c-core", type=_names_in(("on", "off"), "C core choice"), default=["on", "off"],
                    help="on, off or on,off (the NumPy twins)")
+    add_threads(q)
     q = bsub.add_parser("plan", help="the planner against measured steps on a grid of "
                                      "configurations (each in a fresh process)")
     q.add_argument("--arch", default="smollm2-135m")
@@ -373,6 +403,10 @@ def add_bench(sub) -> None:
 
 
 def cmd_bench(args) -> int:
+    if args.bench_command in ("kernels", "step"):
+        use_threads(args.threads)
+        for line in threads.describe() + [f"warning: {w}" for w in threads.conflicts()]:
+            print(line)
     if args.bench_command == "kernels":
         print(bench.format_kernel_table(bench.bench_kernels(seq=args.seq)))
     elif args.bench_command == "plan":
@@ -411,10 +445,12 @@ def add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     add_frozen_dtype(p)
+    add_threads(p)
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args) -> int:
+    use_threads(args.threads)
     model, tok = _load(args)
     prompt = args.prompt
     if args.chat:
@@ -458,10 +494,12 @@ def add_eval(sub) -> None:
     p.add_argument("--data-dir", default="data")
     p.add_argument("--out", default=None, help="JSON result file")
     add_frozen_dtype(p)
+    add_threads(p)
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
+    use_threads(args.threads)
     if args.what == "ppl":
         if not args.text:
             raise UsageError("eval ppl needs --text FILE")
@@ -543,6 +581,7 @@ def add_train(sub) -> None:
                    help="with --budget: apply the cheapest settings that fit instead of refusing")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--resume", default=None, metavar="RUN_DIR")
+    add_threads(p)
     add_adapter_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -559,6 +598,9 @@ def cmd_train(args) -> int:
         if args.steps is not None:
             opts.steps = args.steps
         opts.out = args.resume
+        # the recorded count keeps a resumed run bit-identical; --threads changes it
+        opts.threads = use_threads(args.threads if args.threads is not None
+                                   else opts.threads or "auto")
         train(opts, resume=True)
         return 0
     if not args.model:
@@ -572,6 +614,7 @@ def cmd_train(args) -> int:
                         max_examples=args.max_examples, frozen_dtype=args.frozen_dtype,
                         checkpoints=args.checkpoints, scratch_dir=args.scratch_dir,
                         mlp_rows=args.mlp_rows, ce_chunk=args.ce_chunk, data_dir=args.data_dir,
+                        threads=use_threads(args.threads),
                         adapter=adapter_from_args(args, args.method))
     if os.path.exists(os.path.join(opts.out, "checkpoint")):
         raise UsageError(f"{opts.out} already holds a run; use --resume {opts.out} or another --out")

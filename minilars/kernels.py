@@ -62,6 +62,7 @@ def _load() -> None:
     _lib, _ffi = _cext.lib, _cext.ffi
     _status.update(active=True, openmp=bool(_lib.minilars_has_openmp()),
                    threads=int(_lib.minilars_max_threads()),
+                   build=_ffi.string(_lib.minilars_build_features()).decode(),
                    module=getattr(_cext, "__file__", "minilars._cext"))
     _status["reason"] = ("C core loaded" + (" with OpenMP" if _status["openmp"] else
                                              " without OpenMP (single thread)"))
@@ -72,8 +73,9 @@ _enabled = _lib is not None
 
 
 def kernel_status() -> dict:
-    """Which kernel path is active and why: active, reason, openmp, threads (and module
-    when loaded). `active` also reflects use_c()."""
+    """Which kernel path is active and why: active, reason, openmp, threads (and, when
+    loaded, module and build: what the C build compiled, minilars_build_features's words).
+    `active` also reflects use_c()."""
     status = dict(_status)
     status["active"] = _enabled
     if _lib is not None and not _enabled:

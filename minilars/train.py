@@ -38,6 +38,7 @@ from minilars.memory import Ledger, mib, peak_rss_bytes, register_params
 from minilars.model import Model, StepOptions, forward_backward, forward_loss, zero_grads
 from minilars.ops.loss import DEFAULT_CHUNK
 from minilars.optim import AdamW, clip_grad_norm
+from minilars.threads import set_threads
 
 
 @dataclass
@@ -68,6 +69,7 @@ class TrainOptions:
     mlp_rows: int = 0                       # policy layer: the MLP's backward by this many rows
     scratch_dir: str | None = None          # the disk store's folder (default: the run folder)
     data_dir: str = "data"
+    threads: int = 0                        # BLAS and C core threads (minilars.threads); 0: as they are
     adapter: object = None                  # the adapter's settings (LoRA(...), ...); None: defaults
 
     def __post_init__(self):
@@ -275,6 +277,8 @@ def _train_step(run: _Run, step: int) -> dict:
 def train(opts: TrainOptions, resume: bool = False, log=print) -> dict:
     """Run (or continue) a training run; returns a summary dict."""
     opts.validate()
+    if opts.threads:
+        set_threads(opts.threads)
     run = _open_run(opts, resume, log)
     model = run.model
     report = trainable_report(model) if model.adapter is not None else {
