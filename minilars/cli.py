@@ -36,7 +36,8 @@ from minilars.lab.experiment import CellError, ExperimentOptions, run_experiment
 from minilars.lab.memory_curve import (curve_lengths, format_compare, format_memory_run,
                                        memory_plot, memory_runs, planned_line)
 from minilars.lab.svg import svg_curves
-from minilars.train import TrainOptions, load_base, train
+from minilars.runs import holds_a_run, latest_checkpoint, read_run_json
+from minilars.train import TrainOptions, load_base, resume_options, train
 
 
 class UsageError(Exception):
@@ -147,9 +148,10 @@ def _load(args):
 
 
 def _adapter_dir(path: str) -> str:
-    """A run folder's checkpoint, or an adapter folder itself."""
-    ckpt = os.path.join(path, "checkpoint")
-    return ckpt if os.path.isdir(ckpt) and not os.path.exists(os.path.join(path, "adapter_config.json")) else path
+    """A run folder's newest checkpoint, or an adapter folder itself."""
+    if os.path.exists(os.path.join(path, "adapter_config.json")):
+        return path
+    return latest_checkpoint(path) or path
 
 
 # ---------------------------------------------------------------------------- memory
@@ -583,30 +585,34 @@ def add_train(sub) -> None:
     p.add_argument("--resume", default=None, metavar="RUN_DIR")
     add_threads(p)
     add_adapter_options(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, parser=p)      # --resume reads which options were given
+
+
+# train's options, by TrainOptions field (the adapter's flags become `adapter`)
+TRAIN_FIELDS = ("model", "method", "task", "data", "seq", "steps", "batch", "lr", "warmup",
+                "weight_decay", "clip", "policy", "attention", "seed", "eval_every",
+                "save_every", "max_examples", "frozen_dtype", "checkpoints", "scratch_dir",
+                "mlp_rows", "ce_chunk", "data_dir", "threads")
+
+
+def _given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests of the options written on this command line: parse it again into a
+    namespace that already holds a marker for every dest (argparse fills in defaults only
+    for dests it does not find there)."""
+    unset = object()
+    probe = parser.parse_args(argv, namespace=argparse.Namespace(
+        **{dest: unset for dest in vars(parser.parse_args(argv))}))
+    return {dest for dest, value in vars(probe).items() if value is not unset}
 
 
 def cmd_train(args) -> int:
     if args.resume:
-        path = os.path.join(args.resume, "run.json")
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-        except FileNotFoundError:
-            raise UsageError(f"--resume {args.resume}: no run.json there") from None
-        opts = TrainOptions(**saved)
-        if args.steps is not None:
-            opts.steps = args.steps
-        opts.out = args.resume
-        # the recorded count keeps a resumed run bit-identical; --threads changes it
-        opts.threads = use_threads(args.threads if args.threads is not None
-                                   else opts.threads or "auto")
-        train(opts, resume=True)
-        return 0
+        return _resume(args)
     if not args.model:
         raise UsageError("train needs --model DIR (or --resume RUN_DIR)")
     opts = TrainOptions(model=args.model, method=args.method, task=args.task, data=args.data,
-                        seq=args.seq, steps=args.steps or 100, batch=args.batch,
+                        seq=args.seq, steps=100 if args.steps is None else args.steps,
+                        batch=args.batch,
                         lr=args.lr if args.lr is not None else (1e-5 if args.method == "full" else 1e-4),
                         warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
                         policy=args.policy, attention=args.attention, seed=args.seed,
@@ -614,13 +620,37 @@ def cmd_train(args) -> int:
                         max_examples=args.max_examples, frozen_dtype=args.frozen_dtype,
                         checkpoints=args.checkpoints, scratch_dir=args.scratch_dir,
                         mlp_rows=args.mlp_rows, ce_chunk=args.ce_chunk, data_dir=args.data_dir,
-                        threads=use_threads(args.threads),
                         adapter=adapter_from_args(args, args.method))
-    if os.path.exists(os.path.join(opts.out, "checkpoint")):
+    opts.validate()
+    if holds_a_run(opts.out):
         raise UsageError(f"{opts.out} already holds a run; use --resume {opts.out} or another --out")
     if args.budget:
         opts = fit_budget(opts, parse_size(args.budget), args.budget, args.budget_fit)
+    opts.threads = use_threads(args.threads)
     train(opts)
+    return 0
+
+
+def _resume(args) -> int:
+    """train --resume RUN_DIR: the run's options with the allowed changes this command line
+    asks for (recorded in run.json); any other option that differs is refused."""
+    given = _given_options(args.parser, args.argv[args.argv.index("train") + 1:])
+    if given & {"budget", "budget_fit", "out"}:
+        raise UsageError("--budget, --budget-fit and --out cannot be given with --resume "
+                         "(the run folder and its settings are the run's)")
+    asked = {name: getattr(args, name) for name in TRAIN_FIELDS if name in given}
+    threads_asked = asked.pop("threads", None)
+    if given - set(TRAIN_FIELDS) - {"resume"}:                  # an adapter's own flags
+        method = asked.get("method", read_run_json(args.resume).get("method"))
+        if method in ADAPTERS:
+            asked["adapter"] = adapter_from_args(args, method)
+    opts, changes = resume_options(args.resume, asked)
+    # the recorded thread count keeps a resumed run bit-identical; --threads changes it
+    threads_now = use_threads(threads_asked or opts.threads or "auto")
+    if threads_asked is not None and threads_now != opts.threads:
+        changes["threads"] = [opts.threads, threads_now]
+    opts.threads = threads_now
+    train(opts, resume=True, changes=changes)
     return 0
 
 
@@ -737,7 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args) or 0
     except UsageError as e:

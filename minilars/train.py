@@ -2,13 +2,15 @@
 
 One step: forward + backward (model.forward_backward) -> clip the gradient norm -> AdamW.
 The loop adds what a run needs: seeded data order, a warmup+cosine learning rate, a step
-line with loss, tokens/s and memory, periodic evaluation, atomic checkpoints, an exact
---resume, and a clean stop on a NaN/Inf loss that leaves the last good checkpoint intact.
+line with loss, tokens/s and memory, periodic evaluation, crash-proof checkpoints, an exact
+--resume (whose allowed changes are recorded), and a clean stop on a non-finite loss,
+gradient or parameter that leaves the last checkpoint, always finite, to resume from.
 
+The run folder (minilars.runs: one writer, versioned checkpoints, a log cut back on resume):
 RUN_DIR/
-  run.json                 the options the run was started with
+  run.json                 the options, and each resume's changes to them
   log.jsonl                one line per step (loss, lr, tok/s, memory)
-  checkpoint/              the last good state, replaced atomically as a whole:
+  checkpoints/step-N/      the newest complete state:
     adapter_config.json, adapter_model.safetensors    (adapters; PEFT layout)
     model.safetensors + config.json                   (full fine-tuning)
     optimizer.safetensors, state.json
@@ -20,7 +22,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -29,15 +31,18 @@ from minilars.adapters import (ADAPTERS, METHODS, adapter_tensor_names, attach,
 from minilars.data.tasks import eval_split, load_task
 from minilars.examples import batch_indices, encode_rows, make_batch, read_jsonl
 from minilars.frozen import check_frozen_dtype
-from minilars.io.atomic import atomic_dir, write_json, write_text
+from minilars.io.atomic import write_json
 from minilars.io.peft import PREFIX, load_adapter, save_adapter
-from minilars.io.safetensors_io import (load_model, load_safetensors, save_model,
-                                        save_safetensors_atomic)
+from minilars.io.safetensors_io import (CheckpointError, load_model, load_safetensors,
+                                        save_model, save_safetensors_atomic)
 from minilars.io.load import load_params
 from minilars.memory import Ledger, mib, peak_rss_bytes, register_params
 from minilars.model import Model, StepOptions, forward_backward, forward_loss, zero_grads
 from minilars.ops.loss import DEFAULT_CHUNK
 from minilars.optim import AdamW, clip_grad_norm
+from minilars.runs import (RunError, append_log, clean_leftovers, holds_a_run, latest_checkpoint,
+                           read_run_json, run_lock, save_checkpoint_folder, truncate_log,
+                           write_run_json)
 from minilars.threads import set_threads
 
 
@@ -70,6 +75,7 @@ class TrainOptions:
     scratch_dir: str | None = None          # the disk store's folder (default: the run folder)
     data_dir: str = "data"
     threads: int = 0                        # BLAS and C core threads (minilars.threads); 0: as they are
+    resumes: list = field(default_factory=list)   # each --resume: its step and changed options
     adapter: object = None                  # the adapter's settings (LoRA(...), ...); None: defaults
 
     def __post_init__(self):
@@ -89,19 +95,71 @@ class TrainOptions:
                            checkpoints=self.checkpoints, scratch_dir=self.scratch_dir or self.out)
 
     def validate(self):
+        """Refuse settings that cannot make a sensible run, naming the option."""
         if (self.task is None) == (self.data is None):
             raise ValueError("give exactly one of --task NAME or --data FILE.jsonl")
-        for name in ("seq", "steps", "batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        least = {"seq": 1, "steps": 1, "batch": 1, "save_every": 1, "ce_chunk": 1,
+                 "warmup": 0, "eval_every": 0, "eval_examples": 0, "mlp_rows": 0, "threads": 0}
+        for name, low in least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= {low}, "
+                                 f"got {value!r}")
+        if self.max_examples is not None and (not isinstance(self.max_examples, int)
+                                              or self.max_examples < 1):
+            raise ValueError(f"--max-examples must be a whole number >= 1, got {self.max_examples!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        for name, text in (("clip", "0 turns clipping off"), ("weight_decay", "0 is none")):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0 "
+                                 f"({text}), got {value}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         self.step_options()
         check_frozen_dtype(self.method, self.frozen_dtype)
 
 
 class NonFiniteLoss(FloatingPointError):
-    pass
+    """A step made a loss, gradient or parameter that is not finite; nothing was saved."""
+
+
+# What a --resume may change: how long and how fast the run learns, how often it saves and
+# evaluates, and how each step is computed (memory settings, threads). The model, the
+# method and its adapter, the data and its order (seq, batch, seed) are the run's own.
+RESUME_MAY_CHANGE = ("steps", "lr", "warmup", "clip", "weight_decay", "save_every",
+                     "eval_every", "eval_examples", "policy", "attention", "checkpoints",
+                     "scratch_dir", "mlp_rows", "ce_chunk", "threads")
+PATH_OPTIONS = ("model", "data", "data_dir", "scratch_dir")
+
+
+def resume_options(run_dir: str, asked: dict) -> tuple[TrainOptions, dict]:
+    """(options, changes) of the run in run_dir with `asked` ({option: value} given on the
+    command line) applied: changes {option: [old, new]} of RESUME_MAY_CHANGE. Any other
+    option that differs from the run's is refused (RunError naming each)."""
+    saved = read_run_json(run_dir)
+    try:
+        opts = TrainOptions(**saved)
+    except (TypeError, ValueError) as e:
+        raise RunError(f"{os.path.join(run_dir, 'run.json')}: not the options of a minilars "
+                       f"run ({e})") from None
+    opts.out = run_dir
+
+    def same(name, value):
+        old = getattr(opts, name)
+        if name in PATH_OPTIONS and old is not None and value is not None:
+            return os.path.abspath(old) == os.path.abspath(value)
+        return old == value
+
+    fixed = [f"--{k.replace('_', '-')} {v!r} (the run has {getattr(opts, k)!r})"
+             for k, v in asked.items() if k not in RESUME_MAY_CHANGE and not same(k, v)]
+    if fixed:
+        raise RunError(f"--resume {run_dir}: these cannot change on resume: "
+                       f"{'; '.join(fixed)}. Start a new run (another --out) to change them")
+    changes = {k: [getattr(opts, k), v] for k, v in asked.items()
+               if k in RESUME_MAY_CHANGE and not same(k, v)}
+    return replace(opts, **{k: new for k, (_, new) in changes.items()}), changes
 
 
 def learning_rate(opts: TrainOptions, step: int) -> float:
@@ -152,42 +210,79 @@ def attach_method(model: Model, opts: TrainOptions) -> None:
 
 # ------------------------------------------------------------------ checkpoints
 
-def save_checkpoint(run_dir: str, model: Model, opt: AdamW, step: int, losses: list) -> None:
-    """Replace RUN_DIR/checkpoint as a whole: an interrupted save leaves the old one."""
-    with atomic_dir(os.path.join(run_dir, "checkpoint"), replace=True) as tmp:
+def non_finite(arrays: dict) -> list[str]:
+    """Names of the arrays holding a NaN or an Inf (checked a million values at a time,
+    so the check allocates 1 MB, not an array's size)."""
+    bad = []
+    for name, a in arrays.items():
+        flat = np.asarray(a).reshape(-1)
+        if any(not np.isfinite(flat[i:i + (1 << 20)]).all() for i in range(0, flat.size, 1 << 20)):
+            bad.append(name)
+    return bad
+
+
+def save_checkpoint(run_dir: str, model: Model, opt: AdamW, step: int, losses: list) -> str:
+    """Write checkpoints/step-N (minilars.runs: whole or not at all, older ones deleted
+    after). Refuses to write a non-finite parameter or optimizer moment. Returns the folder."""
+    state = opt.state_dict()
+    trained = ({n: model.params[n] for n in adapter_tensor_names(model)}
+               if model.adapter is not None else model.params)
+    bad = non_finite(trained) + non_finite(state["arrays"])
+    if bad:
+        raise NonFiniteLoss(f"step {step}: {len(bad)} tensor(s) are not finite ({', '.join(bad[:3])}"
+                            f"{' ...' if len(bad) > 3 else ''}); no checkpoint written")
+
+    def write_files(tmp: str) -> None:
         if model.adapter is not None:
             save_adapter(tmp, model)
         else:
             save_model(tmp, model.cfg, model.params)
-        state = opt.state_dict()
         save_safetensors_atomic(os.path.join(tmp, "optimizer.safetensors"), state["arrays"])
         write_json(os.path.join(tmp, "state.json"),
                    {"step": step, "adamw_step_count": state["step_count"], "losses": losses})
 
+    return save_checkpoint_folder(run_dir, step, write_files)
 
-def load_checkpoint(run_dir: str, model: Model, opt: AdamW) -> dict:
-    ckpt = os.path.join(run_dir, "checkpoint")
-    if not os.path.isdir(ckpt):
-        raise FileNotFoundError(f"{run_dir}: no checkpoint/ folder to resume from")
-    with open(os.path.join(ckpt, "state.json")) as f:
-        state = json.load(f)
-    if model.adapter is not None:
-        tensors = load_safetensors(os.path.join(ckpt, "adapter_model.safetensors"))
-        for name in adapter_tensor_names(model):        # frozen ones (LARS alpha) too
-            model.params[name] = tensors[PREFIX + name].copy()
-    else:
-        tensors = load_safetensors(os.path.join(ckpt, "model.safetensors"))
-        for name in model.params:
-            model.params[name] = tensors[name].copy()
-    opt.load_state_dict({"arrays": load_safetensors(os.path.join(ckpt, "optimizer.safetensors")),
-                         "step_count": state["adamw_step_count"]})
-    return state
+
+def load_checkpoint(ckpt: str, model: Model, opt: AdamW) -> dict:
+    """Put a checkpoint folder's tensors into the model and optimizer; returns its state.
+    A damaged or non-finite checkpoint raises CheckpointError naming the file."""
+    path = os.path.join(ckpt, "state.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        step, count = int(state["step"]), int(state["adamw_step_count"])
+        losses = [float(v) for v in state["losses"]]
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (not a complete checkpoint)") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: expected JSON with step, adamw_step_count and losses "
+                              f"({type(e).__name__}: {e})") from None
+    weights = "adapter_model.safetensors" if model.adapter is not None else "model.safetensors"
+    tensors = load_safetensors(os.path.join(ckpt, weights))
+    names = adapter_tensor_names(model) if model.adapter is not None else list(model.params)
+    key = (lambda n: PREFIX + n) if model.adapter is not None else (lambda n: n)
+    missing = [n for n in names if key(n) not in tensors]
+    if missing:
+        raise CheckpointError(f"{os.path.join(ckpt, weights)}: no tensor {key(missing[0])!r} "
+                              f"({len(missing)} missing; a checkpoint of another run?)")
+    arrays = load_safetensors(os.path.join(ckpt, "optimizer.safetensors"))
+    bad = non_finite({key(n): tensors[key(n)] for n in names}) + non_finite(arrays)
+    if bad:
+        raise CheckpointError(f"{ckpt}: {len(bad)} tensor(s) are not finite ({', '.join(bad[:3])}); "
+                              "this checkpoint cannot be resumed")
+    for name in names:                                   # frozen ones (LARS alpha) too
+        model.params[name] = tensors[key(name)].copy()
+    opt.load_state_dict({"arrays": arrays, "step_count": count})
+    return {"step": step, "losses": losses}
 
 
 def load_trained(model_folder: str, run_dir: str):
     """(Model, Tokenizer): the base model with a run's last checkpoint applied (its
     adapter, or all weights after full fine-tuning)."""
-    ckpt = os.path.join(run_dir, "checkpoint")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise RunError(f"{run_dir}: no checkpoint yet")
     model, tok = load_base(model_folder)
     if os.path.exists(os.path.join(ckpt, "adapter_config.json")):
         load_adapter(ckpt, model)
@@ -212,12 +307,15 @@ class _Run:
     opt: AdamW
     start: int = 0
     losses: list = field(default_factory=list)
-    last_saved: int = 0
+    checkpoint: str | None = None          # the newest checkpoint folder (always finite)
 
 
-def _open_run(opts: TrainOptions, resume: bool, log) -> _Run:
+def _open_run(opts: TrainOptions, resume: bool, log, changes: dict) -> _Run:
     """Load the model and data, attach the method, build gradients and the optimizer, and
-    start RUN_DIR (or continue it from its checkpoint)."""
+    start RUN_DIR (or continue it from its newest checkpoint, recording `changes`)."""
+    if not resume and holds_a_run(opts.out):
+        raise RunError(f"{opts.out} already holds a run; continue it with --resume {opts.out} "
+                       "or choose another --out")
     model, tok = load_base(opts.model, frozen_dtype=opts.frozen_dtype,
                            expand=opts.method == "full")
     attach_method(model, opts)
@@ -232,21 +330,44 @@ def _open_run(opts: TrainOptions, resume: bool, log) -> _Run:
                tok.eos_id if tok.eos_id is not None else 0, ledger, grads,
                AdamW(lr=opts.lr, weight_decay=opts.weight_decay))
     if resume:
-        state = load_checkpoint(opts.out, model, run.opt)
-        run.start = run.last_saved = state["step"]
-        run.losses = state["losses"]
-        log(f"resuming {opts.out} at step {run.start}")
-        _truncate_log(opts.out, run.start)
-    else:
-        os.makedirs(opts.out, exist_ok=True)
-        write_json(os.path.join(opts.out, "run.json"), opts.to_json())
+        run.checkpoint = latest_checkpoint(opts.out)
+        for path in clean_leftovers(opts.out, keep=run.checkpoint):
+            log(f"removed {path} (left by an interrupted save)")
+        if run.checkpoint is not None:
+            state = load_checkpoint(run.checkpoint, model, run.opt)
+            run.start, run.losses = state["step"], state["losses"]
+            log(f"resuming {opts.out} at step {run.start} ({run.checkpoint})")
+        else:
+            log(f"resuming {opts.out}: no checkpoint was written, so from step 0")
+        dropped = truncate_log(opts.out, run.start)
+        if dropped:
+            log(f"log.jsonl: dropped {dropped} line(s) after step {run.start} (they are redone)")
+        if changes:
+            log("changed on resume: " + ", ".join(f"{k} {old!r} -> {new!r}"
+                                                  for k, (old, new) in changes.items()))
+        opts.resumes.append({"step": run.start, "changed": changes,
+                             "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+    write_run_json(opts.out, opts.to_json())
     run.opt.init_state(model.params, grads, ledger)
     return run
 
 
+def _stop_message(run: _Run, step: int, what: str) -> str:
+    where = (f"The last checkpoint, step {_step_of(run)} in {run.checkpoint}, is finite"
+             if run.checkpoint else "No checkpoint was written yet; --resume starts from step 0")
+    return (f"step {step + 1}: {what}; stopping before anything is saved. {where}. Resume "
+            f"with a lower learning rate: --resume {run.opts.out} --lr {run.opts.lr / 10:g} "
+            "(or check the data)")
+
+
+def _step_of(run: _Run) -> int:
+    return int(os.path.basename(run.checkpoint).split("-")[-1]) if run.checkpoint else 0
+
+
 def _train_step(run: _Run, step: int) -> dict:
-    """One step: forward + backward, clip, AdamW. Returns the step's log record; a NaN or
-    Inf loss or gradient stops the run before the parameters change."""
+    """One step: forward + backward, clip, AdamW. Returns the step's log record. A
+    non-finite loss or gradient stops the run before the parameters change, a non-finite
+    updated parameter before anything is saved (NonFiniteLoss)."""
     opts, grads = run.opts, run.grads
     idx = batch_indices(len(run.examples), opts.batch, step, opts.seed)
     tokens, targets = make_batch([run.examples[i] for i in idx], run.pad_id)
@@ -263,23 +384,31 @@ def _train_step(run: _Run, step: int) -> dict:
     norm = clip_grad_norm(grads, opts.clip) if math.isfinite(loss) else float("nan")
     if not (math.isfinite(loss) and math.isfinite(norm)):
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
-        raise NonFiniteLoss(
-            f"step {step + 1}: {what}; stopping. The last good checkpoint (step {run.last_saved}) "
-            f"in {opts.out}/checkpoint is intact; lower --lr or check the data and "
-            f"resume with --resume {opts.out}")
+        raise NonFiniteLoss(_stop_message(run, step, what))
     run.opt.step(run.model.params, grads, lr=lr)
+    bad = non_finite({name: run.model.params[name] for name in grads})
+    if bad:
+        raise NonFiniteLoss(_stop_message(
+            run, step, f"the update at lr {lr:g} made {len(bad)} parameter(s) non-finite "
+                       f"({', '.join(bad[:3])})"))
     seconds = time.perf_counter() - t0
     return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
             "tokens": int(tokens.size), "tok_per_s": tokens.size / seconds,
             "ledger_peak_mib": mib(run.ledger.peak_total), "rss_peak_mib": mib(peak_rss_bytes())}
 
 
-def train(opts: TrainOptions, resume: bool = False, log=print) -> dict:
-    """Run (or continue) a training run; returns a summary dict."""
+def train(opts: TrainOptions, resume: bool = False, log=print, changes: dict | None = None) -> dict:
+    """Run (or continue) a training run in opts.out, holding its lock throughout; returns
+    a summary dict. `changes` are the options a resume changed (resume_options)."""
     opts.validate()
     if opts.threads:
         set_threads(opts.threads)
-    run = _open_run(opts, resume, log)
+    with run_lock(opts.out):
+        return _train_locked(opts, resume, log, changes or {})
+
+
+def _train_locked(opts: TrainOptions, resume: bool, log, changes: dict) -> dict:
+    run = _open_run(opts, resume, log, changes)
     model = run.model
     report = trainable_report(model) if model.adapter is not None else {
         "trainable": model.base_param_count(), "base": model.base_param_count(), "percent": 100.0}
@@ -290,15 +419,17 @@ def train(opts: TrainOptions, resume: bool = False, log=print) -> dict:
         record = _train_step(run, step)
         tokens_seen += record.pop("tokens")
         run.losses.append(record["loss"])
-        _append_log(opts.out, record)
+        try:
+            append_log(opts.out, record)
+        except OSError as e:
+            raise _write_failed(run, e, f"writing the log line of step {step + 1}") from None
         log(f"step {step + 1} | loss {record['loss']:.4f} | {record['tok_per_s']:.0f} tok/s | "
             f"ledger peak {record['ledger_peak_mib']:.0f} MiB | RSS peak {record['rss_peak_mib']:.0f} MiB"
             + _bar(step + 1, opts.steps))
         if opts.eval_every and (step + 1) % opts.eval_every == 0 and run.held_out:
             log(f"  eval loss {held_out_loss(model, run.held_out, run.pad_id, run.step_opts):.4f}")
         if (step + 1) % opts.save_every == 0 or step + 1 == opts.steps:
-            save_checkpoint(opts.out, model, run.opt, step + 1, run.losses)
-            run.last_saved = step + 1
+            run.checkpoint = _save(run, step + 1)
     summary = {"steps": opts.steps, "final_loss": run.losses[-1] if run.losses else None,
                "losses": run.losses, "seconds": time.perf_counter() - t_run,
                "tokens": tokens_seen, "trainable": report,
@@ -308,6 +439,22 @@ def train(opts: TrainOptions, resume: bool = False, log=print) -> dict:
         log(f"eval loss {summary['eval_loss']:.4f}")
     write_json(os.path.join(opts.out, "summary.json"), summary)
     return summary
+
+
+def _save(run: _Run, step: int) -> str:
+    try:
+        return save_checkpoint(run.opts.out, run.model, run.opt, step, run.losses)
+    except OSError as e:
+        raise _write_failed(run, e, f"saving the checkpoint of step {step}") from None
+
+
+def _write_failed(run: _Run, e: OSError, doing: str) -> OSError:
+    """The error of a failed write (a full disk): what failed, which file, and that the
+    last checkpoint is intact."""
+    kept = (f"the checkpoint of step {_step_of(run)} ({run.checkpoint}) is intact"
+            if run.checkpoint else "no checkpoint was written before it")
+    return OSError(e.errno, f"{doing} failed: {e.strerror}; {kept}; free space, then "
+                            f"--resume {run.opts.out}", e.filename)
 
 
 def held_out_loss(model: Model, examples, pad_id: int, opts: StepOptions, batch: int = 4) -> float:
@@ -323,17 +470,3 @@ def held_out_loss(model: Model, examples, pad_id: int, opts: StepOptions, batch:
 def _bar(done: int, total: int, width: int = 20) -> str:
     filled = int(width * done / total)
     return f" | [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
-
-
-def _append_log(run_dir: str, record: dict) -> None:
-    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(run_dir: str, step: int) -> None:
-    """Drop log lines after the checkpoint we resume from (they will be redone)."""
-    path = os.path.join(run_dir, "log.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
-        write_text(path, "".join(lines))

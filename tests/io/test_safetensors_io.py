@@ -147,10 +147,10 @@ def test_interrupted_save_leaves_no_folder(tmp_path, monkeypatch):
     cfg = named_config("tiny")
     params = init_params(cfg)
 
-    def failing_save_file(*args, **kwargs):
+    def failing_write(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("minilars.io.safetensors_io.save_file", failing_save_file)
+    monkeypatch.setattr("minilars.io.safetensors_io.write_safetensors", failing_write)
     with pytest.raises(KeyboardInterrupt):
         save_model(str(tmp_path / "m"), cfg, params)
     assert os.listdir(tmp_path) == []
