@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -70,13 +71,41 @@ def _compute_dtype(name: str):
 
 # ---------------------------------------------------------------------------- shared options
 
+def whole(low: int):
+    """An argparse type: a whole number >= low (a bad one is named: `--steps 0`)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def number(low: float, high: float = math.inf, low_open: bool = False):
+    """An argparse type: a finite number in [low, high] ((low, high] when low_open)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+            bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
+        return value
+    return parse
+
+
+
 def add_adapter_options(p: argparse.ArgumentParser) -> None:
     """--targets and --rank, shared, then each adapter's own flags (ADAPTERS)."""
     g = p.add_argument_group("adapter options (see DESIGN.md, 'The adapters')")
     g.add_argument("--targets", type=_str_list, default=None,
                    help="linears to adapt: comma list of q_proj,k_proj,... or all-linear "
                         "(default: the adapter's own, e.g. IA3 k_proj,v_proj,down_proj)")
-    g.add_argument("--rank", type=int, default=None,
+    g.add_argument("--rank", type=whole(1), default=None,
                    help="rank of a low-rank adapter (default: the adapter's own, 8)")
     for adapter in ADAPTERS.values():
         adapter.add_options(g)
@@ -111,7 +140,7 @@ def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scratch-dir", default=None,
                    help="folder of the disk store's scratch file (default: the run folder "
                         "for train, else a temp dir)")
-    p.add_argument("--mlp-rows", type=int, default=0, metavar="N",
+    p.add_argument("--mlp-rows", type=whole(0), default=0, metavar="N",
                    help="--policy layer: recompute and backprop each MLP N rows at a time, so "
                         "its (T, F) tensors never exist whole (exact; default 0: whole)")
 
@@ -166,13 +195,13 @@ def add_memory(sub) -> None:
     p.add_argument("--policy", type=_str_list, default=["none"], help="none, layer, or none,layer")
     p.add_argument("--attention", choices=("plain", "tiled"), default="tiled")
     p.add_argument("--seq", type=_int_list, default=[128, 256, 512, 1024])
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=whole(1), default=1)
     p.add_argument("--dtype", type=_compute_dtype, default=np.float32)
     add_frozen_dtype(p)
     add_checkpoint_options(p)
-    p.add_argument("--tile", type=int, default=128, help="attention tile")
-    p.add_argument("--ce-chunk", type=int, default=128, help="rows of logits alive at once")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile", type=whole(1), default=128, help="attention tile")
+    p.add_argument("--ce-chunk", type=whole(1), default=128, help="rows of logits alive at once")
+    p.add_argument("--seed", type=whole(0), default=0)
     p.add_argument("--compare", action="store_true", help="one table with every method")
     p.add_argument("--per-op", action="store_true", help="also print saved tensors per op")
     p.add_argument("--json", action="store_true")
@@ -230,11 +259,11 @@ def add_plan(sub) -> None:
     src.add_argument("--model", help="an HF folder or a GGUF file (config and tensor table only)")
     p.add_argument("--method", choices=METHODS, default="lars")
     p.add_argument("--policy", choices=("none", "layer"), default="layer")
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=whole(1), default=512)
+    p.add_argument("--batch", type=whole(1), default=1)
     p.add_argument("--attention", choices=("plain", "tiled"), default="tiled")
-    p.add_argument("--tile", type=int, default=128, help="attention tile")
-    p.add_argument("--ce-chunk", type=int, default=128, help="rows of logits alive at once")
+    p.add_argument("--tile", type=whole(1), default=128, help="attention tile")
+    p.add_argument("--ce-chunk", type=whole(1), default=128, help="rows of logits alive at once")
     add_frozen_dtype(p)
     add_checkpoint_options(p)
     p.add_argument("--budget", default=None, metavar="SIZE",
@@ -376,21 +405,21 @@ def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print figures")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     q = bsub.add_parser("kernels", help="each C kernel against its NumPy twin")
-    q.add_argument("--seq", type=int, default=512)
+    q.add_argument("--seq", type=whole(1), default=512)
     add_threads(q)
     q = bsub.add_parser("step", help="tokens/s of a whole training step")
     q.add_argument("--arch", default="smollm2-135m")
     q.add_argument("--method", default="lars", choices=METHODS)
-    q.add_argument("--seq", type=int, default=512)
+    q.add_argument("--seq", type=whole(1), default=512)
     q.add_argument("--policy", default="layer", choices=("none", "layer"))
-    q.add_argument("--batch", type=int, default=1)
-    q.add_argument("--repeats", type=int, default=2)
+    q.add_argument("--batch", type=whole(1), default=1)
+    q.add_argument("--repeats", type=whole(1), default=2)
     q.add_argument("--frozen-dtype", type=_names_in(("float32",) + tuple(FROZEN_DTYPES), "frozen form"), default=["float32", "float16"],
                    help="comma list of frozen forms to time (float32 and any of "
                         f"{', '.join(FROZEN_DTYPES)}); default float32,float16")
     q.add_argument("--checkpoints", type=_names_in(CHECKPOINT_STORES, "checkpoint store"), default=["ram"],
                    help="comma list of checkpoint stores to time (ram, bf16, disk)")
-    q.add_argument("--mlp-rows", type=int, default=0, metavar="N")
+    q.add_argument("--mlp-rows", type=whole(0), default=0, metavar="N")
     q.add_argument("--c-core", type=_names_in(("on", "off"), "C core choice"), default=["on", "off"],
                    help="on, off or on,off (the NumPy twins)")
     add_threads(q)
@@ -442,10 +471,10 @@ def add_generate(sub) -> None:
     p.add_argument("--adapter", default=None, help="adapter folder or run folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=whole(1), default=64)
+    p.add_argument("--temperature", type=number(0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=number(0, 1, low_open=True), default=1.0)
+    p.add_argument("--seed", type=whole(0), default=0)
     add_frozen_dtype(p)
     add_threads(p)
     p.set_defaults(func=cmd_generate)
@@ -488,16 +517,22 @@ def add_eval(sub) -> None:
     p.add_argument("--split", default=None, help="default: validation, else test")
     p.add_argument("--text", default=None, help="text file for perplexity "
                    "(minilars/resources/botchan.txt ships with the package)")
-    p.add_argument("--max-tokens", type=int, default=None, help="perplexity of the first N tokens only")
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--limit", type=int, default=None, help="a seeded subset of N questions")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=whole(1), default=None, help="perplexity of the first N tokens only")
+    p.add_argument("--seq", type=whole(1), default=512)
+    p.add_argument("--batch", type=whole(1), default=8)
+    p.add_argument("--limit", type=whole(1), default=None, help="a seeded subset of N questions")
+    p.add_argument("--seed", type=whole(0), default=0)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--out", default=None, help="JSON result file")
     add_frozen_dtype(p)
     add_threads(p)
     p.set_defaults(func=cmd_eval)
+
+
+def _check_seq(seq: int, model) -> None:
+    limit = model.cfg.max_position_embeddings
+    if seq > limit:
+        raise UsageError(f"--seq {seq} is longer than the model's max_position_embeddings ({limit})")
 
 
 def cmd_eval(args) -> int:
@@ -506,11 +541,15 @@ def cmd_eval(args) -> int:
         if not args.text:
             raise UsageError("eval ppl needs --text FILE")
         model, tok = _load(args)
+        _check_seq(args.seq, model)
         try:
             with open(args.text, encoding="utf-8") as f:
                 text = f.read()
         except FileNotFoundError:
             raise UsageError(f"--text {args.text}: no such file") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--text {args.text}: not UTF-8 text ({e.reason} at byte "
+                             f"{e.start})") from None
         res = evaluate.perplexity(model, tok, text, args.seq, max_tokens=args.max_tokens,
                                   progress=lambda d, t: evaluate.print_progress(d, t, "ppl "))
         print(f"perplexity {res['ppl']:.3f} (mean NLL {res['nll']:.4f} over {res['tokens']} tokens, T={args.seq})")
@@ -520,6 +559,7 @@ def cmd_eval(args) -> int:
             raise UsageError("eval needs --task NAME (or `eval ppl --text FILE`)")
         rows = evaluate.load_eval_rows(args.task, args.data_dir, args.limit, args.seed, args.split)
         model, tok = _load(args)
+        _check_seq(args.seq, model)
         res = evaluate.score_multiple_choice(
             model, tok, rows, max_len=args.seq, batch=args.batch,
             progress=lambda d, t: evaluate.print_progress(d, t, f"{args.task} "))
@@ -559,23 +599,23 @@ def add_train(sub) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--task", default=None)
     src.add_argument("--data", default=None, help="JSONL: text, prompt/completion or MC rows")
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--lr", type=float, default=None, help="default 1e-4 (adapters), 1e-5 (full)")
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--seq", type=whole(1), default=512)
+    p.add_argument("--steps", type=whole(1), default=None)
+    p.add_argument("--batch", type=whole(1), default=4)
+    p.add_argument("--lr", type=number(0, low_open=True), default=None, help="default 1e-4 (adapters), 1e-5 (full)")
+    p.add_argument("--warmup", type=whole(0), default=10)
+    p.add_argument("--weight-decay", type=number(0), default=0.0)
+    p.add_argument("--clip", type=number(0), default=1.0)
     p.add_argument("--policy", choices=("none", "layer"), default="layer")
     p.add_argument("--attention", choices=("plain", "tiled"), default="tiled")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=whole(0), default=0)
     p.add_argument("--out", default="runs/run")
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--eval-every", type=whole(0), default=0)
+    p.add_argument("--save-every", type=whole(1), default=50)
+    p.add_argument("--max-examples", type=whole(1), default=None)
     add_frozen_dtype(p)
     add_checkpoint_options(p)
-    p.add_argument("--ce-chunk", type=int, default=128, help="rows of logits alive at once")
+    p.add_argument("--ce-chunk", type=whole(1), default=128, help="rows of logits alive at once")
     p.add_argument("--budget", default=None, metavar="SIZE",
                    help="peak RSS the run must stay under (e.g. 400MiB): checked by the planner "
                         "before anything heavy loads; a run that does not fit is refused")
@@ -696,19 +736,19 @@ def add_experiment(sub) -> None:
                    help="MC tasks, and/or kv_lookup (long-context, T=2048)")
     p.add_argument("--methods", type=_str_list, default=list(ADAPTERS))
     p.add_argument("--seeds", type=_int_seeds, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch", type=int, default=4, help="batch of the multiple-choice runs")
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=whole(1), default=60)
+    p.add_argument("--batch", type=whole(1), default=4, help="batch of the multiple-choice runs")
+    p.add_argument("--seq", type=whole(1), default=256)
     p.add_argument("--policy", choices=("none", "layer"), default="layer")
-    p.add_argument("--eval-limit", type=int, default=500)
+    p.add_argument("--eval-limit", type=whole(1), default=500)
     p.add_argument("--mmlu", type=_str_list, default=["economics"],
                    help="MMLU groups scored zero- and 5-shot (economics, biology, physics, health, math)")
-    p.add_argument("--longctx-seq", type=int, default=2048, help="length of the kv_lookup probe")
-    p.add_argument("--longctx-train", type=int, default=64, help="kv_lookup training examples")
-    p.add_argument("--longctx-eval", type=int, default=50, help="kv_lookup evaluation examples")
-    p.add_argument("--longctx-batch", type=int, default=1, help="batch of the kv_lookup runs")
+    p.add_argument("--longctx-seq", type=whole(1), default=2048, help="length of the kv_lookup probe")
+    p.add_argument("--longctx-train", type=whole(1), default=64, help="kv_lookup training examples")
+    p.add_argument("--longctx-eval", type=whole(1), default=50, help="kv_lookup evaluation examples")
+    p.add_argument("--longctx-batch", type=whole(1), default=1, help="batch of the kv_lookup runs")
     p.add_argument("--data-dir", default="data")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=whole(1), default=1,
                    help="cells run at once, each in its own process with cores/jobs BLAS threads")
     p.add_argument("--report-only", action="store_true", help="rewrite results.md from finished cells")
     p.set_defaults(func=cmd_experiment)

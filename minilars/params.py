@@ -108,3 +108,14 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32,
 
 def lm_head_name(cfg: ModelConfig) -> str:
     return "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+
+
+def non_finite(arrays: dict) -> list[str]:
+    """Names of the arrays holding a NaN or an Inf (checked a million values at a time,
+    so the check allocates 1 MB, not an array's size)."""
+    bad = []
+    for name, a in arrays.items():
+        flat = np.asarray(a).reshape(-1)
+        if any(not np.isfinite(flat[i:i + (1 << 20)]).all() for i in range(0, flat.size, 1 << 20)):
+            bad.append(name)
+    return bad

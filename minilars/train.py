@@ -40,6 +40,7 @@ from minilars.memory import Ledger, mib, peak_rss_bytes, register_params
 from minilars.model import Model, StepOptions, forward_backward, forward_loss, zero_grads
 from minilars.ops.loss import DEFAULT_CHUNK
 from minilars.optim import AdamW, clip_grad_norm
+from minilars.params import non_finite
 from minilars.runs import (RunError, append_log, clean_leftovers, holds_a_run, latest_checkpoint,
                            read_run_json, run_lock, save_checkpoint_folder, truncate_log,
                            write_run_json)
@@ -210,17 +211,6 @@ def attach_method(model: Model, opts: TrainOptions) -> None:
 
 # ------------------------------------------------------------------ checkpoints
 
-def non_finite(arrays: dict) -> list[str]:
-    """Names of the arrays holding a NaN or an Inf (checked a million values at a time,
-    so the check allocates 1 MB, not an array's size)."""
-    bad = []
-    for name, a in arrays.items():
-        flat = np.asarray(a).reshape(-1)
-        if any(not np.isfinite(flat[i:i + (1 << 20)]).all() for i in range(0, flat.size, 1 << 20)):
-            bad.append(name)
-    return bad
-
-
 def save_checkpoint(run_dir: str, model: Model, opt: AdamW, step: int, losses: list) -> str:
     """Write checkpoints/step-N (minilars.runs: whole or not at all, older ones deleted
     after). Refuses to write a non-finite parameter or optimizer moment. Returns the folder."""
@@ -318,6 +308,9 @@ def _open_run(opts: TrainOptions, resume: bool, log, changes: dict) -> _Run:
                        "or choose another --out")
     model, tok = load_base(opts.model, frozen_dtype=opts.frozen_dtype,
                            expand=opts.method == "full")
+    if opts.seq > model.cfg.max_position_embeddings:
+        raise ValueError(f"--seq {opts.seq} is longer than the model's max_position_embeddings "
+                         f"({model.cfg.max_position_embeddings})")
     attach_method(model, opts)
     examples = encode_rows(tok, training_rows(opts), opts.seq)
     if not examples:
