@@ -37,7 +37,7 @@ from minilars.lab.experiment import CellError, ExperimentOptions, run_experiment
 from minilars.lab.memory_curve import (curve_lengths, format_compare, format_memory_run,
                                        memory_plot, memory_runs, planned_line)
 from minilars.lab.svg import svg_curves
-from minilars.runs import holds_a_run, latest_checkpoint, read_run_json
+from minilars.runs import latest_checkpoint, read_run_json
 from minilars.train import TrainOptions, load_base, resume_options, train
 
 
@@ -163,7 +163,7 @@ def use_threads(setting) -> int:
     when auto took fewer than all cores. Returns the count."""
     n, why = threads.choose_threads(setting or "auto")
     threads.set_threads(n)
-    if n < len(threads.usable_cores()):
+    if setting in (None, "auto") and n < len(threads.usable_cores()):
         print(f"threads: {n} ({why}; --threads N to choose)", file=sys.stderr)
     return n
 
@@ -662,8 +662,6 @@ def cmd_train(args) -> int:
                         mlp_rows=args.mlp_rows, ce_chunk=args.ce_chunk, data_dir=args.data_dir,
                         adapter=adapter_from_args(args, args.method))
     opts.validate()
-    if holds_a_run(opts.out):
-        raise UsageError(f"{opts.out} already holds a run; use --resume {opts.out} or another --out")
     if args.budget:
         opts = fit_budget(opts, parse_size(args.budget), args.budget, args.budget_fit)
     opts.threads = use_threads(args.threads)
@@ -684,13 +682,10 @@ def _resume(args) -> int:
         method = asked.get("method", read_run_json(args.resume).get("method"))
         if method in ADAPTERS:
             asked["adapter"] = adapter_from_args(args, method)
-    opts, changes = resume_options(args.resume, asked)
+    opts = resume_options(args.resume, asked)
     # the recorded thread count keeps a resumed run bit-identical; --threads changes it
-    threads_now = use_threads(threads_asked or opts.threads or "auto")
-    if threads_asked is not None and threads_now != opts.threads:
-        changes["threads"] = [opts.threads, threads_now]
-    opts.threads = threads_now
-    train(opts, resume=True, changes=changes)
+    opts.threads = use_threads(threads_asked or opts.threads or "auto")
+    train(opts, resume=True)
     return 0
 
 
@@ -770,8 +765,6 @@ def cmd_experiment(args) -> int:
                              longctx_train_examples=args.longctx_train,
                              longctx_eval_examples=args.longctx_eval,
                              longctx_batch=args.longctx_batch, jobs=args.jobs)
-    if opts.jobs < 1:
-        raise UsageError(f"--jobs must be at least 1, got {opts.jobs}")
     for t in opts.tasks:
         if t != "kv_lookup" and t not in TASKS:
             raise UsageError(f"unknown task {t!r} in --tasks; expected kv_lookup or one of "

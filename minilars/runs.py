@@ -34,6 +34,8 @@ RUN_JSON = "run.json"
 LOG = "log.jsonl"
 LEGACY_CHECKPOINT = "checkpoint"          # the single folder of minilars before 0.2
 _STEP_FOLDER = re.compile(r"step-(\d+)")
+# the temporaries atomic writes of our files leave when killed (io.atomic: .NAME.*.tmp)
+_OUR_TEMPORARIES = (f".{RUN_JSON}.", ".summary.json.", f".{LEGACY_CHECKPOINT}.")
 
 
 class RunError(ValueError):
@@ -138,16 +140,19 @@ def save_checkpoint_folder(run_dir: str, step: int, write_files) -> str:
 
 
 def clean_leftovers(run_dir: str, keep: str | None) -> list[str]:
-    """Delete every checkpoint folder but `keep`, and the temporaries interrupted saves
-    left (in checkpoints/ and, from older versions, beside checkpoint/). Returns them."""
-    removed = []
+    """Delete every checkpoint folder but `keep` and what interrupted writes left: the
+    temporaries in checkpoints/ and those of our own files in the run folder (.run.json.*,
+    the .checkpoint.* swaps of minilars before 0.2), and the old checkpoint/ folder once
+    a newer checkpoint exists. Returns what was deleted."""
     root = os.path.join(run_dir, CHECKPOINTS)
-    places = [(root, n) for n in (os.listdir(root) if os.path.isdir(root) else [])]
-    places += [(run_dir, n) for n in os.listdir(run_dir) if n.startswith(".checkpoint.")]
-    if keep is not None and _legacy(run_dir) is not None and _legacy(run_dir) != keep:
-        places.append((run_dir, LEGACY_CHECKPOINT))
-    for parent, name in places:
-        path = os.path.join(parent, name)
+    doomed = [os.path.join(root, n) for n in (os.listdir(root) if os.path.isdir(root) else [])]
+    doomed += [os.path.join(run_dir, n) for n in os.listdir(run_dir)
+               if n.startswith(_OUR_TEMPORARIES)]
+    legacy = _legacy(run_dir)
+    if keep is not None and legacy is not None and legacy != keep:
+        doomed.append(legacy)
+    removed = []
+    for path in doomed:
         if keep is not None and os.path.abspath(path) == os.path.abspath(keep):
             continue
         if os.path.isdir(path) and not os.path.islink(path):

@@ -135,10 +135,8 @@ RESUME_MAY_CHANGE = ("steps", "lr", "warmup", "clip", "weight_decay", "save_ever
 PATH_OPTIONS = ("model", "data", "data_dir", "scratch_dir")
 
 
-def resume_options(run_dir: str, asked: dict) -> tuple[TrainOptions, dict]:
-    """(options, changes) of the run in run_dir with `asked` ({option: value} given on the
-    command line) applied: changes {option: [old, new]} of RESUME_MAY_CHANGE. Any other
-    option that differs from the run's is refused (RunError naming each)."""
+def run_options(run_dir: str) -> TrainOptions:
+    """The options run.json of run_dir records (a damaged file names itself)."""
     saved = read_run_json(run_dir)
     try:
         opts = TrainOptions(**saved)
@@ -146,21 +144,34 @@ def resume_options(run_dir: str, asked: dict) -> tuple[TrainOptions, dict]:
         raise RunError(f"{os.path.join(run_dir, 'run.json')}: not the options of a minilars "
                        f"run ({e})") from None
     opts.out = run_dir
+    return opts
 
-    def same(name, value):
-        old = getattr(opts, name)
-        if name in PATH_OPTIONS and old is not None and value is not None:
-            return os.path.abspath(old) == os.path.abspath(value)
-        return old == value
 
-    fixed = [f"--{k.replace('_', '-')} {v!r} (the run has {getattr(opts, k)!r})"
-             for k, v in asked.items() if k not in RESUME_MAY_CHANGE and not same(k, v)]
+def changes_on_resume(run: TrainOptions, opts: TrainOptions) -> dict:
+    """{option: [the run's, opts's]} of the options that differ, all of RESUME_MAY_CHANGE;
+    any other difference is refused (RunError naming each)."""
+    def same(name):
+        old, new = getattr(run, name), getattr(opts, name)
+        if name in PATH_OPTIONS and old is not None and new is not None:
+            return os.path.abspath(old) == os.path.abspath(new)
+        return old == new
+
+    names = [f.name for f in dataclasses.fields(TrainOptions) if f.name not in ("out", "resumes")]
+    fixed = [f"--{k.replace('_', '-')} {getattr(opts, k)!r} (the run has {getattr(run, k)!r})"
+             for k in names if k not in RESUME_MAY_CHANGE and not same(k)]
     if fixed:
-        raise RunError(f"--resume {run_dir}: these cannot change on resume: "
+        raise RunError(f"--resume {run.out}: these cannot change on resume: "
                        f"{'; '.join(fixed)}. Start a new run (another --out) to change them")
-    changes = {k: [getattr(opts, k), v] for k, v in asked.items()
-               if k in RESUME_MAY_CHANGE and not same(k, v)}
-    return replace(opts, **{k: new for k, (_, new) in changes.items()}), changes
+    return {k: [getattr(run, k), getattr(opts, k)] for k in names if not same(k)}
+
+
+def resume_options(run_dir: str, asked: dict) -> TrainOptions:
+    """The options of the run in run_dir with `asked` ({option: value}, e.g. those given on
+    the command line) applied; refuses (RunError) any that may not change on resume."""
+    run = run_options(run_dir)
+    opts = replace(run, **asked)
+    changes_on_resume(run, opts)
+    return opts
 
 
 def learning_rate(opts: TrainOptions, step: int) -> float:
@@ -300,12 +311,15 @@ class _Run:
     checkpoint: str | None = None          # the newest checkpoint folder (always finite)
 
 
-def _open_run(opts: TrainOptions, resume: bool, log, changes: dict) -> _Run:
+def _open_run(opts: TrainOptions, resume: bool, log) -> _Run:
     """Load the model and data, attach the method, build gradients and the optimizer, and
-    start RUN_DIR (or continue it from its newest checkpoint, recording `changes`)."""
-    if not resume and holds_a_run(opts.out):
-        raise RunError(f"{opts.out} already holds a run; continue it with --resume {opts.out} "
-                       "or choose another --out")
+    start RUN_DIR (or continue it from its newest checkpoint, recording in run.json what
+    opts change of its options)."""
+    if not resume:
+        if holds_a_run(opts.out):
+            raise RunError(f"{opts.out} already holds a run; continue it with --resume "
+                           f"{opts.out} or choose another --out")
+        clean_leftovers(opts.out, keep=None)    # what a start killed before run.json left
     model, tok = load_base(opts.model, frozen_dtype=opts.frozen_dtype,
                            expand=opts.method == "full")
     if opts.seq > model.cfg.max_position_embeddings:
@@ -323,6 +337,7 @@ def _open_run(opts: TrainOptions, resume: bool, log, changes: dict) -> _Run:
                tok.eos_id if tok.eos_id is not None else 0, ledger, grads,
                AdamW(lr=opts.lr, weight_decay=opts.weight_decay))
     if resume:
+        changes = changes_on_resume(run_options(opts.out), opts)
         run.checkpoint = latest_checkpoint(opts.out)
         for path in clean_leftovers(opts.out, keep=run.checkpoint):
             log(f"removed {path} (left by an interrupted save)")
@@ -378,7 +393,8 @@ def _train_step(run: _Run, step: int) -> dict:
     if not (math.isfinite(loss) and math.isfinite(norm)):
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
         raise NonFiniteLoss(_stop_message(run, step, what))
-    run.opt.step(run.model.params, grads, lr=lr)
+    with np.errstate(over="ignore", invalid="ignore"):     # checked right below, by name
+        run.opt.step(run.model.params, grads, lr=lr)
     bad = non_finite({name: run.model.params[name] for name in grads})
     if bad:
         raise NonFiniteLoss(_stop_message(
@@ -390,18 +406,18 @@ def _train_step(run: _Run, step: int) -> dict:
             "ledger_peak_mib": mib(run.ledger.peak_total), "rss_peak_mib": mib(peak_rss_bytes())}
 
 
-def train(opts: TrainOptions, resume: bool = False, log=print, changes: dict | None = None) -> dict:
-    """Run (or continue) a training run in opts.out, holding its lock throughout; returns
-    a summary dict. `changes` are the options a resume changed (resume_options)."""
+def train(opts: TrainOptions, resume: bool = False, log=print) -> dict:
+    """Run (or continue: resume=True, with opts from resume_options) a training run in
+    opts.out, holding its lock throughout; returns a summary dict."""
     opts.validate()
     if opts.threads:
         set_threads(opts.threads)
     with run_lock(opts.out):
-        return _train_locked(opts, resume, log, changes or {})
+        return _train_locked(opts, resume, log)
 
 
-def _train_locked(opts: TrainOptions, resume: bool, log, changes: dict) -> dict:
-    run = _open_run(opts, resume, log, changes)
+def _train_locked(opts: TrainOptions, resume: bool, log) -> dict:
+    run = _open_run(opts, resume, log)
     model = run.model
     report = trainable_report(model) if model.adapter is not None else {
         "trainable": model.base_param_count(), "base": model.base_param_count(), "percent": 100.0}

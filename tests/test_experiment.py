@@ -103,13 +103,17 @@ def test_a_failed_parallel_cell_is_named_and_the_others_are_kept(tmp_path, tiny,
     ("--tasks", "arc_easy,arc_eazy", "unknown task 'arc_eazy' in --tasks"),
     ("--mmlu", "economy", "unknown MMLU group 'economy' in --mmlu"),
     ("--methods", "lars,lorra", "unknown method 'lorra' in --methods"),
-    ("--jobs", "0", "--jobs must be at least 1"),
+    ("--jobs", "0", "--jobs: must be >= 1, got 0"),
 ])
 def test_experiment_arguments_are_checked_before_any_cell_runs(tmp_path, capsys, flag, value,
                                                                message):
     out = tmp_path / "exp"
     args = ["experiment", "--model", str(tmp_path / "no-model"), "--out", str(out), flag, value]
-    assert main(args) == 2
+    try:
+        code = main(args)
+    except SystemExit as e:                       # refused by argparse itself
+        code = e.code
+    assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
 

@@ -134,7 +134,7 @@ def test_train_cli_errors_are_clear(folder, tmp_path, capsys):
     assert main(["train", "--model", folder, "--method", "lora", "--out", str(tmp_path / "r")]) != 0
     assert "exactly one of --task" in capsys.readouterr().err
     assert main(["train", "--model", folder, "--data", str(tmp_path / "missing.jsonl"),
-                 "--out", str(tmp_path / "r2")]) != 0
+                 "--seq", "32", "--out", str(tmp_path / "r2")]) != 0
     assert "missing.jsonl" in capsys.readouterr().err
 
 
