@@ -10,8 +10,8 @@
 #
 # Needs root, network access to a Debian mirror and PyPI, and on the host:
 #   apt-get install qemu-user-static debootstrap binfmt-support
-# The root is built once (debootstrap, about 5 minutes) and reused; the repository is
-# copied in fresh each time (git ls-files: what a clone holds). Everything runs under
+# The root is built once (debootstrap, about 5 minutes) and reused; the repository's
+# committed HEAD is copied in fresh each time (git archive: what a clone holds). Everything runs under
 # emulation, so times are many times a real Pi's. Not part of .ci/run: the suite alone
 # takes about half an hour here.
 set -euo pipefail
@@ -51,7 +51,7 @@ ca=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
 [ -f "$ca" ] && cp "$ca" "$root/etc/ssl/certs/host-ca-bundle.crt"
 
 rm -rf "$root/minilars" && mkdir -p "$root/minilars"
-(cd "$repo" && git ls-files -z | xargs -0 cp --parents -t "$root/minilars")
+(cd "$repo" && git archive HEAD) | tar -x -C "$root/minilars"
 
 inside() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 \
            PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt SSL_CERT_FILE=/etc/ssl/certs/host-ca-bundle.crt \
