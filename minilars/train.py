@@ -364,8 +364,8 @@ def _stop_message(run: _Run, step: int, what: str) -> str:
     where = (f"The last checkpoint, step {_step_of(run)} in {run.checkpoint}, is finite"
              if run.checkpoint else "No checkpoint was written yet; --resume starts from step 0")
     return (f"step {step + 1}: {what}; stopping before anything is saved. {where}. Resume "
-            f"with a lower learning rate: --resume {run.opts.out} --lr {run.opts.lr / 10:g} "
-            "(or check the data)")
+            f"with a lower learning rate (this run's --lr is {run.opts.lr:g}): "
+            f"--resume {run.opts.out} --lr SMALLER (or check the data)")
 
 
 def _step_of(run: _Run) -> int:
