@@ -436,8 +436,8 @@ def add_bench(sub) -> None:
 def cmd_bench(args) -> int:
     if args.bench_command in ("kernels", "step"):
         use_threads(args.threads)
-        for line in threads.describe() + [f"warning: {w}" for w in threads.conflicts()]:
-            print(line)
+    for line in threads.describe() + [f"warning: {w}" for w in threads.conflicts()]:
+        print(line)                                 # every figure says what computed it
     if args.bench_command == "kernels":
         print(bench.format_kernel_table(bench.bench_kernels(seq=args.seq)))
     elif args.bench_command == "plan":
