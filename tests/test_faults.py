@@ -24,7 +24,6 @@ from minilars import kernels, threads
 from minilars.cli import main
 from minilars.runs import RunError, latest_checkpoint, run_lock
 from minilars.train import NonFiniteLoss, TrainOptions, resume_options, train
-from tiny_folder import make_tiny_folder
 
 STEPS, SAVE_EVERY = 4, 2
 KILLED = 0x4B
@@ -40,20 +39,6 @@ def numpy_path_one_thread():
     with kernels.use_c(False):
         yield
     threads.set_threads(before)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_tiny_folder(str(tmp_path_factory.mktemp("tiny") / "m"))
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "d.jsonl"
-    rows = [{"text": f"the {w} fox jumps over the lazy dog number {i}"}
-            for i, w in enumerate(["quick", "slow", "red", "blue", "old", "young"])]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def options(folder, data_file, out, **kw):

@@ -15,21 +15,6 @@ from minilars.train import NonFiniteLoss, TrainOptions, learning_rate, train
 from tiny_folder import make_tiny_folder
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_tiny_folder(str(tmp_path_factory.mktemp("tiny") / "model"))
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
-    rows = [{"prompt": f"Question: is {w} a word?\nAnswer:", "completion": " yes"}
-            for w in ("reckless", "spirit", "school", "week", "child", "story")]
-    rows += [{"text": "I inherited from my parents a reckless spirit."}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 def test_completion_only_loss_masks_exactly_the_prompt(folder):
     tok = Tokenizer.from_folder(folder)
     ex = encode_prompt_completion(tok, "Question: yes or no?\nAnswer:", " yes", seq=64)
