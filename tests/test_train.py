@@ -12,7 +12,6 @@ from minilars.io.tokenizer import Tokenizer
 from minilars.ops.loss import IGNORE
 from minilars.runs import latest_checkpoint
 from minilars.train import NonFiniteLoss, TrainOptions, learning_rate, train
-from tiny_folder import make_tiny_folder
 
 
 def test_completion_only_loss_masks_exactly_the_prompt(folder):
