@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -16,6 +17,64 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
 class ConfigError(ValueError):
     """A config.json (or a named config) that minilars cannot build a model from."""
+
+
+# ----------------------------------------------------------------------------------------
+# strict JSON: the one parser every reader of a user's JSON file goes through
+# ----------------------------------------------------------------------------------------
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        keys = [k for k, _ in pairs]
+        raise _DuplicateKey(next(k for k in obj if keys.count(k) > 1))
+    return obj
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def parse_json(text, source: str, error: type = ConfigError):
+    """A JSON document (bytes or str), parsed strictly: UTF-8, no key twice in one object,
+    no NaN or Infinity (not JSON), no nesting deeper than Python follows. Anything else
+    raises `error` (a ValueError class) naming `source` (a file, or file:line)."""
+    try:
+        if isinstance(text, (bytes, bytearray)):
+            text = text.decode("utf-8")
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except UnicodeDecodeError as e:
+        raise error(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except _DuplicateKey as e:
+        raise error(f"{source}: key {e.args[0]!r} appears twice in one object; expected "
+                    f"each key once") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{source}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:    # NaN, a 5000-digit number, [[[[...]]]]
+        raise error(f"{source}: not valid JSON ({type(e).__name__}: {e})") from None
+
+
+def shown(value, limit: int = 80) -> str:
+    """repr of a value found in a file, cut to `limit` characters, for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def read_json_file(path: str, error: type = ConfigError, missing: str = "file not found"):
+    """parse_json of a file's bytes; a missing file raises `error` saying `missing`, an
+    unreadable one (a folder, no permission) `error` with the OS's reason."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    return parse_json(raw, path, error)
 
 
 @dataclass(frozen=True)
@@ -56,8 +115,10 @@ class ModelConfig:
                 f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
-            raise ConfigError("rope_theta and rms_norm_eps must be positive")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
 
     # derived sizes, named as in the shape comments
     @property
@@ -81,68 +142,71 @@ class ModelConfig:
     # ---- reading and writing config.json ----
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "ModelConfig":
+        """From a config.json's object. Every field minilars reads is checked for its type
+        (an integer is an integer: not 2.5, "3" or true); errors name `source` and the field."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object of model settings, found "
+                              f"{type(d).__name__}")
         archs = d.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ConfigError(f"{source}: field 'architectures' is {shown(archs)}; expected a list "
+                              f"of architecture names")
         if not archs:
             mt = d.get("model_type")
+            if not isinstance(mt, (str, type(None))):
+                raise ConfigError(f"{source}: field 'model_type' is {shown(mt)}; expected a name")
             archs = {"llama": ["LlamaForCausalLM"], "qwen2": ["Qwen2ForCausalLM"]}.get(mt, [mt])
         arch = archs[0]
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ConfigError(f"{source}: unsupported architecture {arch!r}; minilars supports "
+            raise ConfigError(f"{source}: unsupported architecture {shown(arch)}; minilars supports "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-        try:
-            C = int(d["hidden_size"])
-            nh = int(d["num_attention_heads"])
-            hd = d.get("head_dim") or (C // nh)
-            if not d.get("head_dim") and C % nh:
+
+        def field(key, kind, default=_REQUIRED):
+            return _checked_field(d, key, kind, source, default)
+
+        C, nh = field("hidden_size", "int"), field("num_attention_heads", "int")
+        hd = field("head_dim", "int", None)
+        if not hd:
+            if nh > 0 and C % nh:
                 raise ConfigError(f"{source}: hidden_size {C} is not divisible by "
                                   f"num_attention_heads {nh} and no head_dim is given")
-            rope_scaling = d.get("rope_scaling")
-            if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
-                raise ConfigError(f"{source}: rope_scaling {rope_scaling} is not supported")
-            eos = d.get("eos_token_id")
-            if isinstance(eos, list):
-                eos = eos[0] if eos else None
-            return cls(
-                architecture=arch,
-                vocab_size=int(d["vocab_size"]),
-                hidden_size=C,
-                intermediate_size=int(d["intermediate_size"]),
-                num_hidden_layers=int(d["num_hidden_layers"]),
-                num_attention_heads=nh,
-                num_key_value_heads=int(d.get("num_key_value_heads") or nh),
-                head_dim=int(hd),
-                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-                rope_theta=float(d.get("rope_theta", 10000.0)),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                attention_bias=bool(d.get("attention_bias", arch == "Qwen2ForCausalLM")),
-                bos_token_id=d.get("bos_token_id"),
-                eos_token_id=eos,
-            )
-        except KeyError as e:
-            raise ConfigError(f"{source}: missing required field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            if isinstance(e, ConfigError):
-                raise
-            bad = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads", "num_key_value_heads", "head_dim",
-                               "max_position_embeddings", "rope_theta", "rms_norm_eps")
-                   if k in d and not _is_number(d[k])]
-            where = f"field {bad[0]!r} = {d[bad[0]]!r} is not a number" if bad else str(e)
-            raise ConfigError(f"{source}: {where}") from None
+            hd = C // nh if nh > 0 else 0
+        rope_scaling = d.get("rope_scaling")
+        if rope_scaling is not None and not isinstance(rope_scaling, dict):
+            raise ConfigError(f"{source}: field 'rope_scaling' is {rope_scaling!r}; expected "
+                              f"an object or null")
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
+            raise ConfigError(f"{source}: rope_scaling {shown(rope_scaling)} is not supported")
+        eos = d.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        settings = dict(
+            architecture=arch,
+            vocab_size=field("vocab_size", "int"),
+            hidden_size=C,
+            intermediate_size=field("intermediate_size", "int"),
+            num_hidden_layers=field("num_hidden_layers", "int"),
+            num_attention_heads=nh,
+            num_key_value_heads=field("num_key_value_heads", "int", None) or nh,
+            head_dim=hd,
+            max_position_embeddings=field("max_position_embeddings", "int", 2048),
+            rope_theta=field("rope_theta", "float", 10000.0),
+            rms_norm_eps=field("rms_norm_eps", "float", 1e-6),
+            tie_word_embeddings=field("tie_word_embeddings", "bool", False),
+            attention_bias=field("attention_bias", "bool", arch == "Qwen2ForCausalLM"),
+            bos_token_id=field("bos_token_id", "token id", None),
+            eos_token_id=_checked_field({"eos_token_id": eos}, "eos_token_id", "token id",
+                                        source, None))
+        try:
+            return cls(**settings)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_json(cls, path: str) -> "ModelConfig":
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no config.json found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, source=path)
+        return cls.from_dict(read_json_file(path, ConfigError, "no config.json found"), source=path)
 
     def to_dict(self) -> dict:
         model_type = "qwen2" if self.architecture == "Qwen2ForCausalLM" else "llama"
@@ -176,8 +240,27 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+_REQUIRED = object()
+_KINDS = {"int": "an integer", "float": "a finite number", "bool": "true or false",
+          "token id": "a token id (an integer >= 0) or null"}
+
+
+def _checked_field(d: dict, key: str, kind: str, source: str, default=_REQUIRED):
+    """d[key] of a config.json, of `kind` ("int", "float", "bool", "token id"); a missing
+    key (or a null) gives `default`, or a ConfigError when the field is required."""
+    value = d.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"{source}: missing required field {key!r}")
+        return default
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {"int": isinstance(value, int) and number,
+          "float": number and math.isfinite(value),
+          "bool": isinstance(value, bool),
+          "token id": isinstance(value, int) and number and value >= 0}[kind]
+    if not ok:
+        raise ConfigError(f"{source}: field {key!r} is {shown(value)}; expected {_KINDS[kind]}")
+    return float(value) if kind == "float" else value
 
 
 # Built-in named configs: `tiny` for tests, `smollm2-135m` for memory curves without weights.
