@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from minilars import quant
 from minilars.config import ModelConfig
-from minilars.frozen import freeze_named
+from minilars.frozen import Packed, bf16_values, freeze_named
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -110,12 +111,30 @@ def lm_head_name(cfg: ModelConfig) -> str:
     return "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
 
 
+FINITE_CHUNK = 1 << 20       # values non_finite checks at once
+
+
 def non_finite(arrays: dict) -> list[str]:
     """Names of the arrays holding a NaN or an Inf (checked a million values at a time,
-    so the check allocates 1 MB, not an array's size)."""
-    bad = []
-    for name, a in arrays.items():
+    so the check allocates a few MB, not an array's size). A Packed matrix is checked in
+    the floats it stores: its bfloat16 values, or its blocks' float16 scales (and Q4_1
+    mins), which are finite exactly when every weight they give is."""
+    return [name for name, a in arrays.items()
+            if any(not np.isfinite(chunk).all() for chunk in _float_chunks(a))]
+
+
+def _float_chunks(a):
+    """The floats a parameter stores, FINITE_CHUNK values at a time."""
+    if isinstance(a, Packed) and a.format == "bf16":
+        bits = a.data.reshape(-1)
+        for i in range(0, bits.size, FINITE_CHUNK):
+            yield bf16_values(bits[i:i + FINITE_CHUNK])
+    elif isinstance(a, Packed):
+        blocks = a.data.reshape(-1, quant.BLOCK_BYTES[a.format])
+        floats = 2 if a.format == "q4_1" else 1          # d (and m), float16 at each block's start
+        for i in range(0, blocks.shape[0], FINITE_CHUNK // floats):
+            yield np.ascontiguousarray(blocks[i:i + FINITE_CHUNK // floats, :2 * floats]).view(np.float16)
+    else:
         flat = np.asarray(a).reshape(-1)
-        if any(not np.isfinite(flat[i:i + (1 << 20)]).all() for i in range(0, flat.size, 1 << 20)):
-            bad.append(name)
-    return bad
+        for i in range(0, flat.size, FINITE_CHUNK):
+            yield flat[i:i + FINITE_CHUNK]

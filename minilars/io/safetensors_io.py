@@ -11,29 +11,30 @@ A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
 {name: {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, "__metadata__": {..}},
 then the raw little-endian tensor bytes, offsets counted from the end of the header.
 
-We parse and check the header ourselves (so that a truncated or corrupt file names the
-file and the tensor), then read tensors memory-mapped: F32/F16/F64 through
-`safetensors.safe_open(..., framework="numpy")`, BF16 through np.memmap as uint16,
-because NumPy has no bfloat16 dtype and safetensors' numpy framework refuses it
-(TypeError: data type 'bfloat16' not understood). A bfloat16 is the upper half of a
-float32, so `(u16.astype(uint32) << 16).view(float32)` converts it exactly.
+We parse and check the header ourselves, in one place (read_safetensors_header: every
+path that reads a safetensors file goes through it), so that a truncated, corrupt or
+hostile file names the file and the tensor before anything is allocated; then each
+tensor is copied out of a short-lived np.memmap. BF16 is mapped as uint16, because NumPy
+has no bfloat16 dtype; a bfloat16 is the upper half of a float32, so
+`(u16.astype(uint32) << 16).view(float32)` converts it exactly. Weights that hold a NaN
+or an Inf are refused at load, naming the tensor.
 
 Writes are atomic: temp file in the same directory, fsync, os.replace.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 
 import numpy as np
-from safetensors import safe_open
 
-from minilars.config import ModelConfig
-from minilars.frozen import freeze
+from minilars.config import ModelConfig, parse_json, read_json_file, shown
+from minilars.frozen import bf16_values, freeze
 from minilars.io.atomic import atomic_dir, atomic_path, write_text
 from minilars.quant import QuantError
-from minilars.params import config_mismatch, param_shapes
+from minilars.params import config_mismatch, non_finite, param_shapes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -49,6 +50,7 @@ STORED_DTYPES = {
 NUMPY_TO_STORED = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32",
                    np.dtype(np.float16): "F16"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024   # the reference implementation's own limit
+MAX_DIMS = 64                          # NumPy's (2.x) limit; each dimension below 2^63
 
 # buffers some checkpoints carry that are not parameters: skipped silently
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -118,12 +120,19 @@ def save_safetensors_atomic(path: str, tensors: dict[str, np.ndarray],
 
 
 def read_safetensors_header(path: str) -> tuple[dict[str, dict], dict[str, str], int]:
-    """Parses and checks a safetensors header without reading tensor data.
+    """Parses and checks a safetensors header without reading tensor data: the one
+    validation every reader of a safetensors file goes through.
 
     Returns (entries, metadata, data_start): entries[name] = {"dtype", "shape", "begin",
     "end"} with offsets relative to data_start, the byte where tensor data begins.
-    Raises CheckpointError for a truncated file, a bad header, an unknown dtype, or a
-    tensor whose bytes do not match its shape or lie past the end of the file."""
+    Raises CheckpointError, naming the file and tensor, for a truncated file; a header
+    that is not strict JSON (not UTF-8, a key twice) or not an object; `__metadata__`
+    that is not an object of strings; an unknown dtype; a shape or offset that is not a
+    non-negative integer (2.5, "3" and true are refused); bytes that do not match the
+    shape; and a data buffer that the tensors do not index exactly, as the safetensors
+    format requires: in offset order each tensor begins where the previous one ended,
+    and the last ends at the end of the file (no overlaps, aliases, holes or trailing
+    bytes)."""
     try:
         file_size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -138,61 +147,99 @@ def read_safetensors_header(path: str) -> tuple[dict[str, dict], dict[str, str],
             raw = f.read(header_len)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    header = parse_json(raw, f"{path}: header", CheckpointError)
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+        raise CheckpointError(f"{path}: header is a JSON {type(header).__name__}; expected "
+                              f"an object of tensor name -> entry")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{path}: __metadata__ is {shown(metadata)}; expected an "
+                              f"object of string -> string")
     data_start = 8 + header_len
-    data_size = file_size - data_start
-    entries = {}
-    for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
-            shape = tuple(int(s) for s in shape)
-            begin, end = int(begin), int(end)
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry "
-                                  f"{info!r}; expected dtype, shape and data_offsets") from None
-        if dtype not in STORED_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} is stored as {dtype}; minilars "
-                                  f"reads {', '.join(STORED_DTYPES)}")
-        if any(s < 0 for s in shape) or begin < 0 or end < begin:
-            raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape} "
-                                  f"or offsets [{begin}, {end}]")
-        expected = int(np.prod(shape, dtype=np.int64)) * STORED_DTYPES[dtype][1]
-        if end - begin != expected:
-            raise CheckpointError(f"{path}: tensor {name!r} declares {end - begin} bytes but "
-                                  f"its shape {shape} of {dtype} needs {expected}")
-        if end > data_size:
-            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {end} of the data but "
-                                  f"the file holds only {data_size} data bytes (truncated)")
-        entries[name] = {"dtype": dtype, "shape": shape, "begin": begin, "end": end}
+    entries = {name: _checked_entry(path, name, info) for name, info in header.items()}
+    _check_coverage(path, entries, file_size - data_start)
     return entries, metadata, data_start
 
 
-def _read_tensor(path: str, name: str, entry: dict, data_start: int, handle) -> np.ndarray:
-    """One tensor as a NumPy array: BF16 becomes float32, others keep their stored dtype."""
-    shape = entry["shape"]
-    if entry["dtype"] == "BF16":
-        bits = np.memmap(path, dtype="<u2", mode="r", offset=data_start + entry["begin"],
-                         shape=shape) if entry["end"] > entry["begin"] else np.zeros(shape, "<u2")
-        return (bits.astype(np.uint32) << 16).view(np.float32)
-    return handle.get_tensor(name)
+def _is_file_name(value) -> bool:
+    """A non-empty string the OS can take as a path (no NUL, no lone surrogate)."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        return False
+    try:
+        os.fsencode(value)
+    except UnicodeError:
+        return False
+    return True
 
 
-def _copy_tensor(path: str, entry: dict, data_start: int, dtype) -> np.ndarray:
-    """One tensor read through a short-lived memory map into a new array of `dtype`."""
+def _is_count(value) -> bool:
+    """A non-negative JSON integer (bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _checked_entry(path: str, name: str, info) -> dict:
+    """One header entry as {"dtype", "shape", "begin", "end"}, each field checked."""
+    if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= set(info)):
+        raise CheckpointError(f"{path}: tensor {name!r} has the header entry {shown(info)}; "
+                              f"expected an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in STORED_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} is stored as {str(dtype)[:40]}; "
+                              f"minilars reads {', '.join(STORED_DTYPES)}")
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
+            and all(_is_count(s) and s < 2 ** 63 for s in shape)):
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {shown(shape)}; expected "
+                              f"a list of at most {MAX_DIMS} non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+            and offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{path}: tensor {name!r} has data_offsets {shown(offsets)}; "
+                              f"expected [begin, end], integers with 0 <= begin <= end")
+    begin, end = offsets
+    expected = math.prod(shape) * STORED_DTYPES[dtype][1]
+    if end - begin != expected:
+        raise CheckpointError(f"{path}: tensor {name!r} declares {end - begin} bytes but "
+                              f"its shape {tuple(shape)} of {dtype} needs {expected}")
+    return {"dtype": dtype, "shape": tuple(shape), "begin": begin, "end": end}
+
+
+def _check_coverage(path: str, entries: dict, data_size: int) -> None:
+    """The tensors, in offset order, must tile the data buffer exactly."""
+    at, previous = 0, None
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1]["begin"], item[1]["end"])):
+        begin, end = entry["begin"], entry["end"]
+        if end > data_size:
+            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {end} of the data but "
+                                  f"the file holds only {data_size} data bytes (truncated)")
+        if begin < at:
+            raise CheckpointError(f"{path}: tensor {name!r} (bytes [{begin}, {end}]) overlaps "
+                                  f"tensor {previous!r}, which ends at byte {at}; expected "
+                                  f"each tensor in bytes of its own")
+        if begin > at:
+            raise CheckpointError(f"{path}: a hole of {begin - at} bytes before tensor "
+                                  f"{name!r} (data bytes [{at}, {begin}] belong to no tensor); "
+                                  f"expected the tensors to cover the data buffer")
+        at, previous = end, name
+    if at != data_size:
+        raise CheckpointError(f"{path}: {data_size - at} bytes after the last tensor belong "
+                              f"to no tensor; expected the tensors to end at the end of the file")
+
+
+def _copy_tensor(path: str, entry: dict, data_start: int, dtype=None) -> np.ndarray:
+    """One tensor read through a short-lived memory map into a new array of `dtype`
+    (None: its stored dtype, float32 for BF16, which is exact)."""
     shape = tuple(entry["shape"])
     stored = "<u2" if entry["dtype"] == "BF16" else np.dtype(STORED_DTYPES[entry["dtype"]][0]).newbyteorder("<")
+    if dtype is None:
+        dtype = np.float32 if entry["dtype"] == "BF16" else STORED_DTYPES[entry["dtype"]][0]
     out = np.empty(shape, dtype=dtype)
     if out.size == 0:
         return out
     mapped = np.memmap(path, dtype=stored, mode="r", offset=data_start + entry["begin"], shape=shape)
     if entry["dtype"] == "BF16":
-        out[...] = (mapped.astype(np.uint32) << 16).view(np.float32)
+        out[...] = bf16_values(mapped)
     else:
         out[...] = mapped
     del mapped
@@ -205,17 +252,19 @@ def load_safetensors(path: str, names=None) -> dict[str, np.ndarray]:
     entries, _, data_start = read_safetensors_header(path)
     wanted = list(entries) if names is None else list(names)
     out = {}
-    try:
-        with safe_open(path, framework="numpy") as handle:
-            for name in wanted:
-                if name not in entries:
-                    raise CheckpointError(f"{path}: no tensor named {name!r}")
-                out[name] = _read_tensor(path, name, entries[name], data_start, handle)
-    except CheckpointError:
-        raise
-    except Exception as e:   # safetensors' own checks (SafetensorError) or OS errors
-        raise CheckpointError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from None
+    for name in wanted:
+        if name not in entries:
+            raise CheckpointError(f"{path}: no tensor named {name!r}")
+        out[name] = _read_checked(path, name, entries[name], data_start)
     return out
+
+
+def _read_checked(path: str, name: str, entry: dict, data_start: int, dtype=None) -> np.ndarray:
+    """_copy_tensor, with an OS failure (the file changed, a read error) named."""
+    try:
+        return _copy_tensor(path, entry, data_start, dtype)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read tensor {name!r} ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -223,24 +272,47 @@ def load_safetensors(path: str, names=None) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------
 
 def _weight_files(folder: str) -> dict[str, list[str]]:
-    """{file path: [tensor names the index assigns to it]} ([] = whatever the file holds)."""
+    """{file path: [tensor names the index assigns to it]} ([] = whatever the file holds).
+    The index must be a JSON object whose weight_map maps tensor names to shard files
+    inside `folder` (no absolute paths, no '..', no symlink that leads out of it)."""
     index_path = os.path.join(folder, INDEX_FILE)
     single_path = os.path.join(folder, SINGLE_FILE)
     if os.path.exists(single_path):     # as transformers: the single file wins over an index
         return {single_path: []}
-    if os.path.exists(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (json.JSONDecodeError, KeyError, AssertionError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{index_path}: expected JSON with a 'weight_map' object "
-                                  f"of tensor name -> shard file ({e})") from None
-        files: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            files.setdefault(os.path.join(folder, shard), []).append(name)
-        return files
-    raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} found")
+    if not os.path.exists(index_path):
+        raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} found")
+    index = read_json_file(index_path, CheckpointError)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: expected a JSON object with a 'weight_map' object "
+                              f"of tensor name -> shard file, found {shown(index)}")
+    root = os.path.realpath(folder)
+    files: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        if not _is_file_name(shard):
+            raise CheckpointError(f"{index_path}: weight_map maps {name!r} to {shown(shard)}; "
+                                  f"expected the name of a shard file")
+        path = os.path.join(folder, shard)
+        parts = shard.replace("\\", "/").split("/")
+        if (os.path.isabs(shard) or ".." in parts
+                or os.path.commonpath([root, os.path.realpath(path)]) != root):
+            raise CheckpointError(f"{index_path}: weight_map maps {name!r} to {shard!r}, outside "
+                                  f"the model folder; expected a shard file in {folder}")
+        files.setdefault(path, []).append(name)
+    return files
+
+
+def file_mismatch(cfg: ModelConfig, shapes: dict) -> tuple[str, str] | None:
+    """config_mismatch of the tensors a file holds (name -> shape) against the config that
+    came with them, safe for a damaged config: one that claims more layers than the file
+    has tensors (each layer has at least nine) is refused by counting, before a name table
+    of every tensor it implies is built (2 million claimed layers would take seconds and
+    hundreds of MB for a file of kilobytes)."""
+    if cfg.num_hidden_layers > len(shapes):
+        last = f"model.layers.{cfg.num_hidden_layers - 1}.input_layernorm.weight"
+        return (f"the config implies {cfg.num_hidden_layers} layers but only {len(shapes)} "
+                f"tensors were found, so tensors such as {last!r} are missing"), last
+    return config_mismatch(cfg, shapes)
 
 
 def load_model(folder: str, dtype=np.float32, frozen_dtype: str | None = None
@@ -278,7 +350,7 @@ def load_model(folder: str, dtype=np.float32, frozen_dtype: str | None = None
     if skipped:
         warnings.warn(f"{folder}: ignoring {len(skipped)} tensor(s): {'; '.join(skipped[:3])}"
                       f"{' ...' if len(skipped) > 3 else ''}", CheckpointWarning, stacklevel=2)
-    problem = config_mismatch(cfg, {n: entry["shape"] for n, (_, entry, _) in located.items()})
+    problem = file_mismatch(cfg, {n: entry["shape"] for n, (_, entry, _) in located.items()})
     if problem:
         message, name = problem
         where = located[name][0] if name in located else folder
@@ -291,17 +363,24 @@ def load_model(folder: str, dtype=np.float32, frozen_dtype: str | None = None
         path, entry, data_start = located[name]
         narrow = frozen_dtype is not None and len(entry["shape"]) == 2
         target = np.float16 if narrow and frozen_dtype == "float16" else dtype
-        try:
-            params[name] = _copy_tensor(path, entry, data_start, target)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({type(e).__name__}: {e})") from None
+        params[name] = _read_checked(path, name, entry, data_start, target)
+        _refuse_non_finite(path, name, entry, params[name], np.dtype(target).name)
         if narrow and frozen_dtype != "float16":
             try:
                 params[name] = freeze(params[name], frozen_dtype)
             except QuantError as e:
                 raise CheckpointError(f"{path}: tensor {name!r} cannot be held as "
                                       f"{frozen_dtype}: {e}") from None
+            _refuse_non_finite(path, name, entry, params[name], frozen_dtype)
     return cfg, params
+
+
+def _refuse_non_finite(path: str, name: str, entry: dict, value, held: str) -> None:
+    """A weight with a NaN or an Inf (stored, or from a conversion beyond the held form's
+    range) would make every output NaN: refused at load, by name."""
+    if non_finite({name: value}):
+        raise CheckpointError(f"{path}: tensor {name!r} holds NaN or Inf values (stored as "
+                              f"{entry['dtype']}, held as {held}); expected finite weights")
 
 
 def save_model(folder: str, cfg: ModelConfig, params: dict[str, np.ndarray],

@@ -2,12 +2,13 @@
 kind of malformed input, each checking that its own specific error is raised."""
 import json
 import os
+import tracemalloc
 
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from minilars.config import named_config
+from minilars.config import ConfigError, named_config
 from minilars.io import safetensors_io
 from minilars.io.safetensors_io import (CheckpointError, CheckpointWarning, load_model,
                                         load_safetensors, read_safetensors_header,
@@ -232,7 +233,7 @@ def test_header_not_json(tmp_path):
     path = str(tmp_path / "bad.safetensors")
     with open(path, "wb") as f:
         f.write((5).to_bytes(8, "little") + b"{nope")
-    with pytest.raises(CheckpointError, match=r"bad.safetensors: header is not valid JSON"):
+    with pytest.raises(CheckpointError, match=r"bad.safetensors: header: not valid JSON"):
         load_safetensors(path)
 
 
@@ -286,3 +287,205 @@ def test_a_width_the_block_size_does_not_divide_is_refused_at_load(tmp_path, for
                                               rf"be held as {form}: .*80"):
         load_model(str(tmp_path), frozen_dtype=form)
     assert load_model(str(tmp_path), frozen_dtype="float16")[1]["model.layers.0.mlp.down_proj.weight"].dtype == np.float16
+
+
+# ---------------------------------------------------------------- one header validation for every reader
+
+def write_header(path, header, data=b"", raw_text=None):
+    """A safetensors file from a header given as a Python object (or as raw JSON text)."""
+    text = (raw_text if raw_text is not None else json.dumps(header)).encode()
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + data)
+
+
+def f32(shape, begin):
+    n = int(np.prod(shape)) * 4
+    return {"dtype": "F32", "shape": list(shape), "data_offsets": [begin, begin + n]}
+
+
+READERS = {"read_safetensors_header": read_safetensors_header, "load_safetensors": load_safetensors}
+
+
+@pytest.mark.parametrize("reader", list(READERS))
+@pytest.mark.parametrize("header, data, message", [
+    ({"a": f32([2], 0), "b": f32([2], 0)}, bytes(8),
+     r"tensor 'b' \(bytes \[0, 8\]\) overlaps tensor 'a'"),                         # aliased
+    ({"a": f32([2], 0), "b": f32([2], 4)}, bytes(12), r"tensor 'b' \(bytes \[4, 12\]\) overlaps tensor 'a'"),
+    ({"a": f32([2], 0), "b": f32([2], 12)}, bytes(20), r"a hole of 4 bytes before tensor 'b'"),
+    ({"a": f32([2], 4)}, bytes(12), r"a hole of 4 bytes before tensor 'a'"),
+    ({"a": f32([2], 0)}, bytes(12), r"4 bytes after the last tensor belong to no tensor"),
+    ({"a": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 8]}}, bytes(8), r"tensor 'a' has shape \[2.5\]"),
+    ({"a": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}}, bytes(8), r"tensor 'a' has shape \['2'\]"),
+    ({"a": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, bytes(8), r"tensor 'a' has shape \[True, 2\]"),
+    ({"a": {"dtype": "F32", "shape": [-2, -1], "data_offsets": [0, 8]}}, bytes(8), r"has shape \[-2, -1\]"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8]}}, bytes(8), r"data_offsets \[0.0, 8\]"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}}, bytes(8), r"data_offsets \['0', '8'\]"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 16]}}, bytes(8), r"data_offsets \[0, 8, 16\]"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, bytes(8), r"data_offsets \[-8, 0\]"),
+    ({"a": {"dtype": "F32", "shape": 2, "data_offsets": [0, 8]}}, bytes(8), r"tensor 'a' has shape 2"),
+    ({"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, bytes(8), r"tensor 'a' is stored as \['F32'\]"),
+    ({"a": [1, 2]}, b"", r"tensor 'a' has the header entry \[1, 2\]; expected an object"),
+    ([1, 2], b"", r"header is a JSON list; expected an object"),
+    ({"__metadata__": {"format": 1}}, b"", r"__metadata__ is \{'format': 1\}; expected an object of string -> string"),
+    ({"__metadata__": "pt"}, b"", r"__metadata__ is 'pt'"),
+    # 2^32 x 2^32 x 4 elements of 4 bytes: a product that wraps to 0 in int64
+    ({"a": {"dtype": "F32", "shape": [2 ** 32, 2 ** 32, 4], "data_offsets": [0, 0]}}, b"",
+     r"declares 0 bytes but its shape \(4294967296, 4294967296, 4\) of F32 needs 295147905179352825856"),
+])
+def test_every_reader_refuses_a_malformed_header_by_name(tmp_path, reader, header, data, message):
+    path = str(tmp_path / "bad.safetensors")
+    write_header(path, header, data)
+    with pytest.raises(CheckpointError, match=rf"bad.safetensors: .*{message}"):
+        READERS[reader](path)
+
+
+@pytest.mark.parametrize("reader", list(READERS))
+def test_a_key_twice_in_the_header_is_refused(tmp_path, reader):
+    """json.loads keeps the last of two equal keys: a second entry would silently win."""
+    path = str(tmp_path / "twice.safetensors")
+    write_header(path, None, bytes(8), raw_text='{"a": %s, "a": %s}' % (
+        json.dumps(f32([2], 0)), json.dumps(f32([1], 0))))
+    with pytest.raises(CheckpointError, match=r"twice.safetensors: header: key 'a' appears twice"):
+        READERS[reader](path)
+
+
+def test_a_header_claiming_a_trillion_elements_is_refused_before_allocating(tmp_path):
+    path = str(tmp_path / "huge.safetensors")
+    write_header(path, {"w": {"dtype": "F32", "shape": [10 ** 6, 10 ** 6],
+                              "data_offsets": [0, 4 * 10 ** 12]}}, bytes(16))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=r"tensor 'w' ends at byte 4000000000000 .*truncated"):
+            load_safetensors(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_load_model_uses_the_same_validation(tmp_path):
+    """load_model reads tensors through memory maps; it accepted what load_safetensors
+    refused: here two parameters read from the same bytes."""
+    folder, _, _ = saved_tiny(tmp_path)
+    path = os.path.join(folder, "model.safetensors")
+    entries, _, start = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        data = f.read()[start:]
+    header = {k: {"dtype": e["dtype"], "shape": list(e["shape"]), "data_offsets": [e["begin"], e["end"]]}
+              for k, e in entries.items()}
+    header["model.norm.weight"]["data_offsets"] = \
+        header["model.layers.0.input_layernorm.weight"]["data_offsets"]
+    write_header(path, header, data)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor '.*' \(bytes .*\) overlaps"):
+        load_model(folder)
+
+
+# ---------------------------------------------------------------- non-finite weights
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_weight_is_refused_at_load(tmp_path, value):
+    folder, _, _ = saved_tiny(tmp_path)
+    name = "model.layers.1.mlp.up_proj.weight"
+
+    def spoil(t):
+        t[name] = t[name].copy()
+        t[name][3, 7] = value
+    rewrite_weights(folder, spoil)
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{name}' holds NaN or Inf"):
+        load_model(folder)
+
+
+def test_a_weight_beyond_float16_is_refused_when_held_as_float16(tmp_path):
+    folder, _, _ = saved_tiny(tmp_path)
+    name = "model.embed_tokens.weight"
+    rewrite_weights(folder, lambda t: t[name].__setitem__((0, 0), 1e6))
+    assert load_model(folder)[1][name][0, 0] == 1e6
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' holds NaN or Inf values "
+                                              r"\(stored as F32, held as float16\)"):
+        load_model(folder, frozen_dtype="float16")
+
+
+def test_a_weight_whose_block_scale_overflows_is_refused(tmp_path):
+    folder, _, _ = saved_tiny(tmp_path)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    rewrite_weights(folder, lambda t: t[name].__setitem__((0, 0), 1e30))
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' holds NaN or Inf values "
+                                              r"\(stored as F32, held as q8_0\)"):
+        load_model(folder, frozen_dtype="q8_0")
+
+
+# ---------------------------------------------------------------- sharded index files
+
+def sharded_tiny(tmp_path):
+    folder, cfg, params = saved_tiny(tmp_path)
+    os.remove(os.path.join(folder, "model.safetensors"))
+    names = list(params)
+    save_safetensors_atomic(os.path.join(folder, "a.safetensors"), {n: params[n] for n in names[:5]})
+    save_safetensors_atomic(os.path.join(folder, "b.safetensors"), {n: params[n] for n in names[5:]})
+    weight_map = {n: "a.safetensors" if i < 5 else "b.safetensors" for i, n in enumerate(names)}
+    return folder, weight_map
+
+
+def write_index(folder, obj=None, text=None):
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        f.write(text if text is not None else json.dumps(obj))
+
+
+@pytest.mark.parametrize("index, message", [
+    ("{not json", r"index.json: not valid JSON"),
+    ("[1, 2]", r"index.json: expected a JSON object with a 'weight_map' object"),
+    ('{"weight_map": ["a.safetensors"]}', r"index.json: expected a JSON object with a 'weight_map'"),
+    ('{"weight_map": {"model.norm.weight": 3}}', r"weight_map maps 'model.norm.weight' to 3; expected the name of a shard file"),
+    ('{"weight_map": {"model.norm.weight": null}}', r"maps 'model.norm.weight' to None"),
+    ('{"weight_map": {"model.norm.weight": ""}}', r"maps 'model.norm.weight' to ''"),
+    ('{"weight_map": {"model.norm.weight": "../a.safetensors"}}', r"to '../a.safetensors', outside the model folder"),
+    ('{"weight_map": {"model.norm.weight": "/etc/passwd"}}', r"to '/etc/passwd', outside the model folder"),
+    ('{"weight_map": {"a": "a.safetensors", "a": "b.safetensors"}}', r"index.json: key 'a' appears twice"),
+    ('{"weight_map": {"model.norm.weight": "c.safetensors"}}', r"c.safetensors: file not found"),
+])
+def test_a_malformed_index_is_refused_by_name(tmp_path, index, message):
+    folder, _ = sharded_tiny(tmp_path)
+    write_index(folder, text=index)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(folder)
+
+
+def test_an_index_entry_through_a_symlink_out_of_the_folder_is_refused(tmp_path):
+    folder, weight_map = sharded_tiny(tmp_path)
+    os.rename(os.path.join(folder, "b.safetensors"), tmp_path / "outside.safetensors")
+    os.symlink(tmp_path / "outside.safetensors", os.path.join(folder, "b.safetensors"))
+    write_index(folder, {"weight_map": weight_map})
+    with pytest.raises(CheckpointError, match=r"to 'b.safetensors', outside the model folder"):
+        load_model(folder)
+    os.remove(os.path.join(folder, "b.safetensors"))                 # a link inside is fine
+    os.rename(tmp_path / "outside.safetensors", os.path.join(folder, "b-real.safetensors"))
+    os.symlink("b-real.safetensors", os.path.join(folder, "b.safetensors"))
+    assert load_model(folder)[1]
+
+
+def test_config_json_errors_are_named_through_load_model(tmp_path):
+    folder, _, _ = saved_tiny(tmp_path)
+    path = os.path.join(folder, "config.json")
+    with open(path, "wb") as f:
+        f.write(b'{"hidden_size": "\xff"}')
+    with pytest.raises(ConfigError, match=r"config.json: not UTF-8 text"):
+        load_model(folder)
+
+
+def test_a_config_claiming_millions_of_layers_is_refused_without_building_them(tmp_path):
+    """Found by the readers' fuzz test (a flipped byte in a GGUF's block count): the name
+    table of 10^7 claimed layers took seconds and hundreds of MB for a file of kilobytes."""
+    folder, cfg, _ = saved_tiny(tmp_path)
+    config = json.loads(open(os.path.join(folder, "config.json")).read())
+    config["num_hidden_layers"] = 10 ** 7
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=r"the config implies 10000000 layers but only "
+                                                  r"\d+ tensors were found"):
+            load_model(folder)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
