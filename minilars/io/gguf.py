@@ -16,6 +16,7 @@ Q4_0, Q4_1 as (rows, row bytes) uint8 (minilars.quant reads them).
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -105,7 +106,7 @@ class _Cursor:
 
 
 def _tensor_nbytes(path: str, name: str, ttype: str, shape: tuple) -> int:
-    cols, rows = shape[-1], int(np.prod(shape[:-1], dtype=np.int64))
+    cols, rows = shape[-1], math.prod(shape[:-1])     # Python ints: 4 dims of 2^31 do not wrap
     if ttype in FLOAT_BYTES:
         return rows * cols * FLOAT_BYTES[ttype]
     fmt = ttype.lower()
@@ -149,6 +150,8 @@ def read_gguf(path: str) -> GGUFFile:
             return _parse(buf, path, os.path.getsize(path))
     except FileNotFoundError:
         raise GGUFError(f"{path}: file not found") from None
+    except OSError as e:             # a folder, no permission
+        raise GGUFError(f"{path}: cannot read ({e.strerror or e})") from None
     except ValueError as e:          # mmap of an empty file
         if isinstance(e, GGUFError):
             raise
@@ -169,11 +172,13 @@ def _parse(buf, path: str, size: int) -> GGUFFile:
     fields = {}
     for _ in range(n_fields):
         key = cur.string("a metadata key")
+        if key in fields:
+            raise GGUFError(f"{path}: metadata key {key!r} appears twice; expected each key once")
         fields[key] = cur.value(cur.unpack("<I", f"key {key!r}"), f"key {key!r}")
     infos = [_read_tensor_info(cur, path) for _ in range(n_tensors)]
     alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment < 1:
-        raise GGUFError(f"{path}: general.alignment is {alignment!r}")
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1:
+        raise GGUFError(f"{path}: general.alignment is {alignment!r}; expected a positive integer")
     data_start = -(-cur.pos // alignment) * alignment
     tensors = {}
     for name, shape, ttype, offset in infos:

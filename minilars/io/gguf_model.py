@@ -37,6 +37,7 @@ Two things llama.cpp changes that must be undone:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -45,13 +46,13 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from minilars import quant
-from minilars.config import ModelConfig
+from minilars.config import ConfigError, ModelConfig, shown
 from minilars.frozen import Packed, freeze, to_float
 from minilars.io.atomic import atomic_dir, sha256_of_file
 from minilars.io.gguf import GGUFError, GGUFFile, read_gguf, tensor_data
-from minilars.io.safetensors_io import write_safetensors
+from minilars.io.safetensors_io import file_mismatch, write_safetensors
 from minilars.io.tokenizer import Tokenizer as MinilarsTokenizer
-from minilars.params import config_mismatch, param_shapes
+from minilars.params import non_finite, param_shapes
 
 MANIFEST_FILE = "minilars_manifest.json"
 
@@ -115,49 +116,72 @@ def _f32_value(x) -> float:
     return float(str(np.float32(x)))
 
 
+_REQUIRED = object()
+
+
+def _field(fields: dict, key: str, kind: str, path: str, default=_REQUIRED):
+    """fields[key] checked to be of `kind`, as GGUF types its values: "int" (an integer
+    type, >= 0), "float" (a float type, finite) or "str"; a missing key gives `default`
+    or a GGUFError."""
+    if key not in fields:
+        if default is _REQUIRED:
+            raise GGUFError(f"{path}: missing metadata key {key!r}")
+        return default
+    value = fields[key]
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+          "float": isinstance(value, float) and math.isfinite(value),
+          "str": isinstance(value, str)}[kind]
+    if not ok:
+        expected = {"int": "a non-negative integer", "float": "a finite float",
+                    "str": "a string"}[kind]
+        raise GGUFError(f"{path}: metadata key {key!r} is {shown(value)}; expected {expected}")
+    return value
+
+
 def config_from_gguf(fields: dict, has_output: bool, path: str = "gguf") -> ModelConfig:
     """ModelConfig (LlamaForCausalLM) from GGUF metadata; tied embeddings when there is
-    no output.weight tensor."""
+    no output.weight tensor. Each key is checked for its type; errors name the file."""
     arch = fields.get("general.architecture")
     if arch != "llama":
-        raise GGUFError(f"{path}: general.architecture is {arch!r}; minilars converts "
-                               f"'llama' GGUF files only")
+        raise GGUFError(f"{path}: general.architecture is {shown(arch)}; minilars "
+                        f"converts 'llama' GGUF files only")
 
-    def need(key):
-        if f"llama.{key}" not in fields:
-            raise GGUFError(f"{path}: missing metadata key 'llama.{key}'")
-        return fields[f"llama.{key}"]
+    def need(key, kind="int", default=_REQUIRED):
+        return _field(fields, f"llama.{key}", kind, path, default)
 
     scaling = fields.get("llama.rope.scaling.type")
     if scaling not in (None, "none"):
-        raise GGUFError(f"{path}: llama.rope.scaling.type {scaling!r} is not supported")
-    C, nh = int(need("embedding_length")), int(need("attention.head_count"))
-    head_dim = int(fields.get("llama.attention.key_length", C // nh))
-    rot = fields.get("llama.rope.dimension_count", head_dim)
+        raise GGUFError(f"{path}: llama.rope.scaling.type {shown(scaling)} is not supported")
+    C, nh = need("embedding_length"), need("attention.head_count")
+    head_dim = need("attention.key_length", default=C // nh if nh else 0)
+    rot = need("rope.dimension_count", default=head_dim)
     if rot != head_dim:
         raise GGUFError(f"{path}: llama.rope.dimension_count {rot} != head_dim {head_dim}; "
-                               f"partial rotary embeddings are not supported")
+                        f"partial rotary embeddings are not supported")
     tokens = fields.get("tokenizer.ggml.tokens")
-    vocab = fields.get("llama.vocab_size", len(tokens) if tokens else None)
+    vocab = need("vocab_size", default=len(tokens) if isinstance(tokens, list) and tokens else None)
     if vocab is None:
         raise GGUFError(f"{path}: neither llama.vocab_size nor tokenizer.ggml.tokens is present")
-    return ModelConfig(
-        architecture="LlamaForCausalLM",
-        vocab_size=int(vocab),
-        hidden_size=C,
-        intermediate_size=int(need("feed_forward_length")),
-        num_hidden_layers=int(need("block_count")),
-        num_attention_heads=nh,
-        num_key_value_heads=int(fields.get("llama.attention.head_count_kv", nh)),
-        head_dim=head_dim,
-        max_position_embeddings=int(need("context_length")),
-        rope_theta=_f32_value(fields.get("llama.rope.freq_base", 10000.0)),
-        rms_norm_eps=_f32_value(need("attention.layer_norm_rms_epsilon")),
-        tie_word_embeddings=not has_output,
-        attention_bias=False,
-        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
-    )
+    try:
+        return ModelConfig(
+            architecture="LlamaForCausalLM",
+            vocab_size=vocab,
+            hidden_size=C,
+            intermediate_size=need("feed_forward_length"),
+            num_hidden_layers=need("block_count"),
+            num_attention_heads=nh,
+            num_key_value_heads=need("attention.head_count_kv", default=nh),
+            head_dim=head_dim,
+            max_position_embeddings=need("context_length"),
+            rope_theta=_f32_value(need("rope.freq_base", "float", 10000.0)),
+            rms_norm_eps=_f32_value(need("attention.layer_norm_rms_epsilon", "float")),
+            tie_word_embeddings=not has_output,
+            attention_bias=False,
+            bos_token_id=_field(fields, "tokenizer.ggml.bos_token_id", "int", path, None),
+            eos_token_id=_field(fields, "tokenizer.ggml.eos_token_id", "int", path, None),
+        )
+    except ConfigError as e:
+        raise GGUFError(f"{path}: the metadata gives an impossible model: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -183,6 +207,10 @@ def build_tokenizer(fields: dict, path: str = "gguf"):
     merges = fields.get("tokenizer.ggml.merges")
     if not tokens or merges is None:
         raise GGUFError(f"{path}: tokenizer.ggml.tokens and tokenizer.ggml.merges are required")
+    for key, values in (("tokens", tokens), ("merges", merges)):
+        if not (isinstance(values, list) and all(isinstance(v, str) for v in values)):
+            raise GGUFError(f"{path}: tokenizer.ggml.{key} is not a list of strings")
+    types = token_types(fields, path)
     vocab = {}
     for i, tok in enumerate(tokens):
         if tok in vocab:
@@ -194,7 +222,11 @@ def build_tokenizer(fields: dict, path: str = "gguf"):
         if len(parts) != 2:
             raise GGUFError(f"{path}: merge {k} {merge!r} is not two tokens separated by a space")
         pairs.append((parts[0], parts[1]))
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    try:
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    except Exception as e:           # tokenizers raises a bare Exception (a merge out of vocabulary)
+        raise GGUFError(f"{path}: tokenizer.ggml.tokens and .merges do not make a BPE "
+                        f"tokenizer ({e})") from None
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "gpt2" or pre == "default":
         tk.pre_tokenizer = byte_level
@@ -203,7 +235,6 @@ def build_tokenizer(fields: dict, path: str = "gguf"):
             [pre_tokenizers.Digits(individual_digits=True), byte_level])
     tk.decoder = decoders.ByteLevel()
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
-    types = fields.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
     added = [AddedToken(tokens[i], special=(t == TOKEN_CONTROL), normalized=False)
              for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
     tk.add_special_tokens([a for a in added if a.special])
@@ -211,13 +242,28 @@ def build_tokenizer(fields: dict, path: str = "gguf"):
     return tk
 
 
-def tokenizer_side_files(fields: dict, cfg: ModelConfig) -> dict[str, dict]:
-    """tokenizer_config.json, special_tokens_map.json and generation_config.json contents."""
+def token_types(fields: dict, path: str) -> list:
+    """tokenizer.ggml.token_type, checked: one integer per token (all NORMAL if absent)."""
     tokens = fields["tokenizer.ggml.tokens"]
     types = fields.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+    if not (isinstance(types, list) and len(types) == len(tokens)
+            and all(isinstance(t, int) for t in types)):
+        raise GGUFError(f"{path}: tokenizer.ggml.token_type is not one integer per token "
+                        f"({len(tokens)} tokens)")
+    return types
 
-    def token(key):
+
+def tokenizer_side_files(fields: dict, cfg: ModelConfig, path: str = "gguf") -> dict[str, dict]:
+    """tokenizer_config.json, special_tokens_map.json and generation_config.json contents
+    (of a vocabulary build_tokenizer has checked)."""
+    tokens = fields["tokenizer.ggml.tokens"]
+    types = token_types(fields, path)
+
+    def token(key):                   # an id outside the vocabulary (-1) names no token
         i = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if i is not None and (isinstance(i, bool) or not isinstance(i, int)):
+            raise GGUFError(f"{path}: metadata key 'tokenizer.ggml.{key}_token_id' is "
+                            f"{shown(i)}; expected an integer")
         return (tokens[i] if i is not None and 0 <= i < len(tokens) else None), i
 
     (bos, bos_id), (eos, eos_id) = token("bos"), token("eos")
@@ -237,8 +283,9 @@ def tokenizer_side_files(fields: dict, cfg: ModelConfig) -> dict[str, dict]:
         "model_max_length": cfg.max_position_embeddings,
         "tokenizer_class": "GPT2Tokenizer",
     }
-    if "tokenizer.chat_template" in fields:
-        tokenizer_config["chat_template"] = fields["tokenizer.chat_template"]
+    template = _field(fields, "tokenizer.chat_template", "str", path, None)
+    if template is not None:
+        tokenizer_config["chat_template"] = template
     special_map = {k: v for k, v in (("bos_token", bos), ("eos_token", eos),
                                      ("unk_token", unk), ("pad_token", pad)) if v is not None}
     special_map["additional_special_tokens"] = tokenizer_config["additional_special_tokens"]
@@ -259,12 +306,19 @@ def open_gguf_model(path: str) -> tuple[GGUFFile, ModelConfig, dict]:
     by_hf_name = {}
     for t in gf.tensors.values():
         try:
-            by_hf_name[hf_tensor_name(t.name)] = t
+            name = hf_tensor_name(t.name)
         except KeyError:
             raise GGUFError(f"{path}: tensor {t.name!r} has no Hugging Face equivalent in a "
                             f"Llama model") from None
+        if name in by_hf_name:
+            raise GGUFError(f"{path}: tensors {by_hf_name[name].name!r} and {t.name!r} are "
+                            f"both {name}")
+        if len(t.shape) != 2 and t.type not in ("F32", "F16"):
+            raise GGUFError(f"{path}: tensor {t.name!r} is a {len(t.shape)}-D {t.type} tensor; "
+                            f"expected F32 or F16 (block formats and BF16 hold matrices)")
+        by_hf_name[name] = t
     cfg = config_from_gguf(gf.fields, has_output="lm_head.weight" in by_hf_name, path=path)
-    problem = config_mismatch(cfg, {n: t.shape for n, t in by_hf_name.items()})
+    problem = file_mismatch(cfg, {n: t.shape for n, t in by_hf_name.items()})
     if problem:
         raise GGUFError(f"{path}: tensors do not match the config from its metadata: {problem[0]}")
     return gf, cfg, by_hf_name
@@ -295,6 +349,12 @@ def load_gguf(path: str, dtype=np.float32, frozen_dtype: str | None = None,
     params = {}
     for name in param_shapes(cfg):
         W = hf_tensor(gf, by_hf_name[name], cfg)
+        if non_finite({name: W}):
+            t = by_hf_name[name]
+            what = {"Q4_1": "block scales or mins", "Q8_0": "block scales",
+                    "Q4_0": "block scales"}.get(t.type, "values")
+            raise GGUFError(f"{path}: tensor {t.name!r} ({name}, {t.type}) holds NaN or Inf "
+                            f"{what}; expected finite weights")
         if expand or W.ndim == 1 or (isinstance(W, np.ndarray) and W.dtype == np.float32
                                      and frozen_dtype is None):
             params[name] = to_float(W, dtype)
@@ -307,11 +367,12 @@ def load_gguf(path: str, dtype=np.float32, frozen_dtype: str | None = None,
 
 def gguf_tokenizer(gf: GGUFFile) -> MinilarsTokenizer:
     """minilars's Tokenizer from a GGUF file's vocabulary, special ids and chat template."""
-    fields = gf.fields
-    return MinilarsTokenizer(build_tokenizer(fields, gf.path),
-                             fields.get("tokenizer.ggml.bos_token_id"),
-                             fields.get("tokenizer.ggml.eos_token_id"),
-                             fields.get("tokenizer.chat_template"), source=gf.path)
+    fields, path = gf.fields, gf.path
+    return MinilarsTokenizer(build_tokenizer(fields, path),
+                             _field(fields, "tokenizer.ggml.bos_token_id", "int", path, None),
+                             _field(fields, "tokenizer.ggml.eos_token_id", "int", path, None),
+                             _field(fields, "tokenizer.chat_template", "str", path, None),
+                             source=path)
 
 
 def _percent_printer(label: str, enabled: bool):
@@ -336,7 +397,7 @@ def convert_gguf(gguf_path: str, out_folder: str, progress: bool = True,
     fields = gf.fields
     shapes = param_shapes(cfg)
     tokenizer = build_tokenizer(fields, path=gguf_path)
-    side = tokenizer_side_files(fields, cfg)
+    side = tokenizer_side_files(fields, cfg, gguf_path)
     config = cfg.to_dict()
     if fields.get("tokenizer.ggml.padding_token_id") is not None:
         config["pad_token_id"] = fields["tokenizer.ggml.padding_token_id"]

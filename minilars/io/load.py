@@ -11,7 +11,7 @@ from minilars.io.gguf import is_gguf
 from minilars.io.gguf_model import (build_tokenizer, gguf_tokenizer, load_gguf, open_gguf_model,
                                     tokenizer_side_files)
 from minilars.io.safetensors_io import load_model
-from minilars.io.tokenizer import Tokenizer
+from minilars.io.tokenizer import Tokenizer, TokenizerError
 
 
 def read_config(path: str) -> ModelConfig:
@@ -48,14 +48,18 @@ def tokenizer_files(path: str) -> dict[str, str]:
         gf, cfg, _ = open_gguf_model(path)
         files = {"tokenizer.json": build_tokenizer(gf.fields, path).to_str(pretty=True)}
         files.update({name: json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-                      for name, obj in tokenizer_side_files(gf.fields, cfg).items()})
+                      for name, obj in tokenizer_side_files(gf.fields, cfg, path).items()})
         return files
     files = {}
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "generation_config.json"):
-        if os.path.exists(os.path.join(path, name)):
-            with open(os.path.join(path, name), encoding="utf-8") as f:
-                files[name] = f.read()
+        file = os.path.join(path, name)
+        if os.path.exists(file):
+            try:
+                with open(file, encoding="utf-8") as f:
+                    files[name] = f.read()
+            except UnicodeDecodeError as e:
+                raise TokenizerError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return files
 
 

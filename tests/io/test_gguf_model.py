@@ -16,6 +16,7 @@ gguf = pytest.importorskip("gguf")
 from minilars.cli import main  # noqa: E402
 from minilars.config import ModelConfig  # noqa: E402
 from minilars.io import fetch  # noqa: E402
+from minilars.io.gguf import read_gguf  # noqa: E402
 from minilars.frozen import Packed, to_float  # noqa: E402
 from minilars.io.gguf_model import (GGUFError, convert_gguf, load_gguf, hf_tensor_name,  # noqa: E402
                                       is_complete, permute_rows, unpermute_rows)
@@ -473,3 +474,103 @@ def test_the_command_line_prints_a_damaged_ggufs_error_on_one_line(good_gguf, tm
     err = capsys.readouterr().err.strip()
     assert "Q5_K" in err and "blk.0.ffn_down.weight" in err and "Traceback" not in err
     assert len(err.splitlines()) == 1
+
+
+def _rename_key(old: str, new: str):
+    """Byte surgery: a metadata key renamed to another of the same length."""
+    assert len(old) == len(new)
+
+    def surgery(data):
+        at = bytes(data).index(len(old).to_bytes(8, "little") + old.encode()) + 8
+        data[at:at + len(new)] = new.encode()
+    return surgery
+
+
+def _set_value(key: str, value: int):
+    """Byte surgery: a uint32 metadata value replaced."""
+    def surgery(data):
+        at = bytes(data).index(len(key).to_bytes(8, "little") + key.encode()) + 8 + len(key) + 4
+        data[at:at + 4] = value.to_bytes(4, "little")
+    return surgery
+
+
+def _set_value_type(key: str, type_id: int):
+    """Byte surgery: the value type of a 4-byte metadata value changed (the bytes stay)."""
+    def surgery(data):
+        at = bytes(data).index(len(key).to_bytes(8, "little") + key.encode()) + 8 + len(key)
+        data[at:at + 4] = type_id.to_bytes(4, "little")
+    return surgery
+
+
+@pytest.mark.parametrize("surgery, message", [
+    (_rename_key("tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id"),
+     r"bad.gguf: metadata key 'tokenizer.ggml.bos_token_id' appears twice"),
+    (_set_value_type("llama.attention.layer_norm_rms_epsilon", 4),        # float32 -> uint32
+     r"bad.gguf: metadata key 'llama.attention.layer_norm_rms_epsilon' is \d+; expected a finite float"),
+    (_set_value_type("llama.block_count", 6),                             # uint32 -> float32
+     r"bad.gguf: metadata key 'llama.block_count' is [0-9.e-]+; expected a non-negative integer"),
+    (_set_value_type("tokenizer.ggml.bos_token_id", 5),                   # uint32 -> int32, stays 1
+     None),
+    (_set_type("output_norm.weight", 8),              # found by the fuzz test: a Q8_0 vector
+     r"bad.gguf: tensor 'output_norm.weight' is a 1-D Q8_0 tensor; expected F32 or F16"),
+    (_set_value("llama.block_count", 2097154),      # found by the fuzz test: one flipped byte
+     r"bad.gguf: tensors do not match .* the config implies 2097154 layers but only 20 tensors"),
+])
+def test_gguf_metadata_of_the_wrong_type_gets_a_named_error(good_gguf, tmp_path, surgery, message):
+    """Before, a value of another type was used as it came (int(2.8e-45) layers, an
+    integer epsilon) and a repeated key silently replaced the first."""
+    path = _damaged(tmp_path, good_gguf.read_bytes(), surgery)
+    if message is None:
+        assert load_gguf(path)[0].bos_token_id == 1
+        return
+    with pytest.raises(GGUFError, match=message):
+        load_gguf(path)
+
+
+def _minimal_gguf(dims: list, type_id: int = 0, data: bytes = bytes(64)) -> bytes:
+    """A GGUF file with no metadata and one tensor 't' of the given dims (fastest first)."""
+    name = b"t"
+    info = (len(name).to_bytes(8, "little") + name + len(dims).to_bytes(4, "little")
+            + b"".join(d.to_bytes(8, "little") for d in dims) + type_id.to_bytes(4, "little")
+            + (0).to_bytes(8, "little"))
+    head = b"GGUF" + (3).to_bytes(4, "little") + (1).to_bytes(8, "little") + (0).to_bytes(8, "little") + info
+    return head + bytes(-len(head) % 32) + data
+
+
+def test_gguf_dims_whose_product_wraps_are_refused(tmp_path):
+    """4 dims of 2^31: int64 products wrapped to 0 bytes, so the table accepted the tensor."""
+    path = tmp_path / "wrap.gguf"
+    path.write_bytes(_minimal_gguf([2 ** 31] * 4))
+    with pytest.raises(GGUFError, match=r"wrap.gguf: tensor 't' .* lies past the end"):
+        read_gguf(str(path))
+    path.write_bytes(_minimal_gguf([4, 2]))                  # the same file, sane dims, reads
+    assert read_gguf(str(path)).tensors["t"].shape == (2, 4)
+
+
+def test_a_folder_given_as_a_gguf_file_gets_a_named_error(tmp_path):
+    with pytest.raises(GGUFError, match=rf"{tmp_path}: cannot read"):
+        read_gguf(str(tmp_path))
+
+
+@pytest.mark.parametrize("hf_name, value, message", [
+    ("model.layers.0.self_attn.q_proj.weight", np.nan,            # stored F32
+     r"tensor 'blk.0.attn_q.weight' \(model.layers.0.self_attn.q_proj.weight, F32\) holds NaN or Inf values"),
+    ("model.layers.0.self_attn.k_proj.weight", np.inf,            # stored F16
+     r"tensor 'blk.0.attn_k.weight' \(.*, F16\) holds NaN or Inf values"),
+    ("model.layers.1.self_attn.v_proj.weight", np.inf,            # Q4_1: its block's scale is inf
+     r"tensor 'blk.1.attn_v.weight' \(.*, Q4_1\) holds NaN or Inf block scales or mins"),
+    ("model.embed_tokens.weight", np.nan,                         # Q8_0
+     r"tensor 'token_embd.weight' \(.*, Q8_0\) holds NaN or Inf block scales"),
+    ("model.layers.1.mlp.up_proj.weight", np.nan,                 # Q4_1: NaN scale and min
+     r"tensor 'blk.1.ffn_up.weight' \(.*, Q4_1\) holds NaN or Inf block scales or mins"),
+])
+def test_a_gguf_with_non_finite_weights_is_refused_at_load(tmp_path, hf_name, value, message):
+    """Before, such a file loaded and eval / generate printed nan with exit 0."""
+    cfg = tiny_cfg(tied=True)
+    params = init_params(cfg)
+    params[hf_name][1, 3] = value
+    path = tmp_path / "nan.gguf"
+    with np.errstate(all="ignore"):
+        write_tiny_gguf(path, cfg, params)
+    with pytest.raises(GGUFError, match=rf"nan.gguf: {message}; expected finite weights"):
+        load_gguf(str(path))
