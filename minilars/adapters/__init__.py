@@ -41,7 +41,8 @@ ADAPTERS = {"lora": LoRA, "ia3": IA3, "lars": LARS}
 METHODS = ("full",) + tuple(ADAPTERS)          # what --method accepts
 
 __all__ = ["ADAPTERS", "METHODS", "AdapterError", "IA3", "LARS", "LoRA", "Site", "attach",
-           "adapter_for", "adapter_sites", "adapter_tensor_names", "trainable_report"]
+           "adapter_for", "adapter_shapes", "adapter_sites", "adapter_tensor_names",
+           "trainable_report"]
 
 
 def adapter_for(method: str, **settings):
@@ -55,13 +56,28 @@ def adapter_for(method: str, **settings):
 def adapter_sites(cfg, adapter, layers=None) -> list[tuple[int, str]]:
     """The (layer, linear) pairs `adapter` sits on: its targets in every layer (or in
     `layers`), checked against the config."""
-    layers = range(cfg.num_hidden_layers) if layers is None else layers
+    layers = range(cfg.num_hidden_layers) if layers is None else list(layers)
     for i in layers:
         if not (isinstance(i, (int, np.integer)) and not isinstance(i, bool)
                 and 0 <= i < cfg.num_hidden_layers):
             raise AdapterError(f"layer {i!r} is not a layer of this "
                                f"{cfg.num_hidden_layers}-layer model")
+    if len({int(i) for i in layers}) != len(layers):
+        raise AdapterError(f"layers {list(layers)} name a layer twice")
     return [(int(i), linear) for i in layers for linear in adapter.targets]
+
+
+def adapter_shapes(cfg, adapter, layers=None) -> dict[str, tuple]:
+    """{name in params: shape} of every tensor `adapter` would add (nothing is allocated),
+    so a file's tensors can be checked against them first."""
+    shapes = param_shapes(cfg)
+    out = {}
+    for i, linear in adapter_sites(cfg, adapter, layers):
+        module = linear_module(i, linear)
+        out_f, in_f = shapes[module + ".weight"]
+        out.update({f"{module}.{suffix}": tuple(shape)
+                    for suffix, shape in adapter.shapes(linear, out_f, in_f).items()})
+    return out
 
 
 def attach(model, adapter, layers=None, seed: int = 0):

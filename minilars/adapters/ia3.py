@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from minilars.adapters.common import AdapterError, Site, resolve_targets
+from minilars.adapters.common import AdapterError, Site, config_linears, resolve_targets
 from minilars.ops.linear import linear_backward, linear_forward
 from minilars.saved import Keep
 
@@ -111,11 +111,13 @@ class IA3:
 
     @classmethod
     def from_peft_config(cls, cfg: dict, folder: str) -> "IA3":
-        feedforward = cfg.get("feedforward_modules") or []
-        if isinstance(feedforward, str) or not isinstance(feedforward, list):
-            raise AdapterError(f"{folder}/adapter_config.json: key 'feedforward_modules' is "
-                               f"{feedforward!r}; expected a list of module names")
-        return cls(targets=cfg["target_modules"], feedforward=feedforward)
+        """From an adapter_config.json (target_modules checked by read_adapter_config).
+        feedforward_modules must be targets; missing or null is PEFT's default (down_proj
+        when it is a target)."""
+        targets = cfg["target_modules"]
+        feedforward = config_linears(cfg, "feedforward_modules", folder, allowed=targets,
+                                     required=False)
+        return cls(targets=targets, feedforward=feedforward)
 
     def merge(self, site: Site):
         """W * l along the scaled side; output scaling also scales the bias."""

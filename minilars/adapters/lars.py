@@ -145,12 +145,17 @@ class LARS:
 
     @classmethod
     def from_peft_config(cls, cfg: dict, folder: str) -> "LARS":
-        return cls(rank=config_value(cfg, "r", "int", folder),
-                   block=config_value(cfg, "block_size", "int", folder),
-                   eps=config_value(cfg, "eps", "float", folder),
+        """From an adapter_config.json (target_modules checked by read_adapter_config)."""
+        return cls(rank=config_value(cfg, "r", "int", folder, valid=lambda r: r >= 1,
+                                     expected="an integer >= 1"),
+                   block=config_value(cfg, "block_size", "int", folder, valid=lambda b: b >= 1,
+                                      expected="an integer >= 1"),
+                   eps=config_value(cfg, "eps", "float", folder, valid=lambda e: e > 0,
+                                    expected="a positive number"),
                    train_alpha=config_value(cfg, "train_alpha", "bool", folder),
                    save=config_value(cfg, "saved_for_backward", "str", folder, "recompute",
-                                     required=False),
+                                     required=False, valid=lambda v: v in SAVE_MODES,
+                                     expected=" or ".join(map(repr, SAVE_MODES))),
                    targets=cfg["target_modules"])
 
     def merge(self, site: Site):

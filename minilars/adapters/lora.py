@@ -119,9 +119,24 @@ class LoRA:
 
     @classmethod
     def from_peft_config(cls, cfg: dict, folder: str) -> "LoRA":
-        return cls(rank=config_value(cfg, "r", "int", folder),
+        """From an adapter_config.json (target_modules checked by read_adapter_config).
+        PEFT's LoRA variants minilars does not compute (rsLoRA, DoRA, fan-in/fan-out
+        weights, per-module ranks or alphas, trained biases) are refused, not ignored."""
+        for key, what in (("use_rslora", "rsLoRA's alpha / sqrt(r) scale"),
+                          ("use_dora", "DoRA"), ("fan_in_fan_out", "(in, out) weights")):
+            config_value(cfg, key, "bool", folder, required=False, valid=lambda v: not v,
+                         expected=f"false (minilars's LoRA has no {what})")
+        for key in ("rank_pattern", "alpha_pattern"):
+            config_value(cfg, key, "object", folder, required=False, valid=lambda v: not v,
+                         expected="{} (one r and one lora_alpha for every module)")
+        config_value(cfg, "bias", "str", folder, required=False, valid=lambda v: v == "none",
+                     expected="'none' (LoRA trains no biases here)")
+        return cls(rank=config_value(cfg, "r", "int", folder, valid=lambda r: r >= 1,
+                                     expected="an integer >= 1"),
                    alpha=config_value(cfg, "lora_alpha", "float", folder),
-                   dropout=config_value(cfg, "lora_dropout", "float", folder, 0.0, required=False),
+                   dropout=config_value(cfg, "lora_dropout", "float", folder, 0.0,
+                                        required=False, valid=lambda p: 0 <= p < 1,
+                                        expected="a number in [0, 1)"),
                    targets=cfg["target_modules"])
 
     def merge(self, site: Site):

@@ -14,15 +14,17 @@ own peft_type, which PEFT does not know. Writes are atomic.
 """
 from __future__ import annotations
 
-import json
 import os
 
-from minilars.adapters import ADAPTERS, AdapterError, Site, adapter_tensor_names, attach
+from minilars.adapters import (ADAPTERS, AdapterError, Site, adapter_shapes, adapter_tensor_names,
+                               attach)
+from minilars.adapters.common import config_linears
+from minilars.config import read_json_file, shown
 from minilars.frozen import to_float
 from minilars.io.atomic import write_json
-from minilars.io.safetensors_io import (CheckpointError, load_safetensors, save_model,
-                                        save_safetensors_atomic)
-from minilars.params import linear_module
+from minilars.io.safetensors_io import (CheckpointError, load_safetensors, read_safetensors_header,
+                                        save_model, save_safetensors_atomic)
+from minilars.params import linear_module, non_finite
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -60,77 +62,111 @@ def save_adapter(folder: str, model, base_model_name: str | None = None) -> None
 
 def read_adapter_config(folder: str) -> dict:
     """The checked adapter_config.json of an adapter folder: a JSON object whose peft_type
-    minilars knows and whose target_modules is a list of names."""
+    minilars knows and whose target_modules is a non-empty list of linear names ("all-linear"
+    becomes all seven). Errors name the file, the key, what was found and what was expected."""
     path = os.path.join(folder, CONFIG_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise AdapterError(f"{path}: no adapter_config.json (is {folder} an adapter folder?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+    cfg = read_json_file(path, AdapterError, f"no {CONFIG_FILE} (is {folder} an adapter folder?)")
     if not isinstance(cfg, dict):
         raise AdapterError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
-    if cfg.get("peft_type") not in PEFT_TYPES:
-        raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not one of "
+    peft_type = cfg.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type not in PEFT_TYPES:
+        raise AdapterError(f"{path}: peft_type {shown(peft_type)} is not one of "
                            f"{', '.join(PEFT_TYPES)}")
-    targets = cfg.get("target_modules")
-    if isinstance(targets, str):
-        raise AdapterError(f"{path}: regex target_modules {targets!r} are not supported; "
-                           "list the module names")
-    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise AdapterError(f"{path}: key 'target_modules' is {targets!r}; expected a list "
-                           "of module names")
-    return cfg
+    targets = config_linears(cfg, "target_modules", folder)
+    if not targets:
+        raise AdapterError(f"{path}: key 'target_modules' is []; expected at least one module name")
+    return {**cfg, "target_modules": targets}
+
+
+def _layers_to_transform(cfg: dict, folder: str, n_layers: int) -> list[int] | None:
+    """layers_to_transform (a layer index or a list of them; null: every layer), checked
+    against the model's layer count."""
+    layers = cfg.get("layers_to_transform")
+    if layers is None:
+        return None
+    layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+    path = os.path.join(folder, CONFIG_FILE)
+    expected = f"a non-empty list of distinct layer indices of this {n_layers}-layer model"
+    if not isinstance(layers, list) or not layers:
+        raise AdapterError(f"{path}: key 'layers_to_transform' is {shown(layers)}; "
+                           f"expected {expected}")
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers:
+            raise AdapterError(f"{path}: layers_to_transform {shown(i)} is not a layer of "
+                               f"this {n_layers}-layer model; expected {expected}")
+    if len(set(layers)) != len(layers):
+        raise AdapterError(f"{path}: key 'layers_to_transform' is {layers}; expected {expected}")
+    return layers
+
+
+def _held_by(names) -> str:
+    """Which adapter's tensors a file holds, by their suffixes (for error messages)."""
+    kinds = [cls.peft_type for cls in PEFT_TYPES.values()
+             if any(n.endswith(suffix) for n in names for suffix in cls.tensors)]
+    return " and ".join(kinds) if kinds else "no adapter"
 
 
 def load_adapter(folder: str, model):
     """Attach the adapter described in `folder` to a base model and load its tensors.
-    Errors name the file and tensor when something is missing, extra or misshapen."""
+    The config and the weights file's header are checked before anything is allocated:
+    errors name the file and the key or tensor when something is missing, extra,
+    misshapen or not finite."""
+    config_path = os.path.join(folder, CONFIG_FILE)
     cfg = read_adapter_config(folder)
-    layers = cfg.get("layers_to_transform")
-    if isinstance(layers, int):
-        layers = [layers]
-    if layers is not None:
-        n = model.cfg.num_hidden_layers
-        bad = [i for i in layers if not (isinstance(i, int) and not isinstance(i, bool)
-                                         and 0 <= i < n)] if isinstance(layers, list) else [layers]
-        if bad:
-            raise AdapterError(f"{os.path.join(folder, CONFIG_FILE)}: layers_to_transform "
-                               f"{bad[0]!r} is not a layer of this {n}-layer model")
+    layers = _layers_to_transform(cfg, folder, model.cfg.num_hidden_layers)
     try:
         adapter = PEFT_TYPES[cfg["peft_type"]].from_peft_config(cfg, folder)
-        attach(model, adapter, layers=layers)
+        shapes = adapter_shapes(model.cfg, adapter, layers)
     except AdapterError as e:
         message = str(e)
-        raise AdapterError(message if message.startswith(folder) else f"{folder}: {message}") from None
+        raise AdapterError(message if message.startswith(config_path)
+                           else f"{config_path}: {message}") from None
+    tensors = _read_tensors(folder, {PREFIX + n: shape for n, shape in shapes.items()},
+                            cfg["peft_type"])
+    attach(model, adapter, layers=layers)
+    for key, array in tensors.items():
+        model.params[key[len(PREFIX):]] = array.astype(model.dtype)
+    return model
+
+
+def _read_tensors(folder: str, expected: dict, peft_type: str) -> dict:
+    """{PEFT name: array} of the weights file, which must hold exactly the `expected`
+    names and shapes ({PEFT name: shape}; checked on its header, before anything is
+    read) and only finite values."""
     path = os.path.join(folder, WEIGHTS_FILE)
     if not os.path.exists(path):
         raise AdapterError(f"{path}: adapter weights file is missing")
     try:
-        tensors = load_safetensors(path)
-    except (CheckpointError, OSError) as e:
+        entries, _, _ = read_safetensors_header(path)
+    except CheckpointError as e:
         raise AdapterError(f"{path}: cannot read safetensors file ({e})") from None
-    expected = {PREFIX + n for n in adapter_tensor_names(model)}
     # PEFT sometimes writes names with the adapter name (".default") left in
-    tensors = {k.replace(".default.", ".").removesuffix(".default"): v for k, v in tensors.items()}
-    missing = sorted(expected - set(tensors))
-    unexpected = sorted(set(tensors) - expected)
+    stored = {k.replace(".default.", ".").removesuffix(".default"): k for k in entries}
+    if len(stored) != len(entries):
+        raise AdapterError(f"{path}: two tensors have the same name once PEFT's '.default' "
+                           f"is removed; expected each tensor once")
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
     if missing:
-        raise AdapterError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing)")
+        raise AdapterError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing); the "
+                           f"file holds {_held_by(stored)} tensors, "
+                           f"{os.path.join(folder, CONFIG_FILE)} describes a {peft_type} adapter")
     if unexpected:
         raise AdapterError(f"{path}: unexpected tensor {unexpected[0]} (does the adapter match "
                            f"this model's layers and targets?)")
-    for key in sorted(expected):
-        name = key[len(PREFIX):]
-        want = model.params[name].shape
-        got = tensors[key]
-        if got.shape == () and want == (1,):       # a scalar saved 0-d
-            got = got.reshape(1)
-        if got.shape != want:
-            raise AdapterError(f"{path}: tensor {key} has shape {got.shape}, expected {want}")
-        model.params[name] = got.astype(model.dtype)
-    return model
+    for key, want in sorted(expected.items()):
+        got = entries[stored[key]]["shape"]
+        if got != want and not (got == () and want == (1,)):      # a scalar saved 0-d
+            raise AdapterError(f"{path}: tensor {key} has shape {got}, expected {want}")
+    try:
+        tensors = load_safetensors(path)
+    except CheckpointError as e:
+        raise AdapterError(f"{path}: cannot read safetensors file ({e})") from None
+    bad = non_finite(tensors)
+    if bad:
+        raise AdapterError(f"{path}: tensor {bad[0]} holds NaN or Inf values ({len(bad)} "
+                           f"tensor(s) in all); expected finite adapter weights")
+    return {key: tensors[stored[key]].reshape(want) for key, want in expected.items()}
 
 
 def merged_params(model) -> dict:

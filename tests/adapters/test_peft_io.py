@@ -2,6 +2,8 @@
 names and config fields PEFT reads, malformed folders, and merging into the base."""
 import json
 import os
+import re
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -236,7 +238,8 @@ def test_unknown_target_in_config(saved_lora):
     conf = json.loads((saved_lora / CONFIG_FILE).read_text())
     conf["target_modules"] = ["q_proj", "c_attn"]
     (saved_lora / CONFIG_FILE).write_text(json.dumps(conf))
-    with pytest.raises(AdapterError, match="'c_attn' does not exist"):
+    with pytest.raises(AdapterError, match=r"adapter_config\.json: key 'target_modules' lists "
+                                           r"'c_attn'; expected a list of module names among q_proj"):
         _load(saved_lora)
 
 
@@ -244,7 +247,8 @@ def test_regex_target_modules(saved_lora):
     conf = json.loads((saved_lora / CONFIG_FILE).read_text())
     conf["target_modules"] = ".*proj"
     (saved_lora / CONFIG_FILE).write_text(json.dumps(conf))
-    with pytest.raises(AdapterError, match="regex target_modules"):
+    with pytest.raises(AdapterError, match=r"key 'target_modules' is the pattern '\.\*proj'; regex "
+                                           r"patterns are not supported"):
         _load(saved_lora)
 
 
@@ -269,3 +273,161 @@ def test_merged_params_give_the_adapted_logits(name, method):
 def test_lars_cannot_be_merged():
     with pytest.raises(AdapterError, match="LARS cannot be merged"):
         merged_params(_perturbed("tiny", "lars"))
+
+
+# ------------------------------------------------------------------ bad configs, named
+
+def _saved(tmp_path, method, **kw):
+    folder = tmp_path / method
+    save_adapter(str(folder), _perturbed("tiny", method, **kw))
+    return folder
+
+
+def _edit_config(folder, edit):
+    conf = json.loads((folder / CONFIG_FILE).read_text())
+    edit(conf)
+    (folder / CONFIG_FILE).write_text(json.dumps(conf))
+
+
+def _drop(key):
+    return lambda conf: conf.pop(key)
+
+
+def _set(key, value):
+    return lambda conf: conf.__setitem__(key, value)
+
+
+CONFIG = r"adapter_config\.json"
+
+
+@pytest.mark.parametrize("method, edit, message", [
+    ("lora", _drop("r"), r"key 'r' is missing; expected an integer >= 1"),
+    ("lora", _set("r", None), r"key 'r' is null; expected an integer >= 1"),
+    ("lora", _set("r", 8.7), r"key 'r' is 8.7; expected an integer >= 1"),
+    ("lora", _set("r", 4.0), r"key 'r' is 4.0; expected an integer >= 1"),
+    ("lora", _set("r", "4"), r"key 'r' is '4'; expected an integer >= 1"),
+    ("lora", _set("r", True), r"key 'r' is True; expected an integer >= 1"),
+    ("lora", _set("r", 0), r"key 'r' is 0; expected an integer >= 1"),
+    ("lora", _drop("lora_alpha"), r"key 'lora_alpha' is missing; expected a finite number"),
+    ("lora", _set("lora_alpha", "8"), r"key 'lora_alpha' is '8'; expected a finite number"),
+    ("lora", _set("lora_dropout", 1.5), r"key 'lora_dropout' is 1.5; expected a number in \[0, 1\)"),
+    ("lora", _set("use_rslora", True), r"key 'use_rslora' is True; expected false"),
+    ("lora", _set("use_dora", True), r"key 'use_dora' is True; expected false"),
+    ("lora", _set("alpha_pattern", {"q_proj": 2}), r"key 'alpha_pattern' is \{'q_proj': 2\}; expected \{\}"),
+    ("lars", _drop("block_size"), r"key 'block_size' is missing; expected an integer >= 1"),
+    ("lars", _drop("eps"), r"key 'eps' is missing; expected a positive number"),
+    ("lars", _set("eps", -1e-5), r"key 'eps' is -1e-05; expected a positive number"),
+    ("lars", _drop("train_alpha"), r"key 'train_alpha' is missing; expected true or false"),
+    ("lars", _set("train_alpha", "yes"), r"key 'train_alpha' is 'yes'; expected true or false"),
+    ("lars", _set("saved_for_backward", "all"), r"key 'saved_for_backward' is 'all'; expected 'recompute' or 'keep'"),
+    ("lars", _set("block_size", 5), r"LARS block size 5 does not divide the input width 64"),
+    ("ia3", _set("feedforward_modules", ["q_proj"]),
+     r"key 'feedforward_modules' lists 'q_proj'; expected a list of module names among down_proj, "
+     r"k_proj, v_proj"),
+    ("ia3", _set("feedforward_modules", "down_proj"), r"key 'feedforward_modules' is the pattern 'down_proj'"),
+    ("ia3", _set("target_modules", []), r"key 'target_modules' is \[\]; expected at least one"),
+    ("ia3", _set("target_modules", None), r"key 'target_modules' is null; expected a list of module names"),
+    ("ia3", _set("target_modules", [3]), r"key 'target_modules' lists 3; expected a list"),
+    ("lora", _set("layers_to_transform", []), r"key 'layers_to_transform' is \[\]; expected a non-empty list"),
+    ("lora", _set("layers_to_transform", [1, 1]), r"key 'layers_to_transform' is \[1, 1\]; expected .*distinct"),
+    ("lora", _set("layers_to_transform", "1"), r"key 'layers_to_transform' is '1'"),
+])
+def test_a_bad_adapter_config_names_the_file_the_key_and_what_was_expected(
+        tmp_path, method, edit, message):
+    folder = _saved(tmp_path, method)
+    _edit_config(folder, edit)
+    model = Model.random(named_config("tiny"), 0, np.float64)
+    with pytest.raises(AdapterError, match=rf"{CONFIG}: {message}"):
+        load_adapter(str(folder), model)
+    assert model.adapter is None and not model.trainable     # nothing attached
+
+
+def test_an_infinite_number_is_refused(saved_lora):
+    """JSON has no Infinity, but Python reads 1e400 as one."""
+    path = saved_lora / CONFIG_FILE
+    path.write_text(re.sub(r'"lora_alpha": [0-9.]+', '"lora_alpha": 1e400', path.read_text()))
+    with pytest.raises(AdapterError, match=rf"{CONFIG}: key 'lora_alpha' is inf; expected a finite number"):
+        _load(saved_lora)
+
+
+def test_a_huge_rank_is_refused_before_anything_is_allocated(tmp_path):
+    """r = 10^12: before, attach drew (64, 10^12) init tensors before reading the file."""
+    folder = _saved(tmp_path, "lars")
+    _edit_config(folder, _set("r", 10 ** 12))
+    model = Model.random(named_config("tiny"), 0, np.float64)
+    tracemalloc.start()
+    try:
+        with pytest.raises(AdapterError, match=r"adapter_model\.safetensors: tensor .*lars_U has "
+                                               r"shape \(\d+, 3\), expected \(\d+, 1000000000000\)"):
+            load_adapter(str(folder), model)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
+
+
+def test_a_config_that_is_a_json_list(saved_lora):
+    (saved_lora / CONFIG_FILE).write_text("[1, 2]")
+    with pytest.raises(AdapterError, match=rf"{CONFIG}: expected a JSON object, found list"):
+        _load(saved_lora)
+
+
+@pytest.mark.parametrize("text, message", [
+    (b'{"peft_type": "LORA", "peft_type": "IA3"}', r"key 'peft_type' appears twice"),
+    (b'{"peft_type": "LORA", "r": NaN}', r"not valid JSON"),
+    (b'{"peft_type": "\xff"}', r"not UTF-8 text"),
+    (b"[" * 100000, r"not valid JSON \(RecursionError"),
+])
+def test_a_config_that_is_not_strict_json(saved_lora, text, message):
+    (saved_lora / CONFIG_FILE).write_bytes(text)
+    with pytest.raises(AdapterError, match=rf"{CONFIG}: {message}"):
+        _load(saved_lora)
+
+
+def test_a_lars_config_on_lora_tensors_says_what_the_file_holds(tmp_path):
+    folder = _saved(tmp_path, "lora")
+    _edit_config(folder, lambda c: c.update(peft_type="LARS", block_size=16, eps=1e-5,
+                                            train_alpha=True))
+    with pytest.raises(AdapterError, match=r"adapter_model\.safetensors: missing tensor .*lars_U.* "
+                                           r"the file holds LORA tensors, .*adapter_config\.json "
+                                           r"describes a LARS adapter"):
+        _load(folder)
+
+
+def test_ia3_feedforward_modules_null_is_peft_default(tmp_path):
+    """PEFT fills a null feedforward_modules with down_proj; it was read as 'none'."""
+    model = _perturbed("tiny", "ia3")
+    save_adapter(str(tmp_path), model)
+    _edit_config(tmp_path, _set("feedforward_modules", None))
+    fresh = _load(tmp_path)
+    assert fresh.adapter == model.adapter
+
+
+def test_target_modules_all_linear(tmp_path):
+    model = _perturbed("tiny", "lora")
+    save_adapter(str(tmp_path), model)
+    _edit_config(tmp_path, _set("target_modules", "all-linear"))
+    assert _load(tmp_path).adapter == model.adapter
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_adapter_tensors_are_refused(saved_lora, value):
+    def spoil(t):
+        t[KEY] = t[KEY].copy()
+        t[KEY][0, 0] = value
+    _rewrite(saved_lora, spoil)
+    model = Model.random(named_config("tiny"), 0, np.float64)
+    with pytest.raises(AdapterError, match=rf"adapter_model\.safetensors: tensor base_model\.model\."
+                                           rf"{KEY[len('base_model.model.'):]} holds NaN or Inf"):
+        load_adapter(str(saved_lora), model)
+    assert model.adapter is None
+
+
+def test_a_failed_load_leaves_the_model_unchanged(saved_lora):
+    """The weights file is checked before the adapter is attached."""
+    os.remove(saved_lora / WEIGHTS_FILE)
+    model = Model.random(named_config("tiny"), 0, np.float64)
+    names = set(model.params)
+    with pytest.raises(AdapterError, match="adapter weights file is missing"):
+        load_adapter(str(saved_lora), model)
+    assert model.adapter is None and set(model.params) == names
