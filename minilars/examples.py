@@ -1,6 +1,7 @@
 """Training examples: token ids plus a mask of which tokens carry a loss, and batches.
 
-Three formats, detected per JSONL line:
+Three formats, detected per JSONL line (checked as each line is read: minilars.data.tasks
+read_jsonl and check_row, which name the file and line of a row that fits none):
   {"text": ...}                          plain text: every token is predicted
   {"prompt": ..., "completion": ...}     loss on the completion only
   {"query", "choices", "gold"}           a multiple-choice row (minilars data files),
@@ -12,12 +13,11 @@ the completion survives.
 """
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass
 
 import numpy as np
 
+from minilars.data.tasks import DataError, read_jsonl  # noqa: F401  (train reads --data here)
 from minilars.model import next_token_targets
 
 
@@ -28,15 +28,16 @@ class Example:
 
 
 def prompt_completion(row: dict) -> tuple[str, str]:
-    """(prompt, completion) of a prompt/completion or multiple-choice row."""
+    """(prompt, completion) of a prompt/completion or multiple-choice row (one that
+    check_row accepts)."""
     if "prompt" in row and "completion" in row:
         return row["prompt"], row["completion"]
     if "contexts" in row and "continuation" in row:
         return row["contexts"][row["gold"]], " " + row["continuation"].lstrip()
     if "query" in row and "choices" in row and "gold" in row:
-        return row["query"], " " + str(row["choices"][row["gold"]]).lstrip()
-    raise ValueError(f"row has neither text, prompt/completion nor query/choices/gold: "
-                     f"keys {sorted(row)}")
+        return row["query"], " " + row["choices"][row["gold"]].lstrip()
+    raise DataError(f"a row with keys {sorted(row)[:10]} has neither text, prompt/completion "
+                    f"nor query/choices/gold")
 
 
 def encode_prompt_completion(tok, prompt: str, completion: str, seq: int,
@@ -65,24 +66,6 @@ def encode_rows(tok, rows: list[dict], seq: int) -> list[Example]:
         else:
             out.append(encode_prompt_completion(tok, *prompt_completion(row), seq))
     return out
-
-
-def read_jsonl(path: str) -> list[dict]:
-    opener = gzip.open if path.endswith(".gz") else open
-    rows = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such data file") from None
-    if not rows:
-        raise ValueError(f"{path}: no examples")
-    return rows
 
 
 def make_batch(examples: list[Example], pad_id: int):

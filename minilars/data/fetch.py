@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from minilars.data.tasks import (EXPECTED_COUNTS, QASPER_SPLIT, QASPER_TASK, TASKS, DataError,
-                                 read_jsonl_gz, relative_data_path)
+                                 relative_data_path)
 from minilars.io.atomic import sha256_of_file, write_bytes
 
 UNCONDITIONAL_DOC_ID_OFFSET = 1_000_000

