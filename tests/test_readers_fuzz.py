@@ -6,7 +6,7 @@ Each case builds one file (or folder) from a valid one by hypothesis-drawn damag
 it, and asserts three things:
   - the read succeeds, or raises one of minilars's named errors (a class defined in
     minilars, derived from ValueError): never another exception;
-  - it ends within the deadline (and a 10 s alarm turns a hang into a failure);
+  - it ends within a deadline: a 10 s alarm per read turns a hang into a failure;
   - the peak traced allocation (tracemalloc) stays under 16 x the input's size + 4 MiB,
     so a header claiming a 10^12-element tensor in a 100-byte file is refused before
     anything is allocated.
@@ -20,7 +20,6 @@ import shutil
 import signal
 import tracemalloc
 from collections import Counter, defaultdict
-from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -47,10 +46,12 @@ COUNTS: dict[str, Counter] = defaultdict(Counter)
 
 
 def fuzz(default_examples: int):
-    """Hypothesis settings of one reader's fuzz test."""
-    return settings(max_examples=EXAMPLES or default_examples, deadline=timedelta(seconds=5),
+    """Hypothesis settings of one reader's fuzz test. The deadline is attempt's alarm, not
+    hypothesis's (which fails a case that a busy 2-core machine merely slowed once)."""
+    return settings(max_examples=EXAMPLES or default_examples, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.filter_too_much])
+                                           HealthCheck.filter_too_much,
+                                           HealthCheck.large_base_example])
 
 
 def _timeout(signum, frame):
