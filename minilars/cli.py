@@ -158,12 +158,13 @@ def add_threads(p: argparse.ArgumentParser) -> None:
                         "no other process is keeping busy when the command starts)")
 
 
-def use_threads(setting) -> int:
-    """Resolve --threads (None: auto), set BLAS's and OpenMP's counts, and say so on stderr
-    when auto took fewer than all cores. Returns the count."""
+def use_threads(setting, say: bool = True) -> int:
+    """Resolve --threads (None: auto), set BLAS's and OpenMP's counts, and (say=True: train
+    and bench, which run long) say so on stderr when auto took fewer than all cores.
+    Returns the count."""
     n, why = threads.choose_threads(setting or "auto")
     threads.set_threads(n)
-    if setting in (None, "auto") and n < len(threads.usable_cores()):
+    if say and setting in (None, "auto") and n < len(threads.usable_cores()):
         print(f"threads: {n} ({why}; --threads N to choose)", file=sys.stderr)
     return n
 
@@ -481,7 +482,7 @@ def add_generate(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    use_threads(args.threads)
+    use_threads(args.threads, say=False)
     model, tok = _load(args)
     prompt = args.prompt
     if args.chat:
@@ -536,7 +537,7 @@ def _check_seq(seq: int, model) -> None:
 
 
 def cmd_eval(args) -> int:
-    use_threads(args.threads)
+    use_threads(args.threads, say=False)
     if args.what == "ppl":
         if not args.text:
             raise UsageError("eval ppl needs --text FILE")

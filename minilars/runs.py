@@ -26,6 +26,7 @@ import shutil
 import socket
 import time
 
+from minilars.config import read_json_file
 from minilars.io.atomic import atomic_dir, write_json, write_text
 
 CHECKPOINTS = "checkpoints"
@@ -73,15 +74,7 @@ def run_lock(run_dir: str):
 def read_run_json(run_dir: str) -> dict:
     """run.json as a dict; a missing, unreadable or malformed file names itself."""
     path = os.path.join(run_dir, RUN_JSON)
-    try:
-        with open(path, encoding="utf-8") as f:
-            options = json.load(f)
-    except FileNotFoundError:
-        raise RunError(f"{run_dir}: no {RUN_JSON} there (not a run folder?)") from None
-    except UnicodeDecodeError as e:
-        raise RunError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise RunError(f"{path}: not valid JSON ({e})") from None
+    options = read_json_file(path, RunError, missing=f"no {RUN_JSON} there (not a run folder?)")
     if not isinstance(options, dict):
         raise RunError(f"{path}: expected a JSON object of options, found "
                        f"{type(options).__name__}")
@@ -199,7 +192,7 @@ def truncate_log(run_dir: str, step: int) -> int:
         try:
             record = json.loads(raw.decode("utf-8"))
             keep = isinstance(record, dict) and int(record["step"]) <= step
-        except (ValueError, KeyError, TypeError):       # torn, not UTF-8, not a step line
+        except (ValueError, KeyError, TypeError, RecursionError):   # torn, not UTF-8, not a step line
             keep = False
         if keep:
             kept.append(raw.decode("utf-8") + "\n")

@@ -18,7 +18,6 @@ RUN_DIR/
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -28,6 +27,7 @@ import numpy as np
 
 from minilars.adapters import (ADAPTERS, METHODS, adapter_tensor_names, attach,
                                trainable_report)
+from minilars.config import read_json_file
 from minilars.data.tasks import eval_split, load_task
 from minilars.examples import batch_indices, encode_rows, make_batch, read_jsonl
 from minilars.frozen import check_frozen_dtype
@@ -249,14 +249,11 @@ def load_checkpoint(ckpt: str, model: Model, opt: AdamW) -> dict:
     """Put a checkpoint folder's tensors into the model and optimizer; returns its state.
     A damaged or non-finite checkpoint raises CheckpointError naming the file."""
     path = os.path.join(ckpt, "state.json")
+    state = read_json_file(path, CheckpointError, missing="missing (not a complete checkpoint)")
     try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
         step, count = int(state["step"]), int(state["adamw_step_count"])
         losses = [float(v) for v in state["losses"]]
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (not a complete checkpoint)") from None
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: expected JSON with step, adamw_step_count and losses "
                               f"({type(e).__name__}: {e})") from None
     weights = "adapter_model.safetensors" if model.adapter is not None else "model.safetensors"

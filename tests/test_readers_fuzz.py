@@ -414,10 +414,6 @@ def test_run_json(work):
     report("read_run_json")
 
 
-@pytest.mark.xfail(strict=True, reason="minilars/runs.py read_run_json (another engineer's file) "
-                   "catches only JSONDecodeError and UnicodeDecodeError: a 5000-digit number "
-                   "(ValueError) or deep nesting (RecursionError) escapes; it should read "
-                   "through minilars.config.read_json_file(path, RunError)")
 @pytest.mark.parametrize("raw", [b"[" * 100000, b"1" * 5000], ids=["deep", "digits"])
 def test_run_json_that_python_json_cannot_hold(tmp_path, raw):
     (tmp_path / "run.json").write_bytes(raw)

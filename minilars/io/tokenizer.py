@@ -27,11 +27,12 @@ without a template gets no default system message.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 
 from tokenizers import Tokenizer as Backend
+
+from minilars.config import read_json_file
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -88,11 +89,10 @@ class Tokenizer:
             p = os.path.join(folder, name)
             if not os.path.exists(p):
                 return {}
-            try:
-                with open(p, encoding="utf-8") as f:
-                    return json.load(f)
-            except json.JSONDecodeError as e:
-                raise TokenizerError(f"{p}: not valid JSON ({e})") from None
+            found = read_json_file(p, TokenizerError)
+            if not isinstance(found, dict):
+                raise TokenizerError(f"{p}: expected a JSON object, found {type(found).__name__}")
+            return found
 
         tok_cfg, gen_cfg, model_cfg = (read_json("tokenizer_config.json"),
                                        read_json("generation_config.json"), read_json("config.json"))
@@ -101,17 +101,25 @@ class Tokenizer:
             text = _token_text(tok_cfg.get(f"{key}_token"))
             if text is not None and backend.token_to_id(text) is not None:
                 return backend.token_to_id(text)
-            for d in (gen_cfg, model_cfg):
+            for d, name in ((gen_cfg, "generation_config.json"), (model_cfg, "config.json")):
                 value = d.get(f"{key}_token_id")
                 if isinstance(value, list):
                     value = value[0] if value else None
-                if value is not None:
-                    return int(value)
+                if value is None:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise TokenizerError(f"{os.path.join(folder, name)}: {key}_token_id is "
+                                         f"{value!r}; expected a token id (a whole number >= 0)")
+                return value
             return None
 
         template = tok_cfg.get("chat_template")
         if isinstance(template, list):   # [{"name": "default", "template": ...}, ...]
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template
+                             if isinstance(t, dict) and t.get("name") == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(f"{os.path.join(folder, 'tokenizer_config.json')}: chat_template "
+                                 f"is {type(template).__name__}; expected a string")
         return cls(backend, special_id("bos"), special_id("eos"), template, source=folder)
 
     @property
