@@ -172,7 +172,7 @@ def append_log(run_dir: str, record: dict) -> None:
         except OSError as e:
             with contextlib.suppress(OSError):
                 f.truncate(end)
-            raise OSError(e.errno, f"cannot append to the log: {e.strerror}", path) from None
+            raise OSError(e.errno, e.strerror, path) from None
 
 
 def truncate_log(run_dir: str, step: int) -> int:

@@ -459,8 +459,9 @@ def _write_failed(run: _Run, e: OSError, doing: str) -> OSError:
     last checkpoint is intact."""
     kept = (f"the checkpoint of step {_step_of(run)} ({run.checkpoint}) is intact"
             if run.checkpoint else "no checkpoint was written before it")
-    return OSError(e.errno, f"{doing} failed: {e.strerror}; {kept}; free space, then "
-                            f"--resume {run.opts.out}", e.filename)
+    where = f" ({e.filename})" if e.filename else ""
+    return OSError(e.errno, f"{doing} failed: {e.strerror}{where}; {kept}; free space, "
+                            f"then --resume {run.opts.out}")
 
 
 def held_out_loss(model: Model, examples, pad_id: int, opts: StepOptions, batch: int = 4) -> float:

@@ -40,7 +40,7 @@ def atomic_path(path: str):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if e.filename is None or e.filename == tmp:      # name the file meant, not the temporary
-            raise OSError(e.errno, f"cannot write {path}: {e.strerror}", path) from None
+            raise OSError(e.errno, e.strerror, path) from None
         raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -106,7 +106,7 @@ def write_safetensors(path: str, layout: dict[str, tuple[tuple, np.dtype]], prod
                     progress(k + 1, len(layout))
             f.flush()
     except OSError as e:
-        raise OSError(e.errno, f"cannot write {shown}: {e.strerror}", shown) from None
+        raise OSError(e.errno, e.strerror, shown) from None
 
 
 def save_safetensors_atomic(path: str, tensors: dict[str, np.ndarray],
