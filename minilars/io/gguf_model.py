@@ -359,7 +359,12 @@ def load_gguf(path: str, dtype=np.float32, frozen_dtype: str | None = None,
                                      and frozen_dtype is None):
             params[name] = to_float(W, dtype)
         elif frozen_dtype is not None:
-            params[name] = freeze(to_float(W), frozen_dtype)
+            with np.errstate(over="ignore"):          # checked right below, by name
+                params[name] = freeze(to_float(W), frozen_dtype)
+            if non_finite({name: params[name]}):      # a large float32 weight as float16
+                raise GGUFError(f"{path}: tensor {by_hf_name[name].name!r} ({name}) does not "
+                                f"fit --frozen-dtype {frozen_dtype}: it holds values beyond "
+                                "that form's range; expected finite weights")
         else:
             params[name] = W
     return cfg, params, gguf_tokenizer(gf)

@@ -574,3 +574,16 @@ def test_a_gguf_with_non_finite_weights_is_refused_at_load(tmp_path, hf_name, va
         write_tiny_gguf(path, cfg, params)
     with pytest.raises(GGUFError, match=rf"nan.gguf: {message}; expected finite weights"):
         load_gguf(str(path))
+
+
+def test_a_gguf_weight_beyond_float16_is_refused_when_held_as_float16(tmp_path):
+    """A finite float32 weight of 1e6 loads as stored, but as float16 it would be inf."""
+    cfg = tiny_cfg(tied=True)
+    params = init_params(cfg)
+    params["model.layers.0.self_attn.q_proj.weight"][1, 3] = 1e6     # stored F32
+    path = tmp_path / "big.gguf"
+    write_tiny_gguf(path, cfg, params)
+    load_gguf(str(path))
+    with pytest.raises(GGUFError, match=r"big.gguf: tensor 'blk.0.attn_q.weight' .* does not "
+                                        r"fit --frozen-dtype float16"):
+        load_gguf(str(path), frozen_dtype="float16")
