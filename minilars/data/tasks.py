@@ -39,6 +39,9 @@ EXPECTED_COUNTS: dict[tuple[str, str], int] = {
 }
 
 
+MAX_LINE_BYTES = 64 << 20      # one row's line, read before it is parsed
+
+
 def read_jsonl(path: str | os.PathLike, multiple_choice: bool = False) -> list[dict]:
     """The rows of a JSONL file (gzip-compressed when its name ends in .gz), each checked
     as it is read (check_row; multiple_choice: only multiple-choice rows). A missing
@@ -48,7 +51,10 @@ def read_jsonl(path: str | os.PathLike, multiple_choice: bool = False) -> list[d
     rows, n = [], 0
     try:
         with opener(path, "rb") as f:
-            for n, line in enumerate(f, 1):
+            for n, line in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+                if len(line) > MAX_LINE_BYTES:     # a gzip bomb is one endless line
+                    raise DataError(f"{path}:{n}: the line is longer than "
+                                    f"{MAX_LINE_BYTES >> 20} MiB; expected one JSON row per line")
                 if line.strip():
                     where = f"{path}:{n}"
                     rows.append(check_row(parse_json(line, where, DataError), where,

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from minilars.data import tasks
 from minilars.data.tasks import DataError, load_task, read_jsonl
 from minilars.examples import encode_rows
 from minilars.io.tokenizer import Tokenizer
@@ -104,3 +105,13 @@ def test_a_task_file_holds_multiple_choice_rows_only(tmp_path):
 
 def test_data_error_is_a_value_error():
     assert issubclass(DataError, ValueError)
+
+
+def test_a_gzip_bomb_is_refused_at_its_line_cap(tmp_path, monkeypatch):
+    """A .gz of zeros is one endless line: refused once it passes the cap, not read whole."""
+    monkeypatch.setattr(tasks, "MAX_LINE_BYTES", 1 << 20)
+    path = tmp_path / "bomb.jsonl.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b"0" * (8 << 20))
+    with pytest.raises(DataError, match=r"bomb.jsonl.gz:1: the line is longer than 1 MiB"):
+        read_jsonl(str(path))
