@@ -319,6 +319,16 @@ def test_two_train_processes_on_one_folder_one_runs_one_is_refused(folder, data_
     assert ("in use by pid" in refused or "already holds a run" in refused) and out in refused
     with open(os.path.join(out, "log.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == list(range(1, 31))
+    # two resumes at once (they crashed with ENOTEMPTY before the lock)
+    resume = [sys.executable, "-m", "minilars.cli", "train", "--resume", out, "--steps", "60"]
+    procs = [subprocess.Popen(resume, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results)[0] == 0, results
+    assert all(code == 0 or "in use by pid" in err for code, err in results), results
+    with open(os.path.join(out, "log.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == list(range(1, 61))
 
 
 def test_a_lock_held_by_a_dead_process_is_free(folder, data_file, tmp_path):
