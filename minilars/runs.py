@@ -58,15 +58,26 @@ def run_lock(run_dir: str):
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise
-            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
-            raise RunError(f"{run_dir} is in use by {holder}; one process writes a run "
+            raise RunError(f"{run_dir} is in use by {_holder(fd)}; one process writes a run "
                            "folder at a time (wait for it, or use another --out)") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        me = (f"pid {os.getpid()} on {socket.gethostname()}, since "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n").encode()
+        os.pwrite(fd, me, 0)                  # write, then cut: never an empty file
+        os.ftruncate(fd, len(me))
         yield
     finally:
         os.close(fd)                      # closing the descriptor releases the lock
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as it wrote itself into the file (it may be a moment behind
+    taking the lock: wait up to a second for it)."""
+    for _ in range(20):
+        text = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+        if text:
+            return text
+        time.sleep(0.05)
+    return "another process"
 
 
 # ----------------------------------------------------------------------------- run.json
