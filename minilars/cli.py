@@ -98,7 +98,6 @@ def number(low: float, high: float = math.inf, low_open: bool = False):
     return parse
 
 
-
 def add_adapter_options(p: argparse.ArgumentParser) -> None:
     """--targets and --rank, shared, then each adapter's own flags (ADAPTERS)."""
     g = p.add_argument_group("adapter options (see DESIGN.md, 'The adapters')")
