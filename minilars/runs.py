@@ -33,7 +33,7 @@ CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
 RUN_JSON = "run.json"
 LOG = "log.jsonl"
-LEGACY_CHECKPOINT = "checkpoint"          # the single folder of minilars before 0.2
+LEGACY_CHECKPOINT = "checkpoint"          # the single folder of minilars before versioned checkpoints
 _STEP_FOLDER = re.compile(r"step-(\d+)")
 # the temporaries atomic writes of our files leave when killed (io.atomic: .NAME.*.tmp)
 _OUR_TEMPORARIES = (f".{RUN_JSON}.", ".summary.json.", f".{LEGACY_CHECKPOINT}.")
@@ -125,7 +125,7 @@ def _legacy(run_dir: str) -> str | None:
 
 def latest_checkpoint(run_dir: str) -> str | None:
     """The folder of the run's newest complete checkpoint, None before the first save (a
-    run folder of minilars before 0.2 has its one checkpoint/ folder)."""
+    run folder of minilars before versioned checkpoints has its one checkpoint/ folder)."""
     folders = _step_folders(run_dir)
     if folders:
         return folders[max(folders)]
@@ -146,7 +146,7 @@ def save_checkpoint_folder(run_dir: str, step: int, write_files) -> str:
 def clean_leftovers(run_dir: str, keep: str | None) -> list[str]:
     """Delete every checkpoint folder but `keep` and what interrupted writes left: the
     temporaries in checkpoints/ and those of our own files in the run folder (.run.json.*,
-    the .checkpoint.* swaps of minilars before 0.2), and the old checkpoint/ folder once
+    the .checkpoint.* swaps of minilars before versioned checkpoints), and the old checkpoint/ folder once
     a newer checkpoint exists. Returns what was deleted."""
     root = os.path.join(run_dir, CHECKPOINTS)
     doomed = [os.path.join(root, n) for n in (os.listdir(root) if os.path.isdir(root) else [])]
