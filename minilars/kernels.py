@@ -326,6 +326,14 @@ def _dyW_tiles(out_features: int, in_features: int) -> list[tuple[int, int, int,
             for k0, k1 in _split(out_features, _TILE_FLOATS // in_features)]
 
 
+def tile_bytes(out_features: int, in_features: int) -> int:
+    """Bytes of the float32 buffer that the C path dequantizes a (out, in) W's tiles into,
+    the larger of its two products' (at most _TILE_FLOATS floats): the planner's figure."""
+    xwT = max((m1 - m0) * in_features for m0, m1 in _xwT_tiles(out_features, in_features))
+    dyW = max((k1 - k0) * (c1 - c0) for k0, k1, c0, c1 in _dyW_tiles(out_features, in_features))
+    return 4 * max(xwT, dyW)
+
+
 def _xwT_tiled(x: np.ndarray, W, dequantize) -> np.ndarray:
     """y (N, out) = x (N, in) W^T, W (out, in) dequantized a tile at a time by
     dequantize(r0, r1, c0, c1) -> (r1 - r0, c1 - c0) array of x's dtype."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from minilars import quant
+from minilars import kernels, quant
 from minilars.adapters import adapter_for, adapter_sites
 from minilars.checkpoints import checkpoint_keep
 from minilars.config import ModelConfig
@@ -32,7 +32,7 @@ from minilars.model import (Model, StepOptions, attention_backward_workspace, bl
                             lowest_trainable_layer, mlp_rows_saved, mlp_saved, step_saved)
 from minilars.ops.linear import linear_backward_workspace
 from minilars.ops.loss import loss_workspace
-from minilars.ops.mlp import swiglu_backward_workspace
+from minilars.ops.mlp import swiglu_backward_workspace, swiglu_forward_workspace
 from minilars.params import linear_module, linear_shapes, param_shapes
 from minilars.saved import declared_bytes
 
@@ -96,8 +96,10 @@ def constant_bytes(model: Model, sizes: dict) -> dict:
 def step_events(model: Model, B: int, T: int, opts: StepOptions):
     """The step's keeps and releases in its own order: ("keep", layer, Keep),
     ("release", layer, op) and ("release_layer", layer); and ("mark", moment) where the
-    workspace peaks: "loss" (the loss's chunk loop, before its gradient is kept) and
-    ("backward", i) (block i's backward starts, its saved set all alive)."""
+    workspace peaks: ("forward", i) (policy layer: block i's forward, which keeps
+    nothing, after its input is stored), "loss" (the loss's chunk loop, before its
+    gradient is kept) and ("backward", i) (block i's backward starts, its saved set all
+    alive)."""
     C, L = model.cfg.hidden_size, model.cfg.num_hidden_layers
     lowest = lowest_trainable_layer(model)
     outer = step_saved(model, B, T, opts)
@@ -108,6 +110,7 @@ def step_events(model: Model, B: int, T: int, opts: StepOptions):
             yield from (("keep", i, k) for k in block_saved(model, i, B, T, opts).values())
         else:
             yield "keep", i, store
+            yield "mark", ("forward", i)
     for op, name in (("final_norm", "x"), ("final_norm", "rstd")):
         yield "keep", -1, outer[(op, name)]
     yield "mark", "loss"
@@ -208,7 +211,6 @@ def replay_step(model: Model, sizes: dict, B: int, T: int, opts: StepOptions) ->
     return ledger
 
 
-TILE_BYTES = 2 << 20     # the dequantized tile of a half-precision or packed matmul (kernels)
 
 
 def _down_proj_workspace(model: Model, i: int, rows: int) -> int:
@@ -223,20 +225,31 @@ def _down_proj_workspace(model: Model, i: int, rows: int) -> int:
 def workspace_peak(model: Model, sizes: dict, B: int, T: int, opts: StepOptions,
                    replay: Replay) -> tuple[int, str]:
     """(traced peak, where): what the step holds beyond its named tensors where that is
-    largest, added to what the ledger holds then. At the loss: the normed hidden state,
-    one (chunk, V) block of logits and the loss's gradient. In a block's backward, with its
+    largest, added to what the ledger holds then. In a forward that keeps nothing (policy
+    layer): the block's input, h_mid, the MLP's output and its intermediates (for mlp_rows
+    rows, else all). At the loss: the normed hidden state, one (chunk, V) block of logits
+    and the loss's gradient; beside either, the dequantized tile of a narrow frozen W
+    (kernels.tile_bytes). In a block's backward, with its
     saved set alive: the incoming gradient, down_proj's backward (dx, or an adapter's dx~
     and dx), then SwiGLU's (dact, now dg, and du); then the attention half's (dh_mid and
     attention_backward_workspace). With mlp_rows, the MLP's for one row block, beside the
     whole dh_out and dh_mid."""
     cfg, item = model.cfg, np.dtype(model.dtype).itemsize
     N, C, F, V = B * T, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    tile = TILE_BYTES if any(cat == "frozen" and nbytes < int(np.prod(shape)) * item
-                             for (cat, nbytes), shape in _matrix_sizes(model, sizes)) else 0
+    tile = max((kernels.tile_bytes(*shape) for (cat, nbytes), shape in _matrix_sizes(model, sizes)
+                if cat == "frozen" and nbytes < int(np.prod(shape)) * item), default=0)
     moments = {"loss": replay.marks["loss"] + N * C * item + tile
                        + loss_workspace(N, V, C, opts.ce_chunk, item)}
     for mark, live in replay.marks.items():
         if mark == "loss":
+            continue
+        if mark[0] == "forward":                    # policy layer: an MLP that keeps nothing
+            i, rows_ = mark[1], opts.mlp_rows or N
+            h_in = 0 if opts.checkpoints == "ram" else N * C * item   # the ram store holds h
+            moments[f"layer {i} forward MLP"] = (
+                live + h_in + 2 * N * C * item + tile          # h_mid, the MLP's output
+                + (2 * rows_ * C + 2 * rows_ * F) * item       # m, down's output; g, u
+                + swiglu_forward_workspace(rows_, F, item))    # act and its row blocks
             continue
         if mark[0] == "rows":                       # one row block of an MLP, by rows
             _, i, n = mark

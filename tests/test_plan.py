@@ -1,8 +1,10 @@
 """The planner (minilars.plan) predicts the ledger of a real step to the byte: the peak, the
 peak's categories and moment, the per-category maxima, on a grid of methods, policies,
 checkpoint stores, attention forms, frozen forms, batches and lengths."""
+import dataclasses
 import itertools
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -57,6 +59,34 @@ def test_the_plan_is_the_ledger_to_the_byte(name, method, opts, frozen, bt):
     assert plan.peak_by_category == got["peak_by_category"]
     assert plan.max_by_category["activations"] == got["activations_peak"]
     assert plan.peak_moment == got["peak_moment"]
+
+
+WIDE = dataclasses.replace(named_config("tiny"), intermediate_size=1024,   # the MLP dominates
+                           max_position_embeddings=512)
+
+
+@pytest.mark.parametrize("opts, frozen", [(StepOptions(policy="none"), None),
+                                          (StepOptions(policy="layer", checkpoints="disk"), "q8_0"),
+                                          (StepOptions(policy="layer", mlp_rows=32), None),
+                                          (StepOptions(policy="layer", checkpoints="disk",
+                                                       mlp_rows=32), "q8_0")],
+                         ids=["none", "layer-disk-q8_0", "layer-rows", "layer-disk-rows-q8_0"])
+def test_the_planned_workspace_bounds_what_a_step_allocates(opts, frozen):
+    """Everything a step allocates (tracemalloc's peak, weights included) against the plan's
+    ledger peak + workspace: the workspace moments must cover the step's real peak, the
+    forward's too (a forward that ran the MLP on all T rows under mlp_rows once went 2x
+    over its plan), and not be inflated (a fixed 2 MiB dequantized tile on matrices of a
+    few KiB once was). The remaining gap is Python's own objects and small row blocks."""
+    tracemalloc.start()
+    try:
+        model = build_model(WIDE, "lars", frozen_dtype=frozen)
+        traced = measure_lengths(model, [512], opts)[0]["traced_peak"]
+    finally:
+        tracemalloc.stop()
+    plan = predict(WIDE, "lars", seq=512, opts=opts, frozen_dtype=frozen, baseline=0)
+    planned = plan["ledger_peak_bytes"] + plan["workspace_bytes"]
+    assert 0.9 * planned <= traced <= 1.3 * planned, (traced / 2**20, planned / 2**20,
+                                                     plan["workspace_moment"])
 
 
 # ------------------------------------------------------------------ sizes, budgets, the command

@@ -44,6 +44,11 @@ def swiglu_forward(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     return act.reshape(g.shape)
 
 
+def swiglu_forward_workspace(rows: int, width: int, itemsize: int) -> int:
+    """Bytes swiglu_forward allocates: act, and a few row blocks (|g|, exp, sigmoid)."""
+    return (rows + 4 * min(ROWS, rows)) * width * itemsize
+
+
 def swiglu_backward_workspace(rows: int, width: int, itemsize: int) -> int:
     """Bytes swiglu_backward allocates (with dg_out=dact): du, and a few row blocks."""
     return (rows + 4 * min(ROWS, rows)) * width * itemsize
