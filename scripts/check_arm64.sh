@@ -68,7 +68,8 @@ if [ $quick = 0 ]; then
   t0=$(date +%s)
   echo "== the default test suite"
   set +e
-  inside "set -o pipefail; .venv/bin/python -m pytest -q -p no:cacheprovider 2>&1 | tail -n 15"
+  echo "   (pytest's whole output, as it runs: $root/minilars/arm64-pytest.log)"
+  inside "set -o pipefail; .venv/bin/python -m pytest -q -p no:cacheprovider 2>&1 | tee arm64-pytest.log | tail -n 15"
   suite=$?
   set -e
   echo "== suite ran in $(( $(date +%s) - t0 )) s"
