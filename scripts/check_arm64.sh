@@ -6,14 +6,14 @@
 #
 #   sudo scripts/check_arm64.sh [--quick] [ROOT_DIR]   (default /var/tmp/minilars-arm64)
 #
-# --quick skips the test suite (install and the end-to-end pass only: minutes, not half an hour).
+# --quick skips the test suite (install and the end-to-end pass only: minutes, not hours).
 #
 # Needs root, network access to a Debian mirror and PyPI, and on the host:
 #   apt-get install qemu-user-static debootstrap binfmt-support
 # The root is built once (debootstrap, about 5 minutes) and reused; the repository's
 # committed HEAD is copied in fresh each time (git archive: what a clone holds). Everything runs under
 # emulation, so times are many times a real Pi's. Not part of .ci/run: the suite alone
-# takes about half an hour here.
+# takes hours here (the 1,200-test suite under emulation).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
