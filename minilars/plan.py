@@ -211,8 +211,6 @@ def replay_step(model: Model, sizes: dict, B: int, T: int, opts: StepOptions) ->
     return ledger
 
 
-
-
 def _down_proj_workspace(model: Model, i: int, rows: int) -> int:
     """What block i's down_proj backward allocates: its adapter's, or dx (and dW)."""
     C, F = model.cfg.hidden_size, model.cfg.intermediate_size

@@ -45,8 +45,9 @@ def swiglu_forward(g: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 
 def swiglu_forward_workspace(rows: int, width: int, itemsize: int) -> int:
-    """Bytes swiglu_forward allocates: act, and a few row blocks (|g|, exp, sigmoid)."""
-    return (rows + 4 * min(ROWS, rows)) * width * itemsize
+    """Bytes swiglu_forward allocates: act, and a few row blocks (|g|, exp, sigmoid):
+    as many as the backward's du and its row blocks."""
+    return swiglu_backward_workspace(rows, width, itemsize)
 
 
 def swiglu_backward_workspace(rows: int, width: int, itemsize: int) -> int:
