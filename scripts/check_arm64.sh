@@ -4,9 +4,12 @@
 # run the default test suite there, then a tiny end-to-end pass (memory, train, eval ppl,
 # generate). Prints pytest's summary line and the wall times.
 #
-#   sudo scripts/check_arm64.sh [--quick] [ROOT_DIR]   (default /var/tmp/minilars-arm64)
+#   sudo scripts/check_arm64.sh [--quick] [ROOT_DIR] [-- PYTEST_ARGS...]
+#                                              (default ROOT_DIR /var/tmp/minilars-arm64)
 #
 # --quick skips the test suite (install and the end-to-end pass only: minutes, not hours).
+# Arguments after -- go to pytest, e.g. `-- -k 'not test_page_output_is_current'` leaves
+# out the full-size tutorial renders, which take most of an emulated run's hours.
 #
 # Needs root, network access to a Debian mirror and PyPI, and on the host:
 #   apt-get install qemu-user-static debootstrap binfmt-support
@@ -19,7 +22,11 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 quick=0
 if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
-root=${1:-/var/tmp/minilars-arm64}
+root=/var/tmp/minilars-arm64
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then root=$1; shift; fi
+[ "${1:-}" = "--" ] && shift
+pytest_args=""                      # the rest, quoted again for the shell inside the root
+if [ $# -gt 0 ]; then pytest_args=$(printf ' %q' "$@"); fi
 mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
 mirror=${mirror:-http://deb.debian.org/debian}
 start=$(date +%s)
@@ -69,7 +76,7 @@ if [ $quick = 0 ]; then
   echo "== the default test suite"
   set +e
   echo "   (pytest's whole output, as it runs: $root/minilars/arm64-pytest.log)"
-  inside "set -o pipefail; .venv/bin/python -m pytest -q -p no:cacheprovider 2>&1 | tee arm64-pytest.log | tail -n 15"
+  inside "set -o pipefail; .venv/bin/python -m pytest -q -p no:cacheprovider$pytest_args 2>&1 | tee arm64-pytest.log | tail -n 15"
   suite=$?
   set -e
   echo "== suite ran in $(( $(date +%s) - t0 )) s"
