@@ -16,7 +16,7 @@ import numpy as np
 
 import minilars
 from minilars import evaluate, kernels, threads
-from minilars.lab import bench, plan_check
+from minilars.lab import bench, compare, plan_check
 from minilars.adapters import ADAPTERS, METHODS
 from minilars.checkpoints import CHECKPOINT_STORES
 from minilars.config import named_config
@@ -423,6 +423,21 @@ def add_bench(sub) -> None:
     q.add_argument("--c-core", type=_names_in(("on", "off"), "C core choice"), default=["on", "off"],
                    help="on, off or on,off (the NumPy twins)")
     add_threads(q)
+    q = bsub.add_parser("compare", help="minilars against PyTorch + PEFT, the same steps in "
+                                        "alternating fresh processes (needs the reference extra)")
+    q.add_argument("--arch", default="smollm2-135m")
+    q.add_argument("--method", type=_names_in(METHODS, "method"), default=["full", "lora", "ia3", "lars"],
+                   help="comma list of methods (default full,lora,ia3,lars)")
+    q.add_argument("--policy", type=_names_in(("none", "layer"), "recompute policy"),
+                   default=["none", "layer"], help="comma list: none, layer (default both)")
+    q.add_argument("--seq", type=_int_list, default=[512, 2048], help="comma list of T (default 512,2048)")
+    q.add_argument("--batch", type=whole(1), default=1)
+    q.add_argument("--rounds", type=whole(1), default=2,
+                   help="fresh processes per side and configuration, alternating (default 2)")
+    q.add_argument("--steps", type=whole(1), default=2,
+                   help="timed steps per process, after one warm-up step (default 2)")
+    q.add_argument("--json", action="store_true", help="print the rows as JSON")
+    add_threads(q)
     q = bsub.add_parser("plan", help="the planner against measured steps on a grid of "
                                      "configurations (each in a fresh process)")
     q.add_argument("--arch", default="smollm2-135m")
@@ -434,10 +449,14 @@ def add_bench(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    if args.bench_command in ("kernels", "step"):
-        use_threads(args.threads)
-    for line in threads.describe() + [f"warning: {w}" for w in threads.conflicts()]:
-        print(line)                                 # every figure says what computed it
+    if args.bench_command == "compare" and compare.reference_missing():
+        raise UsageError(f"bench compare times PyTorch too, and {', '.join(compare.reference_missing())} "
+                         f"cannot be imported here; install the reference extra: {compare.INSTALL_HINT}")
+    if args.bench_command in ("kernels", "step", "compare"):
+        n_threads = use_threads(args.threads)
+    about = threads.describe() + [f"warning: {w}" for w in threads.conflicts()]
+    for line in about:                              # every figure says what computed it
+        print(line, file=sys.stderr if getattr(args, "json", False) else sys.stdout)
     if args.bench_command == "kernels":
         print(bench.format_kernel_table(bench.bench_kernels(seq=args.seq)))
     elif args.bench_command == "plan":
@@ -452,6 +471,15 @@ def cmd_bench(args) -> int:
         if args.plot:
             write_text(args.plot, plan_check.edge_plot(rows, args.arch))
             print(f"wrote {args.plot}", file=sys.stderr)
+    elif args.bench_command == "compare":
+        named_config(args.arch)                     # an unknown name fails before any process starts
+        cells = compare.cells(args.method, args.policy, args.seq, args.arch, args.batch)
+        rows, rate = compare.compare(cells, n_threads, args.rounds, args.steps, progress=lambda r: print(
+            f"  {r['method']} {r['policy']} T={r['seq']}: minilars {r['minilars']['seconds']:.2f} s, "
+            f"PyTorch {r['torch']['seconds']:.2f} s", file=sys.stderr))
+        print(json.dumps({"about": about, "gemm_flops_per_s": rate, "threads": n_threads, "rows": rows},
+                         indent=1)
+              if args.json else compare.format_compare(rows, rate, n_threads))
     else:
         frozen = tuple(None if f == "float32" else f for f in args.frozen_dtype)
         rows = bench.bench_step(args.arch, args.method, args.seq, args.policy, args.batch,
@@ -808,7 +836,8 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"minilars {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, OSError, FloatingPointError, DataError, FetchError, CellError) as e:
+    except (ValueError, OSError, FloatingPointError, DataError, FetchError, CellError,
+            compare.CompareError) as e:
         print(f"minilars {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

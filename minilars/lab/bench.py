@@ -195,7 +195,7 @@ def bench_step(arch: str = "smollm2-135m", method: str = "lars", seq: int = 512,
             for i in range(repeats + 1):                  # round 0 warms each variant up
                 for use_c_core in c_choices:
                     with kernels.use_c(use_c_core):
-                        seconds = _step_seconds(model, tokens, targets, grads, opt, opts)
+                        seconds = timed_step(model, tokens, targets, grads, opt, opts)
                     if i:
                         times[use_c_core].append(seconds)
             for use_c_core in c_choices:
@@ -208,7 +208,7 @@ def bench_step(arch: str = "smollm2-135m", method: str = "lars", seq: int = 512,
     return rows
 
 
-def _step_seconds(model, tokens, targets, grads, opt, opts: StepOptions) -> float:
+def timed_step(model, tokens, targets, grads, opt, opts: StepOptions) -> float:
     """Seconds of one training step: forward + backward, clip, AdamW."""
     for g in grads.values():
         g.fill(0)
