@@ -740,6 +740,81 @@ int minilars_matvec_xwT(const float *x, const void *W, int weight_format,
     return MINILARS_OK;
 }
 
+/* ---------------------------------------------------------------------- SwiGLU */
+
+/* e^x for x <= 0, in double, branch-free so that the loops below vectorise: x = k ln2 + r
+ * with k = round(x / ln2) and |r| <= ln2 / 2, e^r by its Taylor series to degree 8
+ * (relative error below 3e-10, far under a float32 ulp), and 2^k written into the
+ * exponent bits. x is clamped to -700 first (e^-700 = 1e-304 is still a normal double,
+ * and the float32 results round to 0 long before). */
+static inline double exp_nonpositive(double x)
+{
+    x = x < -700.0 ? -700.0 : x;
+    const double shifter = 6755399441055744.0;         /* 1.5 * 2^52: adding it rounds */
+    const double k = (x * 1.4426950408889634 + shifter) - shifter;
+    const double r = x - k * 0.6931471805599453;
+    double p = 1.0 / 40320;                             /* 1/8!, then Horner down to 1 */
+    p = p * r + 1.0 / 5040;
+    p = p * r + 1.0 / 720;
+    p = p * r + 1.0 / 120;
+    p = p * r + 1.0 / 24;
+    p = p * r + 1.0 / 6;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    const int64_t bits = ((int64_t)k + 1023) << 52;   /* 2^k, k in [-1010, 0] */
+    double scale;
+    memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
+/* sigmoid(g) in the twin's form (minilars.ops.mlp._sigmoid), in double: the float32
+ * results below are then rounded once, not at every step as the twin's are. */
+static inline double sigmoid_f64(double g)
+{
+    const double e = exp_nonpositive(g < 0.0 ? g : -g);
+    const double s = 1.0 / (1.0 + e);
+    return g < 0.0 ? s * e : s;
+}
+
+#define SWIGLU_BLOCK 4096       /* values per thread's turn: 48 KiB of float32s, in L2 */
+#define SWIGLU_ONE_THREAD 32768 /* fewer values: one thread (a team costs more than it saves) */
+
+int minilars_swiglu_forward(const float *g, const float *u, int64_t n, float *act, int threads)
+{
+    if (n < 1 || threads < 1)
+        return MINILARS_ERR_ARGS;
+    const int64_t blocks = (n + SWIGLU_BLOCK - 1) / SWIGLU_BLOCK;
+#pragma omp parallel for schedule(static) num_threads(n < SWIGLU_ONE_THREAD ? 1 : threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t end = (b + 1) * SWIGLU_BLOCK < n ? (b + 1) * SWIGLU_BLOCK : n;
+        for (int64_t i = b * SWIGLU_BLOCK; i < end; i++) {
+            const double gi = g[i];
+            act[i] = (float)(gi * sigmoid_f64(gi) * u[i]);
+        }
+    }
+    return MINILARS_OK;
+}
+
+int minilars_swiglu_backward(const float *dact, const float *g, const float *u, int64_t n,
+                             float *dg, float *du, int threads)
+{
+    if (n < 1 || threads < 1)
+        return MINILARS_ERR_ARGS;
+    const int64_t blocks = (n + SWIGLU_BLOCK - 1) / SWIGLU_BLOCK;
+#pragma omp parallel for schedule(static) num_threads(n < SWIGLU_ONE_THREAD ? 1 : threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t end = (b + 1) * SWIGLU_BLOCK < n ? (b + 1) * SWIGLU_BLOCK : n;
+        for (int64_t i = b * SWIGLU_BLOCK; i < end; i++) {
+            const double gi = g[i], d = dact[i];        /* dact[i] read before dg[i] is written */
+            const double s = sigmoid_f64(gi);
+            du[i] = (float)(d * (gi * s));
+            dg[i] = (float)(d * u[i] * (s * (1.0 + gi * (1.0 - s))));
+        }
+    }
+    return MINILARS_OK;
+}
+
 /* ------------------------------------------------------------ what was compiled */
 
 #if defined(__x86_64__) || defined(_M_X64)

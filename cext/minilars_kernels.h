@@ -6,6 +6,7 @@
  *                                                minilars.frozen.bf16_values)
  *   gather rows      minilars/frozen.py          rows_to_float
  *   few-rows x W^T   minilars/kernels.py         matmul_xwT_numpy
+ *   SwiGLU           minilars/ops/mlp.py         swiglu_forward / swiglu_backward
  *
  * Conventions, for every function below:
  *   - arrays are C-contiguous (row-major), float32 unless stated; shapes in comments;
@@ -124,6 +125,24 @@ int64_t minilars_matvec_xwT_workspace(int64_t in_features, int threads);
 int minilars_matvec_xwT(const float *x, const void *W, int weight_format,
                         int64_t rows, int64_t in_features, int64_t out_features, float *y,
                         int threads, float *workspace, int64_t workspace_floats);
+/* SwiGLU, the MLP's element-wise middle, forward: act = silu(g) * u, n values.
+ *   reads   g (n), u (n)
+ *   writes  act (n)
+ * silu(g) = g * sigmoid(g), and sigmoid as the twin computes it: e = exp(-|g|),
+ * 1 / (1 + e), times e when g < 0 (no overflow, full precision on both sides). Inside,
+ * everything is double (exp is this file's polynomial), and each result is rounded to
+ * float32 once: within 1 ulp of the exact value, where the twin's float32 steps round
+ * six times (within a few ulp of each other, not bit for bit). One pass, no temporaries
+ * (the twin makes five passes over row blocks); blocks of values are split over threads.
+ * Twin: minilars.ops.mlp.swiglu_forward. */
+int minilars_swiglu_forward(const float *g, const float *u, int64_t n, float *act, int threads);
+
+/* SwiGLU, backward: du = dact * silu(g); dg = dact * u * sigmoid(g) (1 + g (1 - sigmoid(g))).
+ *   reads   dact (n), g (n), u (n)
+ *   writes  dg (n), du (n); dg may be dact itself (each value is read before it is written)
+ * Twin: minilars.ops.mlp.swiglu_backward. */
+int minilars_swiglu_backward(const float *dact, const float *g, const float *u, int64_t n,
+                             float *dg, float *du, int threads);
 /* CDEF END */
 
 #endif

@@ -23,6 +23,7 @@ Kernels and their twins (the twin is the specification):
     matmul_xwT   y = x W^T    matmul_xwT_numpy   (tiles dequantized in C, NumPy's BLAS;
                                                   few rows: minilars_matvec_xwT)
     matmul_dyW   dx = dy W    matmul_dyW_numpy
+    swiglu_forward / swiglu_backward         minilars.ops.mlp (same names)
 A frozen W may be a float32/float64 ndarray (NumPy's BLAS), a float16 ndarray, or a
 minilars.frozen.Packed matrix: bfloat16 bits ("bf16") or GGUF blocks ("q8_0", "q4_0",
 "q4_1").
@@ -36,6 +37,7 @@ import numpy as np
 from minilars import quant
 from minilars.frozen import Packed, bf16_values, rows_to_float
 from minilars.ops import lars_gate as lars_spec
+from minilars.ops import mlp as mlp_spec
 
 # ---------------------------------------------------------------------- loading
 
@@ -229,6 +231,49 @@ def lars_gate_backward(dx_tilde: np.ndarray, x: np.ndarray, U: np.ndarray, V: np
         _ptr("float[]", dalpha), threads, _ptr("float[]", work), work.size)
     _check_rc(rc, where)
     return (dx.reshape(x.shape) if need_dx else None), dU, dV, dalpha[0]
+
+
+# ------------------------------------------------------------- SwiGLU
+
+def _check_same(where: str, named: list) -> np.ndarray:
+    """Each (name, array) a C-contiguous float array of the first one's shape and dtype."""
+    first_name, first = named[0]
+    for name, a in named:
+        _check_array(name, a, None, _FLOATS, where)
+        if a.shape != first.shape or a.dtype != first.dtype:
+            raise ValueError(f"{where}: {name} has shape {a.shape} and dtype {a.dtype}; "
+                             f"expected {first_name}'s {first.shape} and {first.dtype}")
+    return first
+
+
+def swiglu_forward(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """act = silu(g) * u, (..., F), as minilars.ops.mlp.swiglu_forward; keeps nothing."""
+    where = "swiglu_forward"
+    _check_same(where, [("g", g), ("u", u)])
+    if not _c_for(g):
+        return mlp_spec.swiglu_forward(g, u)
+    act = np.empty_like(g)                                            # (..., F)
+    _check_rc(_lib.minilars_swiglu_forward(_ptr("float[]", g), _ptr("float[]", u), g.size,
+                                           _ptr("float[]", act), int(_lib.minilars_max_threads())),
+              where)
+    return act
+
+
+def swiglu_backward(dact: np.ndarray, g: np.ndarray, u: np.ndarray, dg_out=None):
+    """(dg, du), each (..., F), from dact and the kept g and u, as
+    minilars.ops.mlp.swiglu_backward; dg_out=dact writes dg over dact."""
+    where = "swiglu_backward"
+    named = [("g", g), ("u", u), ("dact", dact)] + ([] if dg_out is None else [("dg_out", dg_out)])
+    _check_same(where, named)
+    if not _c_for(g):
+        return mlp_spec.swiglu_backward(dact, g, u, dg_out)
+    dg = np.empty_like(g) if dg_out is None else dg_out              # (..., F)
+    du = np.empty_like(g)                                             # (..., F)
+    _check_rc(_lib.minilars_swiglu_backward(_ptr("float[]", dact), _ptr("float[]", g),
+                                            _ptr("float[]", u), g.size, _ptr("float[]", dg),
+                                            _ptr("float[]", du), int(_lib.minilars_max_threads())),
+              where)
+    return dg, du
 
 
 # ------------------------------------------------------------- frozen weights

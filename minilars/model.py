@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from minilars import kernels
 from minilars.adapters.common import Site
 from minilars.config import ModelConfig
 from minilars.memory import Ledger
@@ -41,7 +42,7 @@ from minilars.ops.embedding import check_tokens, embedding_backward, embedding_f
 from minilars.ops.linear import _matmul_dyW, _matmul_xwT, linear_backward, linear_forward, linear_saves
 from minilars.ops.loss import (DEFAULT_CHUNK, IGNORE, count_targets, cross_entropy_chunked,
                                cross_entropy_plain, loss_saves)
-from minilars.ops.mlp import swiglu_backward, swiglu_forward, swiglu_saves
+from minilars.ops.mlp import swiglu_saves
 from minilars.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward, rmsnorm_saves
 from minilars.ops.rope import rope_backward, rope_forward, rope_saves, rope_tables
 from minilars.params import init_params, linear_module, linear_shapes, lm_head_name
@@ -326,7 +327,7 @@ def mlp_forward(model: Model, i: int, h: np.ndarray, saved: Saved) -> np.ndarray
     del m
     saved.keep("swiglu", "g", g)
     saved.keep("swiglu", "u", u)
-    act = swiglu_forward(g, u)                                          # (B, T, F)
+    act = kernels.swiglu_forward(g, u)                                  # (B, T, F)
     del g, u
     return project(model, i, "down_proj", act, saved)
 
@@ -361,7 +362,7 @@ def mlp_backward(model: Model, i: int, dh_out: np.ndarray, saved: Saved, grads: 
     """dh_out (B, T, C) -> the MLP half's dh_mid contribution (B, T, C)."""
     wname = f"model.layers.{i}.post_attention_layernorm.weight"
     dact = project_backward(model, i, "down_proj", dh_out, saved, grads)
-    dg, du = swiglu_backward(dact, saved.get("swiglu", "g"), saved.get("swiglu", "u"),
+    dg, du = kernels.swiglu_backward(dact, saved.get("swiglu", "g"), saved.get("swiglu", "u"),
                              dg_out=dact)                       # dg takes dact's place
     saved.release("swiglu")
     del dact

@@ -32,7 +32,7 @@ from minilars.model import (Model, StepOptions, attention_backward_workspace, bl
                             lowest_trainable_layer, mlp_rows_saved, mlp_saved, step_saved)
 from minilars.ops.linear import linear_backward_workspace
 from minilars.ops.loss import loss_workspace
-from minilars.ops.mlp import swiglu_backward_workspace, swiglu_forward_workspace
+from minilars.ops.mlp import swiglu_workspace
 from minilars.params import linear_module, linear_shapes, param_shapes
 from minilars.saved import declared_bytes
 
@@ -247,7 +247,7 @@ def workspace_peak(model: Model, sizes: dict, B: int, T: int, opts: StepOptions,
             moments[f"layer {i} forward MLP"] = (
                 live + h_in + 2 * N * C * item + tile          # h_mid, the MLP's output
                 + (2 * rows_ * C + 2 * rows_ * F) * item       # m, down's output; g, u
-                + swiglu_forward_workspace(rows_, F, item))    # act and its row blocks
+                + swiglu_workspace(rows_, F, item))            # act and its row blocks
             continue
         if mark[0] == "rows":                       # one row block of an MLP, by rows
             _, i, n = mark
@@ -268,7 +268,7 @@ def workspace_peak(model: Model, sizes: dict, B: int, T: int, opts: StepOptions,
                                                  + _down_proj_workspace(model, i, rows_))
         moments[f"{name} swiglu backward"] = (live - declared_bytes(down_keeps) + flowing
                                               + rows_ * F * item
-                                              + swiglu_backward_workspace(rows_, F, item))
+                                              + swiglu_workspace(rows_, F, item))
     where = max(moments, key=moments.get)
     return max(moments[where], replay.peak_total), where
 

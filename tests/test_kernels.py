@@ -1,7 +1,7 @@
 """C kernels against their NumPy twins, argument checks at the boundary, path selection.
 
 The twins are the specification (minilars.ops.lars_gate for the LARS gate,
-minilars.kernels.matmul_*_numpy for the matmuls, kernels.dequantize_numpy (so
+minilars.ops.mlp for SwiGLU, minilars.kernels.matmul_*_numpy for the matmuls, kernels.dequantize_numpy (so
 minilars.quant.dequantize) for dequantization, frozen.rows_to_float for gather_rows).
 Frozen weights in every form: float16 ndarrays and Packed bf16, q8_0, q4_0, q4_1. Tests that
 need the compiled module are skipped when it is not built; the NumPy-path tests always run.
@@ -18,6 +18,7 @@ from minilars import frozen, kernels, quant
 from minilars.frozen import Packed, bf16_bits, bf16_values
 from minilars.lab.bench import _temporary_bytes
 from minilars.ops import lars_gate as lars_spec
+from minilars.ops import mlp as mlp_spec
 
 needs_c = pytest.mark.skipif(not kernels.c_available(), reason="minilars._cext not built")
 MAX_EXAMPLES = int(os.environ.get("MINILARS_HYPOTHESIS_EXAMPLES", "30"))
@@ -60,6 +61,74 @@ def lars_tensors(rows, in_features, rank, block, seed, lead=None, dtype=np.float
 
 
 # ------------------------------------------------------------------ C equals its twin
+
+@needs_c
+@settings(max_examples=MAX_EXAMPLES, deadline=None)
+@given(shape=st.sampled_from([(1,), (3, 5), (2, 7, 33), (1, 64, 1536), (40, 1000)]),
+       scale=st.sampled_from([0.5, 3.0, 30.0]), seed=st.integers(0, 2**31 - 1))
+def test_swiglu_c_equals_twin(shape, scale, seed):
+    """Within a few float32 ulp of the twin (whose float32 steps round six times), both
+    directions; (40, 1000) and (1, 64, 1536)
+    are large enough for the kernel's threads."""
+    rng = np.random.default_rng(seed)
+    g = (scale * rng.standard_normal(shape)).astype(np.float32)
+    u, d = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    with kernels.use_c(True):
+        act = kernels.swiglu_forward(g, u)
+        dg, du = kernels.swiglu_backward(d, g, u)
+    want_act = mlp_spec.swiglu_forward(g, u)
+    want_dg, want_du = mlp_spec.swiglu_backward(d, g, u)
+    for got, want in ((act, want_act), (du, want_du), (dg, want_dg)):
+        assert got.shape == shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=2e-6,   # subnormals: the twin's lose digits
+                                   atol=2e-6 * float(np.abs(want).max()) + np.finfo(np.float32).tiny)
+
+
+@needs_c
+def test_swiglu_c_sigmoid_is_accurate_over_the_whole_range():
+    """act = silu(g) for u = 1 over g in [-120, 120] against float64: within 1 ulp of
+    float32 everywhere (the kernel works in double and rounds once), subnormal tail too."""
+    g = np.linspace(-120, 120, 2_000_001).astype(np.float32)
+    with kernels.use_c(True):
+        act = kernels.swiglu_forward(g, np.ones_like(g))
+    g64 = g.astype(np.float64)
+    truth = g64 / (1 + np.exp(-g64))
+    ulp = np.spacing(np.abs(truth).astype(np.float32)).astype(np.float64)
+    ulps = np.abs(act - truth) / ulp
+    assert ulps.max() <= 1.0, ulps.max()
+
+
+@needs_c
+def test_swiglu_c_writes_dg_over_dact_and_keeps_non_finite_values():
+    rng = np.random.default_rng(3)
+    g, u, d = (rng.standard_normal((5, 70, 96)).astype(np.float32) for _ in range(3))
+    g[0, 0, :3] = [np.inf, np.nan, -np.inf]
+    with kernels.use_c(True):
+        dg, du = kernels.swiglu_backward(d, g, u)
+        d_again = d.copy()
+        dg2, du2 = kernels.swiglu_backward(d_again, g, u, dg_out=d_again)
+        act = kernels.swiglu_forward(g, u)
+    assert np.shares_memory(dg2, d_again)
+    np.testing.assert_array_equal(dg2, dg)
+    np.testing.assert_array_equal(du2, du)
+    assert not np.isfinite(act[0, 0, :3]).any()          # no non-finite g turns finite
+    assert np.isfinite(act[1:]).all()
+
+
+@pytest.mark.parametrize("name,args", [
+    ("u", lambda g: (g, g[:, :-1])),                      # shapes differ
+    ("u", lambda g: (g, g.astype(np.float64))),
+    ("g", lambda g: (g.astype(np.float16), g.astype(np.float16))),
+    ("g", lambda g: (g[:, ::2], np.ascontiguousarray(g[:, ::2]))),   # non-contiguous
+    ("g", lambda g: (g[:0], g[:0])),
+])
+def test_swiglu_bad_arguments_raise_before_c(c_must_not_run, name, args):
+    g, u = args(np.ones((4, 6), np.float32))
+    with pytest.raises(ValueError, match=f"swiglu_forward: {name}"):
+        kernels.swiglu_forward(g, u)
+    with pytest.raises(ValueError, match="swiglu_backward: "):
+        kernels.swiglu_backward(np.ones_like(u), g, u)
+
 
 @needs_c
 @settings(max_examples=MAX_EXAMPLES, deadline=None)
@@ -708,6 +777,11 @@ def test_c_refuses_a_short_workspace_and_writes_nothing():
                                    ffi.from_buffer("float[]", out), threads,
                                    ffi.from_buffer("float[]", work), work.size)
     assert rc == lib.MINILARS_ERR_ARGS and (out == 7.0).all()
+    g = np.ones(4, np.float32)
+    act = np.full_like(g, 7.0)
+    rc = lib.minilars_swiglu_forward(ffi.from_buffer("float[]", g), ffi.from_buffer("float[]", g),
+                                     0, ffi.from_buffer("float[]", act), threads)
+    assert rc == lib.MINILARS_ERR_ARGS and (act == 7.0).all()
 
 
 @needs_c

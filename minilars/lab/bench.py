@@ -108,6 +108,15 @@ def _lars_rows(seq: int, rng, repeats: int) -> list[dict]:
     return rows
 
 
+def _swiglu_rows(seq: int, rng, repeats: int) -> list[dict]:
+    """SwiGLU forward and backward (dg over a copy of dact, as the model does) on the MLP's g, u."""
+    g, u, dact = (rng.normal(size=(seq, MLP)).astype(np.float32) for _ in range(3))
+    shape = f"g, u ({seq}, {MLP})"
+    return [_measure("swiglu_forward", shape, lambda: kernels.swiglu_forward(g, u), repeats),
+            _measure("swiglu_backward", shape,
+                     lambda: kernels.swiglu_backward(dact, g, u, dg_out=dact.copy()), repeats)]
+
+
 def _frozen_matmul_rows(n: int, out_f: int, in_f: int, labels, rng, repeats: int,
                         backward: bool = True) -> list[dict]:
     """y = x W^T (and dx = dy W) for W (out_f, in_f) in each frozen form of `labels`,
@@ -134,11 +143,12 @@ def _frozen_matmul_rows(n: int, out_f: int, in_f: int, labels, rng, repeats: int
 
 def bench_kernels(seq: int = 512, repeats: int = 15, seed: int = 0) -> list[dict]:
     """Each kernel vs its twin on SmolLM2-135M shapes at `seq` tokens (batch 1), float32
-    activations. Also the float32 BLAS reference x @ W32.T for the frozen-weight matmuls:
-    the MLP's up/gate and down projections in every frozen form, the tied LM head at the
-    loss's chunk (float16 and Q8_0), and one token of generation (minilars_matvec_xwT)."""
+    activations: the LARS gate, SwiGLU, and the frozen-weight matmuls (beside the float32
+    BLAS reference x @ W32.T): the MLP's up/gate and down projections in every frozen form,
+    the tied LM head at the loss's chunk (float16 and Q8_0), and one token of generation
+    (minilars_matvec_xwT)."""
     rng = np.random.default_rng(seed)
-    rows = _lars_rows(seq, rng, repeats)
+    rows = _lars_rows(seq, rng, repeats) + _swiglu_rows(seq, rng, repeats)
     everything = ("f16", "bf16", "q8_0", "q4_1")
     rows += _frozen_matmul_rows(seq, MLP, HIDDEN, everything, rng, repeats)
     rows += _frozen_matmul_rows(seq, HIDDEN, MLP, everything, rng, repeats)

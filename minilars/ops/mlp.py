@@ -5,7 +5,8 @@
 backward: dg = dact * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)));  du = dact * silu(g)
 Saves for backward: g and u (..., F). act itself is saved only by down_proj when its weight
 gradient (or an adapter on it) needs it; the sigmoid is recomputed, not kept.
-Both directions run over ROWS rows at a time into preallocated outputs, so their
+These are the twins of the C kernels (minilars.kernels.swiglu_forward / _backward, which
+the model calls). Both directions run over ROWS rows at a time into preallocated outputs, so their
 temporaries are a few (ROWS, F) blocks instead of a few (T, F) arrays (at T=2048 on
 SmolLM2 under 2 MiB instead of 75 MiB), and the blocks stay in cache (the backward
 runs 1.4x faster at T=1024 here); element-wise, so the result is the same bit for bit.
@@ -44,14 +45,11 @@ def swiglu_forward(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     return act.reshape(g.shape)
 
 
-def swiglu_forward_workspace(rows: int, width: int, itemsize: int) -> int:
-    """Bytes swiglu_forward allocates: act, and a few row blocks (|g|, exp, sigmoid):
-    as many as the backward's du and its row blocks."""
-    return swiglu_backward_workspace(rows, width, itemsize)
-
-
-def swiglu_backward_workspace(rows: int, width: int, itemsize: int) -> int:
-    """Bytes swiglu_backward allocates (with dg_out=dact): du, and a few row blocks."""
+def swiglu_workspace(rows: int, width: int, itemsize: int) -> int:
+    """Bytes swiglu_forward or swiglu_backward (with dg_out=dact) allocates: its one new
+    (rows, width) output (act, or du) and a few row blocks (|g|, exp, sigmoid, products).
+    The C kernels allocate only the output; the planner declares this, the larger, for
+    both paths (at most 4 row blocks over: 1.5 MiB on SmolLM2)."""
     return (rows + 4 * min(ROWS, rows)) * width * itemsize
 
 
