@@ -102,22 +102,32 @@ def attention_plain_backward(dout, q, k, v, P):
 # q_tile (B, nkv, rep*tq, hd) against k_tile (B, nkv, tk, hd). One matmul per kv head, and
 # the sums over rep in dk and dv happen inside the matmul.
 
-def _query_tile(qg, i0, i1):
-    """(B, nkv, rep, T, hd) -> rows i0..i1 of every head as (B, nkv, rep*tq, hd), a copy."""
+def _query_tile(qg, i0, i1, scale: float = 1.0):
+    """(B, nkv, rep, T, hd) -> rows i0..i1 of every head as (B, nkv, rep*tq, hd), a copy,
+    times `scale` (1/sqrt(hd) on q: one pass over a tile of q instead of one over every
+    tile of scores; exact for hd = 64, where the scale is 1/8)."""
     B, nkv, rep, _, hd = qg.shape
-    return np.ascontiguousarray(qg[:, :, :, i0:i1]).reshape(B, nkv, rep * (i1 - i0), hd)
+    rows = qg[:, :, :, i0:i1]
+    tile = np.ascontiguousarray(rows) if scale == 1.0 else np.multiply(rows, scale, order="C")
+    return tile.reshape(B, nkv, rep * (i1 - i0), hd)
 
 
-def _tile_scores(q_tile, k_tile, i0, tq, j0, scale):
-    """Scores of one (query tile, key tile) block with the causal mask applied.
-    q_tile (B, nkv, rep*tq, hd), k_tile (B, nkv, tk, hd) -> (B, nkv, rep*tq, tk)."""
+def _diagonal_mask(rep: int, tq: int, dtype) -> np.ndarray:
+    """(rep*tq, tq): 0 where query row r (of each of the rep stacked heads) may see key
+    column c of the same tile, c <= r mod tq, and -inf above the diagonal. Added to the
+    diagonal tile's scores: one pass, where a boolean index built per tile was three."""
+    above = np.arange(tq)[None, :] > np.arange(tq)[:, None]           # (tq, tq)
+    return np.tile(np.where(above, -np.inf, 0.0).astype(dtype), (rep, 1))
+
+
+def _tile_scores(q_tile, k_tile, i0, j0, mask):
+    """Scores of one (query tile, key tile) block, q_tile already scaled, with the causal
+    mask applied. q_tile (B, nkv, rep*tq, hd), k_tile (B, nkv, tk, hd) -> (B, nkv, rep*tq, tk).
+    Query and key tiles share their edges, so only the diagonal tile (j0 == i0) crosses
+    the diagonal; tiles left of it are whole, tiles right of it are never computed."""
     S = q_tile @ k_tile.swapaxes(-1, -2)
-    S *= scale
-    tk = S.shape[-1]
-    if j0 + tk - 1 > i0:                                   # the tile crosses the diagonal
-        rows = np.tile(np.arange(i0, i0 + tq), S.shape[-2] // tq)[:, None]
-        cols = np.arange(j0, j0 + tk)[None, :]
-        S[..., cols > rows] = -np.inf
+    if j0 == i0:
+        S += mask
     return S
 
 
@@ -135,13 +145,14 @@ def attention_tiled_forward(q, k, v, tile: int = DEFAULT_TILE):
     for i0 in range(0, T, tile):
         i1 = min(i0 + tile, T)
         tq = i1 - i0
-        q_tile = _query_tile(qg, i0, i1)                               # (B, nkv, rep*tq, hd)
+        q_tile = _query_tile(qg, i0, i1, scale)                        # (B, nkv, rep*tq, hd)
+        mask = _diagonal_mask(rep, tq, q.dtype)                        # (rep*tq, tq)
         row_max = np.full((B, nkv, rep * tq), -np.inf, dtype=q.dtype)
         row_sum = np.zeros_like(row_max)
         acc = np.zeros((B, nkv, rep * tq, hd), dtype=q.dtype)
         for j0 in range(0, i1, tile):                                  # causal: keys < i1
             j1 = min(j0 + tile, i1)
-            S = _tile_scores(q_tile, k[:, :, j0:j1], i0, tq, j0, scale)
+            S = _tile_scores(q_tile, k[:, :, j0:j1], i0, j0, mask)
             new_max = np.maximum(row_max, S.max(axis=-1))
             correction = np.exp(row_max - new_max)                     # rescale what we had
             S -= new_max[..., None]
@@ -173,23 +184,24 @@ def attention_tiled_backward(dout, q, k, v, out, lse, tile: int = DEFAULT_TILE):
     for i0 in range(0, T, tile):
         i1 = min(i0 + tile, T)
         tq = i1 - i0
-        q_tile = _query_tile(qg, i0, i1)                               # (B, nkv, rep*tq, hd)
+        q_tile = _query_tile(qg, i0, i1, scale)                        # (B, nkv, rep*tq, hd)
         dO_tile = _query_tile(dOg, i0, i1)                             # (B, nkv, rep*tq, hd)
+        mask = _diagonal_mask(rep, tq, q.dtype)                        # (rep*tq, tq)
         lse_tile = np.ascontiguousarray(lse_g[..., i0:i1]).reshape(B, nkv, rep * tq, 1)
         D_tile = np.ascontiguousarray(D[..., i0:i1]).reshape(B, nkv, rep * tq, 1)
         dq_tile = np.zeros_like(q_tile)
         for j0 in range(0, i1, tile):
             j1 = min(j0 + tile, i1)
-            S = _tile_scores(q_tile, k[:, :, j0:j1], i0, tq, j0, scale)
+            S = _tile_scores(q_tile, k[:, :, j0:j1], i0, j0, mask)
             S -= lse_tile
             P = np.exp(S, out=S)                                       # (B, nkv, rep*tq, tk)
             dv[:, :, j0:j1] += P.swapaxes(-1, -2) @ dO_tile            # sums over rep too
             dP = dO_tile @ v[:, :, j0:j1].swapaxes(-1, -2)
             dP -= D_tile
-            dS = np.multiply(P, dP, out=dP)
-            dS *= scale
+            dS = np.multiply(P, dP, out=dP)                            # unscaled: dS / scale
             dq_tile += dS @ k[:, :, j0:j1]
-            dk[:, :, j0:j1] += dS.swapaxes(-1, -2) @ q_tile
+            dk[:, :, j0:j1] += dS.swapaxes(-1, -2) @ q_tile            # q_tile carries the scale
+        dq_tile *= scale
         dq[:, :, :, i0:i1] = dq_tile.reshape(B, nkv, rep, tq, hd)
     return dq.reshape(B, nh, T, hd), dk, dv
 
