@@ -218,14 +218,15 @@ def bench_step(arch: str = "smollm2-135m", method: str = "lars", seq: int = 512,
     return rows
 
 
-def timed_step(model, tokens, targets, grads, opt, opts: StepOptions) -> float:
-    """Seconds of one training step: forward + backward, clip, AdamW."""
+def timed_step(model, tokens, targets, grads, opt, opts: StepOptions, ledger=None) -> float:
+    """Seconds of one training step: forward + backward, clip, AdamW (recorded in
+    `ledger` when given)."""
     for g in grads.values():
         g.fill(0)
     t0 = time.perf_counter()
-    forward_backward(model, tokens, targets, grads, opts)
+    forward_backward(model, tokens, targets, grads, opts, ledger)
     clip_grad_norm(grads, 1.0)
-    opt.step(model.params, grads)
+    opt.step(model.params, grads, ledger=ledger)
     return time.perf_counter() - t0
 
 

@@ -12,16 +12,16 @@ import itertools
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 
 from minilars.config import named_config
+from minilars.lab.bench import timed_step
 from minilars.lab.memory_curve import build_model, curve_lengths, planned_line
 from minilars.lab.svg import svg_curves
 from minilars.memory import Ledger, mib, peak_rss_bytes, register_params, reset_peak_rss
-from minilars.model import StepOptions, forward_backward, next_token_targets, zero_grads
-from minilars.optim import AdamW, clip_grad_norm
+from minilars.model import StepOptions, next_token_targets, zero_grads
+from minilars.optim import AdamW
 from minilars.plan import predict
 
 GRID_METHODS = ("full", "lora", "ia3", "lars")
@@ -91,16 +91,11 @@ def measure(cell: dict) -> dict:
     opt = AdamW(lr=1e-5)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(cell.get("batch", 1), cell["seq"]))
     for step in range(2):
-        for g in grads.values():
-            g.fill(0)
         ledger.reset_peak()
         reset = reset_peak_rss()
-        t0 = time.perf_counter()
-        forward_backward(model, tokens, next_token_targets(tokens), grads, opts, ledger)
-        clip_grad_norm(grads, 1.0)
-        opt.step(model.params, grads, ledger=ledger)
+        seconds = timed_step(model, tokens, next_token_targets(tokens), grads, opt, opts, ledger)
     return {"ledger_peak": ledger.peak_total, "rss_peak": peak_rss_bytes() if reset else None,
-            "seconds": time.perf_counter() - t0}
+            "seconds": seconds}
 
 
 def check(cells: list[dict], progress=None) -> list[dict]:
