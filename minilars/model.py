@@ -363,7 +363,7 @@ def mlp_backward(model: Model, i: int, dh_out: np.ndarray, saved: Saved, grads: 
     wname = f"model.layers.{i}.post_attention_layernorm.weight"
     dact = project_backward(model, i, "down_proj", dh_out, saved, grads)
     dg, du = kernels.swiglu_backward(dact, saved.get("swiglu", "g"), saved.get("swiglu", "u"),
-                             dg_out=dact)                       # dg takes dact's place
+                                     dg_out=dact)               # dg takes dact's place
     saved.release("swiglu")
     del dact
     dm = project_backward(model, i, "gate_proj", dg, saved, grads)
