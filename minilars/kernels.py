@@ -152,16 +152,22 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _HALF = (np.dtype(np.float16),)
 
 
+def _check_same(where: str, named: list) -> np.ndarray:
+    """Each (name, array) a C-contiguous float array of the first one's shape and dtype."""
+    first_name, first = named[0]
+    for name, a in named:
+        _check_array(name, a, None, _FLOATS, where)
+        if a.shape != first.shape or a.dtype != first.dtype:
+            raise ValueError(f"{where}: {name} has shape {a.shape} and dtype {a.dtype}; "
+                             f"expected {first_name}'s {first.shape} and {first.dtype}")
+    return first
+
+
 # ------------------------------------------------------------- LARS gate
 
 def _check_lars(where, x, U, V, alpha, block, extra=()):
     """Checks shared by the LARS kernels; returns (x2d (N, in), alpha as float)."""
-    _check_array("x", x, None, _FLOATS, where)
-    for name, a in extra:
-        _check_array(name, a, None, _FLOATS, where)
-        if a.shape != x.shape or a.dtype != x.dtype:
-            raise ValueError(f"{where}: {name} has shape {a.shape} and dtype {a.dtype}; "
-                             f"expected x's {x.shape} and {x.dtype}")
+    _check_same(where, [("x", x), *extra])
     _check_array("U", U, 2, (x.dtype,), where)
     _check_array("V", V, 2, (x.dtype,), where)
     in_features = x.shape[-1]
@@ -234,17 +240,6 @@ def lars_gate_backward(dx_tilde: np.ndarray, x: np.ndarray, U: np.ndarray, V: np
 
 
 # ------------------------------------------------------------- SwiGLU
-
-def _check_same(where: str, named: list) -> np.ndarray:
-    """Each (name, array) a C-contiguous float array of the first one's shape and dtype."""
-    first_name, first = named[0]
-    for name, a in named:
-        _check_array(name, a, None, _FLOATS, where)
-        if a.shape != first.shape or a.dtype != first.dtype:
-            raise ValueError(f"{where}: {name} has shape {a.shape} and dtype {a.dtype}; "
-                             f"expected {first_name}'s {first.shape} and {first.dtype}")
-    return first
-
 
 def swiglu_forward(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     """act = silu(g) * u, (..., F), as minilars.ops.mlp.swiglu_forward; keeps nothing."""
