@@ -4,10 +4,13 @@
 # run the default test suite there, then a tiny end-to-end pass (memory, train, eval ppl,
 # generate). Prints pytest's summary line and the wall times.
 #
-#   sudo scripts/check_arm64.sh [--quick] [ROOT_DIR] [-- PYTEST_ARGS...]
+#   sudo scripts/check_arm64.sh [--quick] [--jobs N] [ROOT_DIR] [-- PYTEST_ARGS...]
 #                                              (default ROOT_DIR /var/tmp/minilars-arm64)
 #
 # --quick skips the test suite (install and the end-to-end pass only: minutes, not hours).
+# --jobs N (default: the host's cores) runs the suite as N pytest processes side by side
+# (scripts/pytest_shards.py): qemu-user runs a process on one host core, so one pytest
+# leaves the other cores idle. Shard K's whole output is ROOT/minilars/arm64-pytest-K.log.
 # Arguments after -- go to pytest, e.g. `-- -k 'not test_page_output_is_current'` leaves
 # out the full-size tutorial renders, which take most of an emulated run's hours.
 #
@@ -21,7 +24,10 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 quick=0
+jobs=$(nproc)
 if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
+if [ "${1:-}" = "--jobs" ]; then jobs=${2:-}; shift 2 || true; fi
+case $jobs in ''|*[!0-9]*|0) echo "$0: --jobs '$jobs': expected a positive count" >&2; exit 1;; esac
 root=/var/tmp/minilars-arm64
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then root=$1; shift; fi
 [ "${1:-}" = "--" ] && shift
@@ -73,10 +79,10 @@ echo "== installed in $(( $(date +%s) - t0 )) s"
 suite=0
 if [ $quick = 0 ]; then
   t0=$(date +%s)
-  echo "== the default test suite"
+  echo "== the default test suite, $jobs pytest processes side by side"
+  echo "   (each one's whole output, as it runs: $root/minilars/arm64-pytest-K.log)"
   set +e
-  echo "   (pytest's whole output, as it runs: $root/minilars/arm64-pytest.log)"
-  inside "set -o pipefail; .venv/bin/python -m pytest -q -p no:cacheprovider$pytest_args 2>&1 | tee arm64-pytest.log | tail -n 15"
+  inside ".venv/bin/python scripts/pytest_shards.py $jobs$pytest_args"
   suite=$?
   set -e
   echo "== suite ran in $(( $(date +%s) - t0 )) s"
