@@ -504,6 +504,7 @@ class _Step:
     outer: Saved = None                                  # layer -1: rope, final norm, loss
     saveds: dict = field(default_factory=dict)           # layer -> its Saved
     store: object = None                                 # policy layer: the checkpoint store
+    dh: np.ndarray = None                                # the gradient flowing down the blocks
 
     def block_store(self, i: int) -> Saved:
         return Saved(self.ledger, i, block_saved(self.model, i, self.B, self.T, self.opts),
@@ -568,8 +569,11 @@ def _loss_forward_backward(step: _Step, h: np.ndarray, targets: np.ndarray, grad
     return loss, dh
 
 
-def _backward_blocks(step: _Step, dh: np.ndarray, grads: dict, lowest: int,
-                     embedding_trains: bool):
+def _backward_blocks(step: _Step, grads: dict, lowest: int, embedding_trains: bool) -> None:
+    """The blocks' backward, top first, on step.dh, which each block's gradient replaces.
+    step.dh is its only holder, so a block's incoming gradient is freed as soon as the
+    next is made (a caller's own name for the loss's gradient would keep one (B, T, C)
+    array alive, undeclared, under every block below the top)."""
     model, opts = step.model, step.opts
     for i in reversed(range(lowest, model.cfg.num_hidden_layers)):
         if opts.policy == "layer":
@@ -577,8 +581,8 @@ def _backward_blocks(step: _Step, dh: np.ndarray, grads: dict, lowest: int,
             recompute_block(model, i, step.store.take(i), step.rope, step.saveds[i], opts)
             step.store.release(i)
         need_dx = i > lowest or embedding_trains
-        dh = block_backward(model, i, dh, step.rope, step.saveds.pop(i), grads, opts, need_dx)
-    return dh
+        step.dh = block_backward(model, i, step.dh, step.rope, step.saveds.pop(i), grads,
+                                 opts, need_dx)
 
 
 def forward_backward(model: Model, tokens: np.ndarray, targets: np.ndarray,
@@ -604,15 +608,16 @@ def forward_backward(model: Model, tokens: np.ndarray, targets: np.ndarray,
         step.store = open_store(opts.checkpoints, step.ledger, (B, T, cfg.hidden_size),
                                 model.dtype, opts.scratch_dir, step.outer)
     try:
-        h = embedding_forward(tokens, p["model.embed_tokens.weight"], model.dtype)  # (B, T, C)
-        h = _forward_blocks(step, h, lowest)
-        loss, dh = _loss_forward_backward(step, h, np.asarray(targets), grads)
+        # each pass's input is only its callee's (a name here would keep it alive, undeclared)
+        h = _forward_blocks(step, embedding_forward(tokens, p["model.embed_tokens.weight"],
+                                                    model.dtype), lowest)       # (B, T, C)
+        loss, step.dh = _loss_forward_backward(step, h, np.asarray(targets), grads)
         del h
         embedding_trains = "model.embed_tokens.weight" in model.trainable
-        dh = _backward_blocks(step, dh, grads, lowest, embedding_trains)
+        _backward_blocks(step, grads, lowest, embedding_trains)
         if embedding_trains:
-            embedding_backward(dh, tokens, grads["model.embed_tokens.weight"])
-        del dh
+            embedding_backward(step.dh, tokens, grads["model.embed_tokens.weight"])
+        step.dh = None
     finally:
         if step.store is not None:
             step.store.close()                   # the disk store's file goes, whatever happened

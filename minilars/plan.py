@@ -33,6 +33,7 @@ from minilars.model import (Model, StepOptions, attention_backward_workspace, bl
 from minilars.ops.linear import linear_backward_workspace
 from minilars.ops.loss import loss_workspace
 from minilars.ops.mlp import swiglu_workspace
+from minilars.ops.rmsnorm import rmsnorm_backward_workspace
 from minilars.params import linear_module, linear_shapes, param_shapes
 from minilars.saved import declared_bytes
 
@@ -98,7 +99,8 @@ def step_events(model: Model, B: int, T: int, opts: StepOptions):
     ("release", layer, op) and ("release_layer", layer); and ("mark", moment) where the
     workspace peaks: ("forward", i) (policy layer: block i's forward, which keeps
     nothing, after its input is stored), "loss" (the loss's chunk loop, before its
-    gradient is kept) and ("backward", i) (block i's backward starts, its saved set all
+    gradient is kept), "final_norm" (the final norm's backward, beside that gradient)
+    and ("backward", i) (block i's backward starts, its saved set all
     alive)."""
     C, L = model.cfg.hidden_size, model.cfg.num_hidden_layers
     lowest = lowest_trainable_layer(model)
@@ -115,6 +117,7 @@ def step_events(model: Model, B: int, T: int, opts: StepOptions):
         yield "keep", -1, outer[(op, name)]
     yield "mark", "loss"
     yield "keep", -1, outer[("loss", "dx")]
+    yield "mark", "final_norm"
     yield "release", -1, "final_norm"
     yield "release", -1, "loss"
     for i in reversed(range(lowest, L)):
@@ -227,7 +230,8 @@ def workspace_peak(model: Model, sizes: dict, B: int, T: int, opts: StepOptions,
     layer): the block's input, h_mid, the MLP's output and its intermediates (for mlp_rows
     rows, else all). At the loss: the normed hidden state, one (chunk, V) block of logits
     and the loss's gradient; beside either, the dequantized tile of a narrow frozen W
-    (kernels.tile_bytes). In a block's backward, with its
+    (kernels.tile_bytes). Then the final norm's backward, beside the loss's gradient
+    (rmsnorm_backward_workspace). In a block's backward, with its
     saved set alive: the incoming gradient, down_proj's backward (dx, or an adapter's dx~
     and dx), then SwiGLU's (dact, now dg, and du); then the attention half's (dh_mid and
     attention_backward_workspace). With mlp_rows, the MLP's for one row block, beside the
@@ -237,9 +241,11 @@ def workspace_peak(model: Model, sizes: dict, B: int, T: int, opts: StepOptions,
     tile = max((kernels.tile_bytes(*shape) for (cat, nbytes), shape in _matrix_sizes(model, sizes)
                 if cat == "frozen" and nbytes < int(np.prod(shape)) * item), default=0)
     moments = {"loss": replay.marks["loss"] + N * C * item + tile
-                       + loss_workspace(N, V, C, opts.ce_chunk, item)}
+                       + loss_workspace(N, V, C, opts.ce_chunk, item),
+               "final norm backward": replay.marks["final_norm"]
+                                      + rmsnorm_backward_workspace(N, C, item)}
     for mark, live in replay.marks.items():
-        if mark == "loss":
+        if mark in ("loss", "final_norm"):
             continue
         if mark[0] == "forward":                    # policy layer: an MLP that keeps nothing
             i, rows_ = mark[1], opts.mlp_rows or N
@@ -412,7 +418,7 @@ def fitting_settings(cfg: ModelConfig, method: str, adapter, start: Setting, bud
     """[(setting, plan, time factor)] of the cheapest settings that fit `budget` (predicted
     peak RSS), cheapest extra compute first (exact checkpoints before bf16 at equal cost).
     When none fits at the asked batch and length, halved batches, then halved lengths.
-    `baseline` is the runtime's own RSS (this process's, measured, unless given)."""
+    `baseline` is the runtime's own RSS (runtime_baseline_bytes() unless given)."""
     baseline = current_rss_bytes() if baseline is None else baseline
     tried = [start]
     while True:

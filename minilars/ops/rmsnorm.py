@@ -32,7 +32,8 @@ def rmsnorm_forward(x: np.ndarray, w: np.ndarray | None, eps: float):
 
 def rmsnorm_backward(dy: np.ndarray, x: np.ndarray, rstd: np.ndarray, w: np.ndarray | None,
                      need_dx: bool = True, need_dw: bool = True):
-    """Returns (dx or None, dw or None)."""
+    """Returns (dx or None, dw or None). Allocates two (..., C) arrays, xhat and g (which
+    becomes dx in place): rmsnorm_backward_workspace."""
     xhat = x * rstd[..., None]                                     # (..., C)
     dw = None
     if need_dw and w is not None:
@@ -40,7 +41,15 @@ def rmsnorm_backward(dy: np.ndarray, x: np.ndarray, rstd: np.ndarray, w: np.ndar
         dw = np.einsum("nc,nc->c", dy.reshape(-1, C), xhat.reshape(-1, C))
     if not need_dx:
         return None, dw
-    g = dy * w.astype(dy.dtype, copy=False) if w is not None else dy  # (..., C)
-    mean_gx = np.mean(g * xhat, axis=-1, keepdims=True)            # (..., 1)
-    dx = (g - xhat * mean_gx) * rstd[..., None]
-    return dx, dw
+    g = dy * w.astype(dy.dtype, copy=False) if w is not None else dy.copy()  # (..., C)
+    mean_gx = np.einsum("...c,...c->...", g, xhat)[..., None] / x.shape[-1]  # (..., 1)
+    xhat *= mean_gx
+    g -= xhat
+    g *= rstd[..., None]
+    return g, dw                                                    # dx = g
+
+
+def rmsnorm_backward_workspace(rows: int, width: int, itemsize: int) -> int:
+    """Bytes rmsnorm_backward allocates at its peak for `rows` rows of `width`: xhat, and
+    g, which it returns as dx."""
+    return 2 * rows * width * itemsize
