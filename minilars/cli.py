@@ -24,10 +24,10 @@ from minilars.data import fetch as data_fetch
 from minilars.data.mmlu import GROUP_SUBJECTS
 from minilars.data.tasks import TASKS, DataError
 from minilars.frozen import FROZEN_DTYPES, check_frozen_dtype
-from minilars.memory import current_rss_bytes, mib
+from minilars.memory import mib
 from minilars.model import StepOptions
 from minilars.plan import (Setting, check_budget, fitting_settings, format_fits, format_plan,
-                           parse_size, predict)
+                           parse_size, predict, runtime_baseline_bytes)
 from minilars.generate import generate
 from minilars.io.atomic import write_json, write_text
 from minilars.io.fetch import FetchError, fetch_smollm2
@@ -285,13 +285,13 @@ def _plan_inputs(args):
 
 
 def runtime_baseline(model: str | None) -> int:
-    """This process's RSS as a run starts: a run's runtime includes its tokenizer (about
-    17 MiB for SmolLM2's), so with a model it is built once first (the heap it leaves is
-    reused by the run's own)."""
+    """The plan's runtime baseline (minilars.plan.runtime_baseline_bytes) for a run of
+    `model`: a run's runtime includes its tokenizer (about 17 MiB for SmolLM2's), so with
+    a model it is built once first (the heap it leaves is reused by the run's own)."""
     if model:
         tokenizer = read_tokenizer(model)
         del tokenizer
-    return current_rss_bytes()
+    return runtime_baseline_bytes()
 
 
 def cmd_plan(args) -> int:

@@ -164,7 +164,7 @@ def test_train_refuses_a_run_over_its_budget_before_loading(tmp_path, capsys, mo
     (tmp_path / "d.jsonl").write_text('{"text": "hello world, a tiny test"}\n' * 4)
     import minilars.train as train_module
     monkeypatch.setattr(train_module, "load_base", lambda *a, **k: pytest.fail("loaded weights"))
-    monkeypatch.setattr(cli, "current_rss_bytes", lambda: BASELINE)   # the runtime, fixed
+    monkeypatch.setattr(cli, "runtime_baseline_bytes", lambda: BASELINE)   # the runtime, fixed
     base = ["train", "--model", folder, "--method", "lora", "--data", str(tmp_path / "d.jsonl"),
             "--steps", "1", "--seq", "32", "--policy", "none"]
     assert main(base + ["--out", str(tmp_path / "a"), "--budget", f"{BASELINE // 2}"]) == 1
@@ -181,7 +181,7 @@ def test_train_refuses_a_run_over_its_budget_before_loading(tmp_path, capsys, mo
 def test_budget_fit_applies_the_cheapest_fitting_settings(tmp_path, capsys, monkeypatch):
     folder = make_tiny_folder(str(tmp_path / "m"))
     (tmp_path / "d.jsonl").write_text('{"text": "hello world, a tiny test"}\n' * 4)
-    monkeypatch.setattr(cli, "current_rss_bytes", lambda: BASELINE)
+    monkeypatch.setattr(cli, "runtime_baseline_bytes", lambda: BASELINE)
     plan = predict(read_config(folder), "lora", seq=32, opts=StepOptions(policy="none"),
                    baseline=BASELINE)
     assert main(["train", "--model", folder, "--method", "lora", "--data", str(tmp_path / "d.jsonl"),

@@ -4,7 +4,8 @@ ledger peak and peak RSS for a grid of configurations on a model's shapes.
 Each configuration is measured in a fresh Python process (random weights, the frozen
 form asked for): two training steps, the peak RSS (VmHWM) reset before the second, so
 the optimizer's state is resident as in any step after a run's first. The prediction is
-minilars.plan's, made in this process from shapes alone.
+minilars.plan's, made from shapes alone in that process before it builds anything, as
+`train --budget` makes it: the runtime baseline is that process's own.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from minilars.lab.svg import svg_curves
 from minilars.memory import Ledger, mib, peak_rss_bytes, register_params, reset_peak_rss
 from minilars.model import StepOptions, next_token_targets, zero_grads
 from minilars.optim import AdamW
-from minilars.plan import predict
+from minilars.plan import predict, runtime_baseline_bytes
 
 GRID_METHODS = ("full", "lora", "ia3", "lars")
 GRID_POLICIES = ("none", "layer")
@@ -79,12 +80,18 @@ def edge_plot(rows: list[dict], arch: str, longest: int = 8192) -> str:
                       y_label="peak RSS (MiB)")
 
 
-def measure(cell: dict) -> dict:
-    """One configuration, two steps in this process: ledger peak and peak RSS of the second."""
-    cfg = named_config(cell["arch"])
-    model = build_model(cfg, cell["method"], frozen_dtype=cell.get("frozen"))
-    opts = StepOptions(policy=cell["policy"], checkpoints=cell.get("checkpoints", "ram"),
+def cell_options(cell: dict) -> StepOptions:
+    return StepOptions(policy=cell["policy"], checkpoints=cell.get("checkpoints", "ram"),
                        mlp_rows=cell.get("mlp_rows", 0))
+
+
+def measure(cell: dict) -> dict:
+    """One configuration in this process: the plan (this process's runtime baseline),
+    then two steps; the ledger peak and peak RSS of the second."""
+    cfg, opts = named_config(cell["arch"]), cell_options(cell)
+    plan = predict(cfg, cell["method"], batch=cell.get("batch", 1), seq=cell["seq"], opts=opts,
+                   frozen_dtype=cell.get("frozen"), baseline=runtime_baseline_bytes())
+    model = build_model(cfg, cell["method"], frozen_dtype=cell.get("frozen"))
     ledger = Ledger()
     register_params(model, ledger)
     grads = zero_grads(model, ledger)
@@ -94,26 +101,19 @@ def measure(cell: dict) -> dict:
         ledger.reset_peak()
         reset = reset_peak_rss()
         seconds = timed_step(model, tokens, next_token_targets(tokens), grads, opt, opts, ledger)
-    return {"ledger_peak": ledger.peak_total, "rss_peak": peak_rss_bytes() if reset else None,
-            "seconds": seconds}
+    return {"plan_ledger": plan["ledger_peak_bytes"], "plan_rss": plan["peak_rss_bytes"],
+            "moment": plan["peak_moment"], "ledger": ledger.peak_total,
+            "rss": peak_rss_bytes() if reset else None, "seconds": seconds}
 
 
 def check(cells: list[dict], progress=None) -> list[dict]:
-    """Predicted against measured for every cell (each measured in a fresh process)."""
+    """Predicted against measured for every cell (each planned and measured in a fresh
+    process)."""
     rows = []
     for cell in cells:
-        cfg = named_config(cell["arch"])
-        plan = predict(cfg, cell["method"], batch=cell.get("batch", 1), seq=cell["seq"],
-                       opts=StepOptions(policy=cell["policy"],
-                                        checkpoints=cell.get("checkpoints", "ram"),
-                                        mlp_rows=cell.get("mlp_rows", 0)),
-                       frozen_dtype=cell.get("frozen"))
         proc = subprocess.run([sys.executable, "-m", "minilars.lab.plan_check", json.dumps(cell)],
                               capture_output=True, text=True, check=True)
-        got = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append({**cell, "plan_ledger": plan["ledger_peak_bytes"], "ledger": got["ledger_peak"],
-                     "plan_rss": plan["peak_rss_bytes"], "rss": got["rss_peak"],
-                     "moment": plan["peak_moment"], "seconds": got["seconds"]})
+        rows.append({**cell, **json.loads(proc.stdout.strip().splitlines()[-1])})
         if progress:
             progress(rows[-1])
     return rows
