@@ -8,6 +8,10 @@
 #                                              (default ROOT_DIR /var/tmp/minilars-arm64)
 #
 # --quick skips the test suite (install and the end-to-end pass only: minutes, not hours).
+# The emulated CPU is a Raspberry Pi 5's Cortex-A76 (QEMU_CPU=cortex-a72 for a Pi 4's):
+# qemu's default `max` CPU advertises SME, which no Pi has, and OpenBLAS then picks its
+# SME kernels, which run about 18x slower under emulation than its NEON ones (three
+# (512, 576) x (576, 1536) products: 367 s against 20 s), so the suite took hours.
 # --jobs N (default: the host's cores) runs the suite as N pytest processes side by side
 # (scripts/pytest_shards.py): qemu-user runs a process on one host core, so one pytest
 # leaves the other cores idle. Shard K's whole output is ROOT/minilars/arm64-pytest-K.log.
@@ -66,13 +70,15 @@ ca=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
 rm -rf "$root/minilars" && mkdir -p "$root/minilars"
 (cd "$repo" && git archive HEAD) | tar -x -C "$root/minilars"
 
+cpu=${QEMU_CPU:-cortex-a76}
 inside() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 \
+           QEMU_CPU="$cpu" \
            PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt SSL_CERT_FILE=/etc/ssl/certs/host-ca-bundle.crt \
            PIP_DEFAULT_TIMEOUT=180 PIP_DISABLE_PIP_VERSION_CHECK=1 \
            bash -c "cd /minilars && $1"; }
 
 t0=$(date +%s)
-echo "== install, as the README says"
+echo "== install, as the README says (emulated CPU: $cpu)"
 inside "uname -m && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[dev]' && minilars info"
 echo "== installed in $(( $(date +%s) - t0 )) s"
 
