@@ -442,6 +442,8 @@ def add_bench(sub) -> None:
                                      "configurations (each in a fresh process)")
     q.add_argument("--arch", default="smollm2-135m")
     q.add_argument("--quick", action="store_true", help="every eighth configuration")
+    q.add_argument("--jobs", type=whole(1), default=1,
+                   help="configurations measured at once, each on one thread (default 1)")
     q.add_argument("--plot", default=None, metavar="FILE.svg",
                    help="also draw LARS's peak RSS per frozen form and checkpoint store against T "
                         "(planned lines, measured points)")
@@ -463,7 +465,7 @@ def cmd_bench(args) -> int:
         cells = plan_check.grid(args.arch)
         cells = cells[::8] if args.quick else cells
         t0 = time.perf_counter()
-        rows = plan_check.check(cells, progress=lambda r: print(
+        rows = plan_check.check(cells, jobs=args.jobs, progress=lambda r: print(
             f"  {r['method']} {r['policy']} T={r['seq']} {r['frozen'] or 'float32'} "
             f"{r.get('checkpoints', 'ram')}: {r['seconds']:.1f} s/step", file=sys.stderr))
         print(plan_check.format_check(rows))

@@ -203,3 +203,20 @@ def test_the_edge_plot_draws_each_frozen_form_and_store_with_its_measured_points
     assert all(f">{label}<" in svg for label in labels)
     assert len(re.findall(r"<polyline", svg)) == len(labels)
     assert len(re.findall(r'<circle cx="[\d.]+" cy="[\d.]+" r="4"', svg)) == len(cells)
+
+
+def test_bench_plan_cells_are_planned_and_measured_in_their_own_processes_in_order():
+    from minilars.lab.plan_check import check, format_check
+    cells = [dict(arch="tiny", method="lars", policy="layer", seq=64, frozen="q8_0",
+                  checkpoints="disk"),
+             dict(arch="tiny", method="lora", policy="none", seq=32, frozen=None),
+             dict(arch="tiny", method="full", policy="layer", seq=48, frozen=None)]
+    seen = []
+    rows = check(cells, progress=seen.append, jobs=2)
+    assert [(r["method"], r["seq"]) for r in rows] == [(c["method"], c["seq"]) for c in cells]
+    assert len(seen) == 3 and all(r["threads"] == 1 for r in rows)
+    assert all(r["plan_ledger"] == r["ledger"] and r["rss"] > r["ledger"] for r in rows)
+    assert all(r["plan_rss"] > r["plan_ledger"] for r in rows)   # the runtime baseline, measured
+    assert "ledger peak exact in 3" in format_check(rows)
+    with pytest.raises(RuntimeError, match="the cell .* failed"):
+        check([dict(arch="tiny", method="lars", policy="layer", seq=4096, frozen=None)])

@@ -13,6 +13,7 @@ import itertools
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from minilars.memory import Ledger, mib, peak_rss_bytes, register_params, reset_
 from minilars.model import StepOptions, next_token_targets, zero_grads
 from minilars.optim import AdamW
 from minilars.plan import predict, runtime_baseline_bytes
+from minilars.threads import set_threads
 
 GRID_METHODS = ("full", "lora", "ia3", "lars")
 GRID_POLICIES = ("none", "layer")
@@ -89,6 +91,8 @@ def measure(cell: dict) -> dict:
     """One configuration in this process: the plan (this process's runtime baseline),
     then two steps; the ledger peak and peak RSS of the second."""
     cfg, opts = named_config(cell["arch"]), cell_options(cell)
+    if cell.get("threads"):
+        set_threads(cell["threads"])
     plan = predict(cfg, cell["method"], batch=cell.get("batch", 1), seq=cell["seq"], opts=opts,
                    frozen_dtype=cell.get("frozen"), baseline=runtime_baseline_bytes())
     model = build_model(cfg, cell["method"], frozen_dtype=cell.get("frozen"))
@@ -106,17 +110,23 @@ def measure(cell: dict) -> dict:
             "rss": peak_rss_bytes() if reset else None, "seconds": seconds}
 
 
-def check(cells: list[dict], progress=None) -> list[dict]:
+def check(cells: list[dict], progress=None, jobs: int = 1) -> list[dict]:
     """Predicted against measured for every cell (each planned and measured in a fresh
-    process)."""
-    rows = []
-    for cell in cells:
+    process), in the cells' order. jobs > 1 measures that many cells at once, each on
+    one thread: peak RSS is each process's own, and one-thread processes do not fight
+    over the cores as BLAS teams would (a step slowed 20x so)."""
+    def one(cell):
+        cell = {**cell, "threads": 1} if jobs > 1 else cell
         proc = subprocess.run([sys.executable, "-m", "minilars.lab.plan_check", json.dumps(cell)],
-                              capture_output=True, text=True, check=True)
-        rows.append({**cell, **json.loads(proc.stdout.strip().splitlines()[-1])})
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench plan: the cell {cell} failed:\n{proc.stderr[-2000:]}")
+        row = {**cell, **json.loads(proc.stdout.strip().splitlines()[-1])}
         if progress:
-            progress(rows[-1])
-    return rows
+            progress(row)
+        return row
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(one, cells))
 
 
 def format_check(rows: list[dict]) -> str:
