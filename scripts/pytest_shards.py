@@ -43,10 +43,10 @@ def main(argv: list[str]) -> int:
     for k in range(n):
         with open(f"arm64-shard-{k}.txt", "w") as f:
             f.write("\n".join(ids[k::n]) + "\n")
-        log = open(f"arm64-pytest-{k}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                       *options, f"@arm64-shard-{k}.txt"],
-                                      stdout=log, stderr=subprocess.STDOUT))
+        with open(f"arm64-pytest-{k}.log", "w") as log:      # the child keeps its own copy
+            procs.append(subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p",
+                                           "no:cacheprovider", *options, f"@arm64-shard-{k}.txt"],
+                                          stdout=log, stderr=subprocess.STDOUT))
     codes = [p.wait() for p in procs]
     total = {}
     for k in range(n):

@@ -24,7 +24,7 @@ from minilars.lab.svg import svg_curves
 from minilars.memory import Ledger, mib, peak_rss_bytes, register_params, reset_peak_rss
 from minilars.model import StepOptions, next_token_targets, zero_grads
 from minilars.optim import AdamW
-from minilars.plan import predict, runtime_baseline_bytes
+from minilars.plan import predict
 from minilars.threads import set_threads
 
 GRID_METHODS = ("full", "lora", "ia3", "lars")
@@ -82,19 +82,16 @@ def edge_plot(rows: list[dict], arch: str, longest: int = 8192) -> str:
                       y_label="peak RSS (MiB)")
 
 
-def cell_options(cell: dict) -> StepOptions:
-    return StepOptions(policy=cell["policy"], checkpoints=cell.get("checkpoints", "ram"),
-                       mlp_rows=cell.get("mlp_rows", 0))
-
-
 def measure(cell: dict) -> dict:
     """One configuration in this process: the plan (this process's runtime baseline),
     then two steps; the ledger peak and peak RSS of the second."""
-    cfg, opts = named_config(cell["arch"]), cell_options(cell)
+    cfg = named_config(cell["arch"])
+    opts = StepOptions(policy=cell["policy"], checkpoints=cell.get("checkpoints", "ram"),
+                       mlp_rows=cell.get("mlp_rows", 0))
     if cell.get("threads"):
         set_threads(cell["threads"])
     plan = predict(cfg, cell["method"], batch=cell.get("batch", 1), seq=cell["seq"], opts=opts,
-                   frozen_dtype=cell.get("frozen"), baseline=runtime_baseline_bytes())
+                   frozen_dtype=cell.get("frozen"))            # the baseline: this process's
     model = build_model(cfg, cell["method"], frozen_dtype=cell.get("frozen"))
     ledger = Ledger()
     register_params(model, ledger)
