@@ -14,7 +14,9 @@
 # (512, 576) x (576, 1536) products: 367 s against 20 s), so the suite took hours.
 # --jobs N (default: the host's cores) runs the suite as N pytest processes side by side
 # (scripts/pytest_shards.py): qemu-user runs a process on one host core, so one pytest
-# leaves the other cores idle. Shard K's whole output is ROOT/minilars/arm64-pytest-K.log.
+# leaves the other cores idle. The shards are dealt by each test's duration in the last
+# run (ROOT/arm64-timings.txt; before the first, the repository's
+# scripts/arm64-timings.txt), so the few long tests do not queue on one shard. Shard K's whole output is ROOT/minilars/arm64-pytest-K.log.
 # Arguments after -- go to pytest, e.g. `-- -k 'not test_page_output_is_current'` leaves
 # out the full-size tutorial renders, which take most of an emulated run's hours.
 #
@@ -67,8 +69,12 @@ cp /etc/resolv.conf "$root/etc/resolv.conf"
 ca=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
 [ -f "$ca" ] && cp "$ca" "$root/etc/ssl/certs/host-ca-bundle.crt"
 
+# the last run's test durations deal the next run's shards (scripts/pytest_shards.py); the
+# repository's scripts/arm64-timings.txt until this root has run the suite once
+[ -f "$root/minilars/arm64-timings.txt" ] && cp "$root/minilars/arm64-timings.txt" "$root/arm64-timings.txt"
 rm -rf "$root/minilars" && mkdir -p "$root/minilars"
 (cd "$repo" && git archive HEAD) | tar -x -C "$root/minilars"
+[ -f "$root/arm64-timings.txt" ] || cp "$root/minilars/scripts/arm64-timings.txt" "$root/arm64-timings.txt"
 
 cpu=${QEMU_CPU:-cortex-a76}
 inside() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 \
@@ -88,7 +94,7 @@ if [ $quick = 0 ]; then
   echo "== the default test suite, $jobs pytest processes side by side"
   echo "   (each one's whole output, as it runs: $root/minilars/arm64-pytest-K.log)"
   set +e
-  inside ".venv/bin/python scripts/pytest_shards.py $jobs$pytest_args"
+  inside ".venv/bin/python scripts/pytest_shards.py $jobs --timings /arm64-timings.txt$pytest_args"
   suite=$?
   set -e
   echo "== suite ran in $(( $(date +%s) - t0 )) s"
