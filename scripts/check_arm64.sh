@@ -16,7 +16,8 @@
 # (scripts/pytest_shards.py): qemu-user runs a process on one host core, so one pytest
 # leaves the other cores idle. The shards are dealt by each test's duration in the last
 # run (ROOT/arm64-timings.txt; before the first, the repository's
-# scripts/arm64-timings.txt), so the few long tests do not queue on one shard. Shard K's whole output is ROOT/minilars/arm64-pytest-K.log.
+# scripts/arm64-timings.txt), so the few long tests do not queue on one shard.
+# Shard K's whole output is ROOT/minilars/arm64-pytest-K.log.
 # Arguments after -- go to pytest, e.g. `-- -k 'not test_page_output_is_current'` leaves
 # out the full-size tutorial renders, which take most of an emulated run's hours.
 #
@@ -74,7 +75,11 @@ ca=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
 [ -f "$root/minilars/arm64-timings.txt" ] && cp "$root/minilars/arm64-timings.txt" "$root/arm64-timings.txt"
 rm -rf "$root/minilars" && mkdir -p "$root/minilars"
 (cd "$repo" && git archive HEAD) | tar -x -C "$root/minilars"
-[ -f "$root/arm64-timings.txt" ] || cp "$root/minilars/scripts/arm64-timings.txt" "$root/arm64-timings.txt"
+if [ ! -f "$root/arm64-timings.txt" ] && [ -f "$root/minilars/scripts/arm64-timings.txt" ]; then
+  cp "$root/minilars/scripts/arm64-timings.txt" "$root/arm64-timings.txt"
+fi
+timings=""
+[ -f "$root/arm64-timings.txt" ] && timings=" --timings /arm64-timings.txt"
 
 cpu=${QEMU_CPU:-cortex-a76}
 inside() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 \
@@ -94,7 +99,7 @@ if [ $quick = 0 ]; then
   echo "== the default test suite, $jobs pytest processes side by side"
   echo "   (each one's whole output, as it runs: $root/minilars/arm64-pytest-K.log)"
   set +e
-  inside ".venv/bin/python scripts/pytest_shards.py $jobs --timings /arm64-timings.txt$pytest_args"
+  inside ".venv/bin/python scripts/pytest_shards.py $jobs$timings$pytest_args"
   suite=$?
   set -e
   echo "== suite ran in $(( $(date +%s) - t0 )) s"
