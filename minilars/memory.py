@@ -58,6 +58,7 @@ class Entry:
 class Ledger:
     """Live bytes by category, with the peak and what was alive at the peak."""
     entries: dict = field(default_factory=dict)         # (layer, op, name) -> Entry
+    names_by_op: dict = field(default_factory=dict)     # (layer, op) -> {name: None}, in order
     buffers: dict = field(default_factory=dict)         # buffer id -> [array, refcount, category]
     live: dict = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
     peak_total: int = 0
@@ -82,6 +83,7 @@ class Ledger:
         nbytes = buffer_nbytes(array)
         self.entries[key] = Entry(category, layer, op, name, tuple(array.shape),
                                   str(array.dtype), nbytes, bid, why)
+        self.names_by_op.setdefault((layer, op), {})[name] = None
         if bid in self.buffers:
             self.buffers[bid][1] += 1
         else:
@@ -99,12 +101,17 @@ class Ledger:
             self.release(layer, op, name)
         self.entries[key] = Entry("disk", layer, op, name, tuple(shape), str(np.dtype(dtype)),
                                   nbytes, id(key), why)
+        self.names_by_op.setdefault((layer, op), {})[name] = None
         self.buffers[id(key)] = [None, 1, "disk"]
         self.live["disk"] += nbytes
         self._update_peak(key)
 
     def release(self, layer: int, op: str, name: str) -> None:
         entry = self.entries.pop((layer, op, name))
+        names = self.names_by_op[(layer, op)]
+        del names[name]
+        if not names:
+            del self.names_by_op[(layer, op)]
         slot = self.buffers[entry.buffer_id]
         slot[1] -= 1
         if slot[1] == 0:
@@ -112,8 +119,10 @@ class Ledger:
             self.live[slot[2]] -= entry.nbytes
 
     def release_op(self, layer: int, op: str) -> None:
-        for key in [k for k in self.entries if k[0] == layer and k[1] == op]:
-            self.release(*key)
+        """Release every name kept under (layer, op): an index, not a scan of every
+        entry (the parameters among them), because a step releases ops hundreds of times."""
+        for name in list(self.names_by_op.get((layer, op), ())):
+            self.release(layer, op, name)
 
     def release_category(self, category: str) -> None:
         for key in [k for k, e in self.entries.items() if e.category == category]:
