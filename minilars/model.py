@@ -35,9 +35,10 @@ from minilars import kernels
 from minilars.adapters.common import Site
 from minilars.config import ModelConfig
 from minilars.memory import Ledger
-from minilars.ops.attention import (DEFAULT_TILE, attention_plain_backward,
-                                    attention_plain_forward, attention_saves,
-                                    attention_tiled_backward, attention_tiled_forward)
+from minilars.ops.attention import (DEFAULT_TILE, attention_op_backward_workspace,
+                                    attention_plain_backward, attention_plain_forward,
+                                    attention_saves, attention_tiled_backward,
+                                    attention_tiled_forward)
 from minilars.ops.embedding import check_tokens, embedding_backward, embedding_forward
 from minilars.ops.linear import _matmul_dyW, _matmul_xwT, linear_backward, linear_forward, linear_saves
 from minilars.ops.loss import (DEFAULT_CHUNK, IGNORE, count_targets, cross_entropy_chunked,
@@ -417,11 +418,17 @@ def attention_backward(model: Model, i: int, dh_mid: np.ndarray, rope: Rope, sav
     return dx
 
 
-def attention_backward_workspace(cfg: ModelConfig, rows: int, itemsize: int) -> int:
-    """Bytes attention_backward allocates at its peak beyond its input and what it
-    releases: o_proj's dx, dq, dk, dv and their merged copies, the q, k, v projections'
-    dx and their sum (the norm's dx): measured 5.0-5.3 (T, C) floats on SmolLM2 shapes."""
-    return rows * (2 * cfg.q_dim + 4 * cfg.kv_dim + 2 * cfg.hidden_size) * itemsize
+def attention_backward_workspace(cfg: ModelConfig, B: int, T: int, opts: StepOptions,
+                                 itemsize: int) -> int:
+    """Bytes attention_backward allocates at its peak beyond its input: o_proj's dx beside
+    the attention op's backward (attention_op_backward_workspace). Later, the
+    saved q, k, v and dx are freed before the q, k, v projections' dx and the norm's
+    backward are made, so those stay below this (about 3.0 (T, C) floats on SmolLM2 at
+    T=4096, where a sum of every array once declared 5.3 and overpredicted by 12 MiB)."""
+    return (B * T * cfg.q_dim * itemsize
+            + attention_op_backward_workspace(opts.attention, B, cfg.num_attention_heads,
+                                              cfg.num_key_value_heads, T, cfg.head_dim,
+                                              opts.tile, itemsize))
 
 
 def block_backward(model: Model, i: int, dh_out: np.ndarray, rope: Rope, saved: Saved,

@@ -262,14 +262,15 @@ def workspace_peak(model: Model, sizes: dict, B: int, T: int, opts: StepOptions,
         elif opts.mlp_rows:                         # the block's attention half, by rows
             i = mark[1]
             moments[f"layer {i} attention backward"] = (
-                live - N * C * item + 2 * N * C * item + attention_backward_workspace(cfg, N, item))
+                live - N * C * item + 2 * N * C * item
+                + attention_backward_workspace(cfg, B, T, opts, item))
             continue
         else:
             i = mark[1]
             flowing, rows_, name = N * C * item, N, f"layer {i}"
             moments[f"layer {i} attention backward"] = (
                 live - declared_bytes(mlp_saved(model, i, (B, T))) + 2 * N * C * item
-                + attention_backward_workspace(cfg, N, item))
+                + attention_backward_workspace(cfg, B, T, opts, item))
         down_keeps = [k for k in mlp_saved(model, i, (1, rows_)) if k.op == "down_proj"]
         moments[f"{name} down_proj backward"] = (live + flowing + tile
                                                  + _down_proj_workspace(model, i, rows_))

@@ -94,14 +94,16 @@ DEEP = dataclasses.replace(named_config("tiny"), hidden_size=256, intermediate_s
 
 
 @pytest.mark.parametrize("opts", [StepOptions(policy="none"),
-                                  StepOptions(policy="layer", checkpoints="disk")],
-                         ids=["none", "layer-disk"])
+                                  StepOptions(policy="layer", checkpoints="disk"),
+                                  StepOptions(policy="layer", checkpoints="disk", mlp_rows=256)],
+                         ids=["none", "layer-disk", "layer-disk-rows"])
 def test_no_undeclared_block_sized_array_lives_through_the_backward(opts):
     """Where (T, C) arrays dominate (C = F = 256, T = 2048: 2 MiB each), the plan's ledger
     peak + workspace must hold tracemalloc's peak to 4%. One undeclared (T, C) array is
     over 8% of it here: forward_backward once kept its own name for the loss's gradient,
     alive under every block below the top (the RSS grid's 12-19 MiB gap at T=2048 with
-    disk checkpoints)."""
+    disk checkpoints). With --mlp-rows the attention half's backward is the peak, and its
+    declared workspace was once 2 (T, C) arrays too large (0.87 of the plan here)."""
     tracemalloc.start()
     try:
         model = build_model(DEEP, "lars")
