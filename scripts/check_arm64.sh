@@ -18,6 +18,8 @@
 # run (ROOT/arm64-timings.txt; before the first, the repository's
 # scripts/arm64-timings.txt), so the few long tests do not queue on one shard.
 # Shard K's whole output is ROOT/minilars/arm64-pytest-K.log.
+# The tests' own timeouts (a tutorial render's hour) are scaled by
+# MINILARS_TEST_TIMEOUT_SCALE, 6 by default here: a render takes 30-60x its native time.
 # Arguments after -- go to pytest, e.g. `-- -k 'not test_page_output_is_current'` leaves
 # out the full-size tutorial renders, which take most of an emulated run's hours.
 #
@@ -83,7 +85,7 @@ timings=""
 
 cpu=${QEMU_CPU:-cortex-a76}
 inside() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 \
-           QEMU_CPU="$cpu" \
+           QEMU_CPU="$cpu" MINILARS_TEST_TIMEOUT_SCALE=${MINILARS_TEST_TIMEOUT_SCALE:-6} \
            PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt SSL_CERT_FILE=/etc/ssl/certs/host-ca-bundle.crt \
            PIP_DEFAULT_TIMEOUT=180 PIP_DISABLE_PIP_VERSION_CHECK=1 \
            bash -c "cd /minilars && $1"; }

@@ -38,6 +38,10 @@ TUTORIALS_DIR = os.path.join(ROOT, "tutorials")
 TUTORIALS = sorted(f for f in os.listdir(TUTORIALS_DIR) if re.fullmatch(r"\d\d_\w+\.py", f))
 NEEDS_WEIGHTS = {"04_finetune_smollm2.py": os.path.join(ROOT, "weights", "smollm2-135m")}
 RTOL = 1e-2
+# Under emulation (scripts/check_arm64.sh) a full-size render takes 30-60x its time here;
+# the timeouts guard against a hang, so the check script scales them rather than lose a
+# render to the clock (tutorial 2 once timed out at 3600 s in an emulated run).
+TIMEOUT_SCALE = float(os.environ.get("MINILARS_TEST_TIMEOUT_SCALE", "1"))
 NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?!\w)")
 
 
@@ -100,7 +104,7 @@ def test_lines_match_rule():
 def test_tutorial_runs(name):
     env = dict(os.environ, MINILARS_FAST="1")
     proc = subprocess.run([sys.executable, os.path.join(TUTORIALS_DIR, name)], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          capture_output=True, text=True, timeout=600 * TIMEOUT_SCALE, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.strip()
 
@@ -133,7 +137,7 @@ def test_page_output_is_current(name, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MINILARS_FAST"}
     proc = subprocess.run([sys.executable, os.path.join(TUTORIALS_DIR, "render.py"), "--out",
                            str(tmp_path), name], env=env, capture_output=True, text=True,
-                          timeout=3600, cwd=ROOT)
+                          timeout=3600 * TIMEOUT_SCALE, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     with open(tmp_path / (name[:-3] + ".md")) as f:
         fresh = f.read()
