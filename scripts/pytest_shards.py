@@ -12,12 +12,11 @@ without the paths, which its node ids already select.
 Shares: with --timings FILE (a previous run's arm64-timings.txt: "seconds node-id" lines, # comments)
 the tests are dealt longest first, each to the shard with the least time so far, so the
 few tests that take most of an emulated run (a full-size tracemalloc step, the tutorial
-renders) land on different shards; tests the file does not know count as its median.
+renders) land on different shards; tests the file does not know count as its shortest.
 Without it, round robin. Each run writes arm64-timings.txt from its shards' durations.
 """
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -66,10 +65,11 @@ def durations_in_log(text: str) -> dict[str, float]:
 
 def deal(ids: list[str], n: int, timings: dict[str, float]) -> list[list[str]]:
     """N shares of ids: longest first to the least-loaded shard when timings are known
-    (unknown tests weigh the median), else round robin. Each share keeps collection order."""
+    (a test they do not name weighs the shortest they do: the repository's file lists only
+    the slow ones), else round robin. Each share keeps collection order."""
     if not timings:
         return [ids[k::n] for k in range(n)]
-    default = statistics.median(timings.values())
+    default = min(timings.values())
     load, owner = [0.0] * n, {}
     for node in sorted(ids, key=lambda i: -timings.get(i, default)):
         k = load.index(min(load))

@@ -17,7 +17,7 @@ def test_long_tests_are_dealt_to_different_shards_and_each_share_keeps_collectio
     assert ("t.py::t1" in a) != ("t.py::t1" in b) and ("t.py::t5" in a) != ("t.py::t5" in b)
     assert sorted(a + b) == sorted(ids)
     assert a == [i for i in ids if i in a] and b == [i for i in ids if i in b]
-    # unknown tests weigh the median (1.0 s here): the shard with t5 gets the extra one
+    # unknown tests weigh the shortest known (1.0 s here)
     loads = [sum(timings.get(i, 1.0) for i in s) for s in (a, b)]
     assert abs(loads[0] - loads[1]) <= 10.0
 
