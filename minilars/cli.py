@@ -26,8 +26,8 @@ from minilars.data.tasks import TASKS, DataError
 from minilars.frozen import FROZEN_DTYPES, check_frozen_dtype
 from minilars.memory import mib
 from minilars.model import StepOptions
-from minilars.plan import (Setting, check_budget, fitting_settings, format_fits, format_plan,
-                           parse_size, predict, runtime_baseline_bytes)
+from minilars.plan import (BUDGET_MARGIN, Setting, check_budget, fits_budget, fitting_settings,
+                           format_fits, format_plan, parse_size, predict, runtime_baseline_bytes)
 from minilars.generate import generate
 from minilars.io.atomic import write_json, write_text
 from minilars.io.fetch import FetchError, fetch_smollm2
@@ -732,15 +732,17 @@ def fit_budget(opts: TrainOptions, budget: int, text: str, fit: bool) -> TrainOp
     plan = predict(cfg, opts.method, opts.adapter, opts.batch, opts.seq, step,
                    frozen_dtype=opts.frozen_dtype, stored=stored, baseline=baseline)
     check_budget(budget, plan["baseline_bytes"], text)
-    if plan["peak_rss_bytes"] <= budget:
+    if fits_budget(plan, budget):
         print(f"budget {mib(budget):.0f} MiB: the plan's peak RSS is "
-              f"{mib(plan['peak_rss_bytes']):.0f} MiB; it fits", file=sys.stderr)
+              f"{mib(plan['peak_rss_bytes']):.0f} MiB (+{100 * BUDGET_MARGIN:.0f}%: "
+              f"{mib(plan['peak_rss_bytes'] * (1 + BUDGET_MARGIN)):.0f} MiB); it fits",
+              file=sys.stderr)
         return opts
     fits = fitting_settings(cfg, opts.method, opts.adapter, start, budget, step, stored=stored,
                             baseline=baseline)
     if not fit or not fits:
-        raise UsageError(f"the run needs about {mib(plan['peak_rss_bytes']):.0f} MiB, over "
-                         f"--budget {mib(budget):.0f} MiB.\n{format_fits(fits, start, budget)}"
+        raise UsageError(f"the run needs about {mib(plan['peak_rss_bytes']):.0f} MiB (+"
+                         f"{100 * BUDGET_MARGIN:.0f}% margin), over --budget {mib(budget):.0f} MiB.\n{format_fits(fits, start, budget)}"
                          + ("\nrerun with one of these, or add --budget-fit" if fits else ""))
     chosen, chosen_plan, _ = fits[0]
     print(f"budget {mib(budget):.0f} MiB: applying {' '.join(chosen.changes(start))} "

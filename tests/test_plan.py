@@ -16,7 +16,7 @@ from minilars.model import StepOptions
 from minilars import cli
 from minilars.cli import main
 from minilars.io.load import read_config
-from minilars.plan import (Setting, fitting_settings, parse_size, plan_model,
+from minilars.plan import (BUDGET_MARGIN, Setting, fitting_settings, parse_size, plan_model,
                            predict, replay_step)
 from tiny_folder import make_tiny_folder
 
@@ -153,7 +153,7 @@ def test_a_budget_lists_cheaper_memory_first_and_nothing_dominated():
     fits = fitting_settings(cfg, "lars", None, start, int(full * 0.5), StepOptions(policy="none"),
                             baseline=baseline)
     assert fits
-    assert all(f[1]["peak_rss_bytes"] <= full * 0.5 for f in fits)
+    assert all(f[1]["peak_rss_bytes"] * (1 + BUDGET_MARGIN) <= full * 0.5 for f in fits)
     times = [f[2] for f in fits]
     rss = [f[1]["peak_rss_bytes"] for f in fits]
     assert times == sorted(times) and rss == sorted(rss, reverse=True) and len(set(rss)) == len(rss)
@@ -173,7 +173,10 @@ def test_train_refuses_a_run_over_its_budget_before_loading(tmp_path, capsys, mo
     assert "below this machine's runtime baseline" in capsys.readouterr().err
     plan = predict(read_config(folder), "lora", seq=32, opts=StepOptions(policy="none"),
                    baseline=BASELINE)
-    tight = str(plan["peak_rss_bytes"] - 1)
+    # the plan itself is not enough: a budget must hold it with BUDGET_MARGIN on top
+    assert main(base + ["--out", str(tmp_path / "b"), "--budget", str(plan["peak_rss_bytes"])]) == 2
+    assert "(+5% margin), over --budget" in capsys.readouterr().err
+    tight = str(int(plan["peak_rss_bytes"] * (1 + BUDGET_MARGIN)) - 1)
     assert main(base + ["--out", str(tmp_path / "b"), "--budget", tight]) == 2
     err = capsys.readouterr().err
     assert "over --budget" in err and "--policy layer" in err and "--budget-fit" in err
@@ -188,7 +191,8 @@ def test_budget_fit_applies_the_cheapest_fitting_settings(tmp_path, capsys, monk
                    baseline=BASELINE)
     assert main(["train", "--model", folder, "--method", "lora", "--data", str(tmp_path / "d.jsonl"),
                  "--steps", "1", "--seq", "32", "--policy", "none", "--out", str(tmp_path / "r"),
-                 "--budget", str(plan["peak_rss_bytes"] - 1), "--budget-fit"]) == 0
+                 "--budget", str(int(plan["peak_rss_bytes"] * (1 + BUDGET_MARGIN)) - 1),
+                 "--budget-fit"]) == 0
     assert "applying --policy layer" in capsys.readouterr().err
     assert json.loads((tmp_path / "r" / "run.json").read_text())["policy"] == "layer"
 

@@ -104,7 +104,9 @@ for store in ("ram", "disk"):
 # %% 6. Let the budget search choose -----------------------------------------------------
 # Given a budget, the search tries the policy, the checkpoint store, the frozen form, the
 # loss's chunk and the MLP's row blocks, and lists what fits, cheapest extra time first,
-# each needing less memory than every cheaper one (`minilars plan --budget 320MiB`).
+# each needing less memory than every cheaper one (`minilars plan --budget 320MiB`). A
+# setting fits when its predicted peak RSS plus 5% does: the planner has run up to 4% below
+# a measured peak, and a budget is a limit.
 start = Setting("layer", "ram", None, 128, 1, T)
 for budget_mib in (512, 320):
     fits = fitting_settings(cfg, "lars", None, start, budget_mib * 2**20, StepOptions(policy="layer"),
