@@ -742,7 +742,8 @@ def fit_budget(opts: TrainOptions, budget: int, text: str, fit: bool) -> TrainOp
                             baseline=baseline)
     if not fit or not fits:
         raise UsageError(f"the run needs about {mib(plan['peak_rss_bytes']):.0f} MiB (+"
-                         f"{100 * BUDGET_MARGIN:.0f}% margin), over --budget {mib(budget):.0f} MiB.\n{format_fits(fits, start, budget)}"
+                         f"{100 * BUDGET_MARGIN:.0f}% margin), over --budget "
+                         f"{mib(budget):.0f} MiB.\n{format_fits(fits, start, budget)}"
                          + ("\nrerun with one of these, or add --budget-fit" if fits else ""))
     chosen, chosen_plan, _ = fits[0]
     print(f"budget {mib(budget):.0f} MiB: applying {' '.join(chosen.changes(start))} "
