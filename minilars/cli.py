@@ -26,8 +26,9 @@ from minilars.data.tasks import TASKS, DataError
 from minilars.frozen import FROZEN_DTYPES, check_frozen_dtype
 from minilars.memory import mib
 from minilars.model import StepOptions
-from minilars.plan import (BUDGET_MARGIN, Setting, check_budget, fits_budget, fitting_settings,
-                           format_fits, format_plan, parse_size, predict, runtime_baseline_bytes)
+from minilars.plan import (BUDGET_MARGIN, Setting, budget_need, check_budget, fits_budget,
+                           fitting_settings, format_fits, format_plan, parse_size, predict,
+                           runtime_baseline_bytes)
 from minilars.generate import generate
 from minilars.io.atomic import write_json, write_text
 from minilars.io.fetch import FetchError, fetch_smollm2
@@ -735,7 +736,7 @@ def fit_budget(opts: TrainOptions, budget: int, text: str, fit: bool) -> TrainOp
     if fits_budget(plan, budget):
         print(f"budget {mib(budget):.0f} MiB: the plan's peak RSS is "
               f"{mib(plan['peak_rss_bytes']):.0f} MiB (+{100 * BUDGET_MARGIN:.0f}%: "
-              f"{mib(plan['peak_rss_bytes'] * (1 + BUDGET_MARGIN)):.0f} MiB); it fits",
+              f"{mib(budget_need(plan)):.0f} MiB); it fits",
               file=sys.stderr)
         return opts
     fits = fitting_settings(cfg, opts.method, opts.adapter, start, budget, step, stored=stored,

@@ -438,9 +438,13 @@ def _cheapest_first(found: list) -> list:
 BUDGET_MARGIN = 0.05
 
 
+def budget_need(plan: dict) -> float:
+    """The bytes a budget must hold for this plan: its peak RSS with BUDGET_MARGIN on top."""
+    return plan["peak_rss_bytes"] * (1 + BUDGET_MARGIN)
+
+
 def fits_budget(plan: dict, budget: int) -> bool:
-    """Whether a plan's peak RSS, with BUDGET_MARGIN on top, is within `budget`."""
-    return plan["peak_rss_bytes"] * (1 + BUDGET_MARGIN) <= budget
+    return budget_need(plan) <= budget
 
 
 def check_budget(budget: int, baseline: int, text: str) -> None:
@@ -455,7 +459,8 @@ def fitting_settings(cfg: ModelConfig, method: str, adapter, start: Setting, bud
                      stored: dict | None = None, most: int = 5,
                      baseline: int | None = None) -> list[tuple]:
     """[(setting, plan, time factor)] of the cheapest settings that fit `budget` (predicted
-    peak RSS + BUDGET_MARGIN), cheapest extra compute first (exact checkpoints before bf16 at equal cost).
+    peak RSS + BUDGET_MARGIN), cheapest extra compute first (exact checkpoints before bf16
+    at equal cost).
     When none fits at the asked batch and length, halved batches, then halved lengths.
     `baseline` is the runtime's own RSS (runtime_baseline_bytes() unless given)."""
     baseline = runtime_baseline_bytes() if baseline is None else baseline

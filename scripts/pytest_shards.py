@@ -9,8 +9,8 @@ arm64-pytest-K.log in the current folder as it runs. Exits 1 if any shard failed
 PYTEST_ARGS choose what is collected (-k, -m, paths); each shard then gets the options
 without the paths, which its node ids already select.
 
-Shares: with --timings FILE (a previous run's arm64-timings.txt: "seconds node-id" lines, # comments)
-the tests are dealt longest first, each to the shard with the least time so far, so the
+Shares: with --timings FILE (a previous run's arm64-timings.txt: "seconds node-id" lines,
+# comments) the tests are dealt longest first, each to the shard with the least time so far, so the
 few tests that take most of an emulated run (a full-size tracemalloc step, the tutorial
 renders) land on different shards; tests the file does not know count as its shortest.
 Without it, round robin. Each run writes arm64-timings.txt from its shards' durations.
@@ -51,7 +51,8 @@ def read_timings(path: str) -> dict[str, float]:
             try:
                 timings[parts[1].strip()] = float(parts[0])
             except (IndexError, ValueError):
-                sys.exit(f"{path}, line {number}: expected 'seconds node-id', got {line.strip()!r}")
+                sys.exit(f"{path}, line {number}: expected 'seconds node-id', "
+                         f"got {line.strip()!r}")
     return timings
 
 
@@ -80,12 +81,14 @@ def deal(ids: list[str], n: int, timings: dict[str, float]) -> list[list[str]]:
 
 def main(argv: list[str]) -> int:
     if not argv or not argv[0].isdigit() or int(argv[0]) < 1:
-        sys.exit("usage: pytest_shards.py N [--timings FILE] [PYTEST_ARGS...]  (N: a positive count)")
+        sys.exit("usage: pytest_shards.py N [--timings FILE] [PYTEST_ARGS...]  "
+                 "(N: a positive count)")
     n, pytest_args = int(argv[0]), argv[1:]
     timings = {}
     if pytest_args[:1] == ["--timings"]:
-        if len(pytest_args) < 2 or not os.path.isfile(pytest_args[1]):
-            sys.exit(f"--timings: no such file: {pytest_args[1] if len(pytest_args) > 1 else '(none given)'}")
+        path = pytest_args[1] if len(pytest_args) > 1 else "(none given)"
+        if not os.path.isfile(path):
+            sys.exit(f"--timings: no such file: {path}")
         timings, pytest_args = read_timings(pytest_args[1]), pytest_args[2:]
     ids = collect(pytest_args)
     options = [a for a in pytest_args if not (os.path.exists(a.split("::")[0]) or "::" in a)]
@@ -114,7 +117,8 @@ def main(argv: list[str]) -> int:
             total[word] = total.get(word, 0) + count
         measured.update(durations_in_log(text))
     with open(TIMINGS_OUT, "w") as f:
-        f.writelines(f"{s:.2f} {node}\n" for node, s in sorted(measured.items(), key=lambda kv: -kv[1]))
+        f.writelines(f"{s:.2f} {node}\n"
+                     for node, s in sorted(measured.items(), key=lambda kv: -kv[1]))
     print("all shards: " + ", ".join(f"{v} {w}" for w, v in total.items())
           + f" in {time.time() - t0:.0f} s")
     return 0 if all(c == 0 for c in codes) else 1

@@ -138,7 +138,8 @@ def test_attention_rejects_bad_head_counts(fwd):
 
 
 @pytest.mark.parametrize("form", ["plain", "tiled"])
-@pytest.mark.parametrize("nh, nkv, hd, T", [(9, 3, 64, 1024), (4, 4, 16, 256), (8, 2, 32, 320), (8, 2, 32, 96)])
+@pytest.mark.parametrize("nh, nkv, hd, T", [(9, 3, 64, 1024), (4, 4, 16, 256), (8, 2, 32, 320),
+                                            (8, 2, 32, 96)])
 def test_the_declared_backward_workspace_is_what_the_backward_allocates(form, nh, nkv, hd, T):
     """tracemalloc's peak over the backward against the declaration the planner reads: an
     overstatement of 2.3 (T, C) floats (12 MiB at T=4096 on SmolLM2) once made the
