@@ -742,14 +742,15 @@ int minilars_matvec_xwT(const float *x, const void *W, int weight_format,
 
 /* ---------------------------------------------------------------------- SwiGLU */
 
-/* e^x for x <= 0, in double, branch-free so that the loops below vectorise: x = k ln2 + r
- * with k = round(x / ln2) and |r| <= ln2 / 2, e^r by its Taylor series to degree 8
- * (relative error below 3e-10, far under a float32 ulp), and 2^k written into the
- * exponent bits. x is clamped to -700 first (e^-700 = 1e-304 is still a normal double,
- * and the float32 results round to 0 long before). */
-static inline double exp_nonpositive(double x)
+/* e^x in double, branch-free so that the loops below vectorise: x = k ln2 + r with
+ * k = round(x / ln2) and |r| <= ln2 / 2, e^r by its Taylor series to degree 8 (relative
+ * error below 3e-10, far under a float32 ulp), and 2^k written into the exponent bits.
+ * x is clamped to [-700, 700] first (e^-700 = 1e-304 is still a normal double, and the
+ * float32 results round to 0 long before; e^700 overflows float32 as e^x would). The
+ * callers pass x <= 0, or barely above 0 by rounding (S - lse in attention). */
+static inline double exp_f64(double x)
 {
-    x = x < -700.0 ? -700.0 : x;
+    x = x < -700.0 ? -700.0 : (x > 700.0 ? 700.0 : x);
     const double shifter = 6755399441055744.0;         /* 1.5 * 2^52: adding it rounds */
     const double k = (x * 1.4426950408889634 + shifter) - shifter;
     const double r = x - k * 0.6931471805599453;
@@ -762,7 +763,7 @@ static inline double exp_nonpositive(double x)
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    const int64_t bits = ((int64_t)k + 1023) << 52;   /* 2^k, k in [-1010, 0] */
+    const int64_t bits = ((int64_t)k + 1023) << 52;   /* 2^k, k in [-1010, 1010] */
     double scale;
     memcpy(&scale, &bits, sizeof(scale));
     return p * scale;
@@ -772,7 +773,7 @@ static inline double exp_nonpositive(double x)
  * results below are then rounded once, not at every step as the twin's are. */
 static inline double sigmoid_f64(double g)
 {
-    const double e = exp_nonpositive(g < 0.0 ? g : -g);
+    const double e = exp_f64(g < 0.0 ? g : -g);
     const double s = 1.0 / (1.0 + e);
     return g < 0.0 ? s * e : s;
 }
@@ -811,6 +812,126 @@ int minilars_swiglu_backward(const float *dact, const float *g, const float *u, 
             du[i] = (float)(d * (gi * s));
             dg[i] = (float)(d * u[i] * (s * (1.0 + gi * (1.0 - s))));
         }
+    }
+    return MINILARS_OK;
+}
+
+/* ---------------------------------------------------------------- tiled attention
+ *
+ * The element-wise steps between the tile products of minilars.ops.attention's tiled
+ * form. A block of scores is `rows` rows of `cols` floats; with `diagonal` = cols (the
+ * block on the causal diagonal: tq = tk) row r sees columns c <= r % diagonal only, and
+ * the columns it may not see are written as 0 (the twin adds -inf and takes exp). Rows
+ * are independent, so they are split over threads; a row's values are reduced in order
+ * within one thread, so results do not depend on the thread count. */
+
+/* e^x in float32 for the scores, branch-free so that the loops vectorise (exp_f64 in
+ * double runs at half the lanes and converts each value twice): x = k ln2 + r with
+ * k = round(x / ln2) and |r| <= ln2 / 2 (ln2 in two parts, so r is exact to float32),
+ * e^r by its Taylor series to degree 7 (relative error below 6e-9), 2^k written into
+ * the exponent bits; within 2 ulp of e^x. Below -87, where e^x leaves float32's normal
+ * range, it returns 0; x is clamped to 88 above (the callers pass x <= 0, or barely
+ * above by rounding). */
+static inline float exp_f32(float x)
+{
+    const int tiny = x < -87.0f;
+    x = tiny ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float shifter = 12582912.0f;                  /* 1.5 * 2^23: adding it rounds */
+    const float k = (x * 1.44269504f + shifter) - shifter;
+    const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+    float p = 1.0f / 5040;                              /* 1/7!, then Horner down to 1 */
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t bits = ((int32_t)k + 127) << 23;    /* 2^k, k in [-126, 127] */
+    float scale;
+    memcpy(&scale, &bits, sizeof(scale));
+    return tiny ? 0.0f : p * scale;
+}
+
+#define ATTENTION_ONE_THREAD (1 << 18)  /* fewer scores: one thread (waking a team costs
+                                           * more: 147k scores, 74 us on one thread, 82 on two) */
+
+static inline int64_t visible_cols(int64_t r, int64_t cols, int64_t diagonal)
+{
+    return diagonal ? r % diagonal + 1 : cols;
+}
+
+static int attention_shape_ok(int64_t rows, int64_t cols, int64_t diagonal, int threads)
+{
+    return rows > 0 && cols > 0 && threads > 0
+        && (diagonal == 0 || (diagonal == cols && rows % diagonal == 0));
+}
+
+int minilars_attention_tile_softmax(float *S, int64_t rows, int64_t cols, int64_t diagonal,
+                                    float *row_max, float *row_sum, float *acc,
+                                    int64_t acc_cols, int threads)
+{
+    if (!attention_shape_ok(rows, cols, diagonal, threads) || acc_cols < 1)
+        return MINILARS_ERR_ARGS;
+#pragma omp parallel for schedule(static) num_threads(rows * cols < ATTENTION_ONE_THREAD ? 1 : threads)
+    for (int64_t r = 0; r < rows; r++) {
+        float *restrict s = S + r * cols;
+        const int64_t n = visible_cols(r, cols, diagonal);
+        float m = row_max[r];
+#pragma omp simd reduction(max:m)
+        for (int64_t c = 0; c < n; c++)
+            m = s[c] > m ? s[c] : m;
+        float sum = 0.0f;
+#pragma omp simd reduction(+:sum)
+        for (int64_t c = 0; c < n; c++) {
+            const float p = exp_f32(s[c] - m);
+            s[c] = p;
+            sum += p;
+        }
+        for (int64_t c = n; c < cols; c++)
+            s[c] = 0.0f;
+        const float correction = exp_f32(row_max[r] - m);           /* 0 on the first tile */
+        row_sum[r] = row_sum[r] * correction + sum;
+        row_max[r] = m;
+        float *restrict a = acc + r * acc_cols;
+        for (int64_t c = 0; c < acc_cols; c++)
+            a[c] *= correction;
+    }
+    return MINILARS_OK;
+}
+
+int minilars_attention_tile_probs(float *S, int64_t rows, int64_t cols, int64_t diagonal,
+                                  const float *lse, int threads)
+{
+    if (!attention_shape_ok(rows, cols, diagonal, threads))
+        return MINILARS_ERR_ARGS;
+#pragma omp parallel for schedule(static) num_threads(rows * cols < ATTENTION_ONE_THREAD ? 1 : threads)
+    for (int64_t r = 0; r < rows; r++) {
+        float *restrict s = S + r * cols;
+        const int64_t n = visible_cols(r, cols, diagonal);
+        const float l = lse[r];
+#pragma omp simd
+        for (int64_t c = 0; c < n; c++)
+            s[c] = exp_f32(s[c] - l);
+        for (int64_t c = n; c < cols; c++)
+            s[c] = 0.0f;
+    }
+    return MINILARS_OK;
+}
+
+int minilars_attention_tile_dscores(const float *P, float *dP, int64_t rows, int64_t cols,
+                                    const float *D, int threads)
+{
+    if (!attention_shape_ok(rows, cols, 0, threads))
+        return MINILARS_ERR_ARGS;
+#pragma omp parallel for schedule(static) num_threads(rows * cols < ATTENTION_ONE_THREAD ? 1 : threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *restrict p = P + r * cols;
+        float *restrict d = dP + r * cols;
+        const float Dr = D[r];
+#pragma omp simd
+        for (int64_t c = 0; c < cols; c++)
+            d[c] = p[c] * (d[c] - Dr);
     }
     return MINILARS_OK;
 }

@@ -7,12 +7,15 @@
  *   gather rows      minilars/frozen.py          rows_to_float
  *   few-rows x W^T   minilars/kernels.py         matmul_xwT_numpy
  *   SwiGLU           minilars/ops/mlp.py         swiglu_forward / swiglu_backward
+ *   attention tiles  minilars/ops/attention_tiles.py  tile_softmax / tile_probs / tile_dscores
  *
  * Conventions, for every function below:
  *   - arrays are C-contiguous (row-major), float32 unless stated; shapes in comments;
  *   - nothing is checked here beyond sizes being positive: minilars/kernels.py checks
  *     dtype, contiguity and shapes, and names the bad argument, BEFORE calling C;
- *   - outputs are overwritten, never accumulated into; inputs are never written;
+ *   - outputs are overwritten, never accumulated into; inputs are never written (the
+ *     attention tile kernels are the exception: they update their blocks in place, and
+ *     say so);
  *   - the kernels allocate nothing: the caller passes `workspace` (float32, at least the
  *     number of floats the matching *_workspace function returns for the same sizes and
  *     `threads`), so every byte is a NumPy allocation that tracemalloc and the ledger see;
@@ -143,6 +146,34 @@ int minilars_swiglu_forward(const float *g, const float *u, int64_t n, float *ac
  * Twin: minilars.ops.mlp.swiglu_backward. */
 int minilars_swiglu_backward(const float *dact, const float *g, const float *u, int64_t n,
                              float *dg, float *du, int threads);
+/* Tiled attention, forward: one key tile of the online softmax, in place.
+ *   updates S (rows, cols): the tile's scores (q already scaled) become
+ *           P = exp(S - m), 0 where the causal mask hides a score;
+ *           row_max (rows), row_sum (rows): the running max m and sum of exp(S - m),
+ *           acc (rows, acc_cols): the running output, rescaled by exp(old max - m)
+ *           (the caller then adds P V)
+ * diagonal: 0, or cols for the tile on the causal diagonal (row r sees c <= r % cols;
+ * rows must be a multiple of it). A row's first tile comes with row_max -inf, row_sum 0.
+ * exp is this file's double polynomial, each result rounded to float32 once; a row's
+ * sum is accumulated in double. Rows are split over threads.
+ * Twin: minilars.ops.attention_tiles.tile_softmax. */
+int minilars_attention_tile_softmax(float *S, int64_t rows, int64_t cols, int64_t diagonal,
+                                    float *row_max, float *row_sum, float *acc,
+                                    int64_t acc_cols, int threads);
+
+/* Tiled attention, backward: a tile's probabilities rebuilt, in place.
+ *   reads   lse (rows): each row's log-sum-exp from the forward
+ *   updates S (rows, cols): scores -> P = exp(S - lse), 0 where masked (diagonal as above)
+ * Twin: minilars.ops.attention_tiles.tile_probs. */
+int minilars_attention_tile_probs(float *S, int64_t rows, int64_t cols, int64_t diagonal,
+                                  const float *lse, int threads);
+
+/* Tiled attention, backward: the softmax's input gradient, in place.
+ *   reads   P (rows, cols), D (rows): rowsum(dO * O)
+ *   updates dP (rows, cols) -> dS = P * (dP - D)   (unscaled: the caller's q carries 1/sqrt(hd))
+ * Twin: minilars.ops.attention_tiles.tile_dscores. */
+int minilars_attention_tile_dscores(const float *P, float *dP, int64_t rows, int64_t cols,
+                                    const float *D, int threads);
 /* CDEF END */
 
 #endif

@@ -24,6 +24,8 @@ Kernels and their twins (the twin is the specification):
                                                   few rows: minilars_matvec_xwT)
     matmul_dyW   dx = dy W    matmul_dyW_numpy
     swiglu_forward / swiglu_backward         minilars.ops.mlp (same names)
+    attention_tile_softmax / _probs / _dscores   minilars.ops.attention_tiles
+                                                 (tile_softmax / tile_probs / tile_dscores)
 A frozen W may be a float32/float64 ndarray (NumPy's BLAS), a float16 ndarray, or a
 minilars.frozen.Packed matrix: bfloat16 bits ("bf16") or GGUF blocks ("q8_0", "q4_0",
 "q4_1").
@@ -36,6 +38,7 @@ import numpy as np
 
 from minilars import quant
 from minilars.frozen import Packed, bf16_values, rows_to_float
+from minilars.ops import attention_tiles as attention_spec
 from minilars.ops import lars_gate as lars_spec
 from minilars.ops import mlp as mlp_spec
 
@@ -269,6 +272,75 @@ def swiglu_backward(dact: np.ndarray, g: np.ndarray, u: np.ndarray, dg_out=None)
                                             _ptr("float[]", du), int(_lib.minilars_max_threads())),
               where)
     return dg, du
+
+
+# ------------------------------------------------------------- tiled attention
+#
+# The element-wise steps between the tiled attention's products, in place on blocks laid
+# out as the attention makes them: scores (..., R_head, tk) and per-row vectors
+# (..., R_head), flattened here to (R, tk) and (R,) rows.
+
+def _check_tile(where: str, scores_name: str, S, rows: list, blocks: list,
+                diagonal: bool) -> tuple:
+    """S a C-contiguous float array (..., tk); each of `rows` (name, array) of shape
+    S.shape[:-1], each of `blocks` of shape S.shape[:-1] + (anything,), all of S's dtype.
+    Returns S as (R, tk). On the diagonal, tk must divide R (tq = tk)."""
+    _check_array(scores_name, S, None, _FLOATS, where)
+    if S.ndim < 2:
+        raise ValueError(f"{where}: {scores_name} must have at least 2 dimensions, got {S.shape}")
+    for name, a in rows + blocks:
+        _check_array(name, a, None, (S.dtype,), where)
+        want = S.shape[:-1] + (a.shape[-1:] if any(a is b for _, b in blocks) else ())
+        if a.shape != want:
+            raise ValueError(f"{where}: {name} has shape {a.shape}; expected {want}")
+    S2 = S.reshape(-1, S.shape[-1])
+    if diagonal and S2.shape[0] % S2.shape[1]:
+        raise ValueError(f"{where}: a diagonal tile's {S2.shape[0]} rows are not a multiple of "
+                         f"its {S2.shape[1]} columns (query and key tiles must match)")
+    return S2
+
+
+def attention_tile_softmax(S: np.ndarray, row_max: np.ndarray, row_sum: np.ndarray,
+                           acc: np.ndarray, diagonal: bool) -> None:
+    """One key tile of the forward's online softmax, in place (see
+    minilars.ops.attention_tiles.tile_softmax): S (..., tk) becomes P; row_max, row_sum
+    (...) and acc (..., hd) are updated."""
+    where = "attention_tile_softmax"
+    S2 = _check_tile(where, "S", S, [("row_max", row_max), ("row_sum", row_sum)],
+                     [("acc", acc)], diagonal)
+    m, l, a = row_max.reshape(-1), row_sum.reshape(-1), acc.reshape(len(S2), -1)
+    if not _c_for(S):
+        return attention_spec.tile_softmax(S2, m, l, a, diagonal)
+    _check_rc(_lib.minilars_attention_tile_softmax(
+        _ptr("float[]", S2), S2.shape[0], S2.shape[1], S2.shape[1] if diagonal else 0,
+        _ptr("float[]", m), _ptr("float[]", l), _ptr("float[]", a), a.shape[1],
+        int(_lib.minilars_max_threads())), where)
+
+
+def attention_tile_probs(S: np.ndarray, lse: np.ndarray, diagonal: bool) -> None:
+    """S (..., tk) scores -> P = exp(S - lse) in place, lse (...) (see
+    minilars.ops.attention_tiles.tile_probs)."""
+    where = "attention_tile_probs"
+    S2 = _check_tile(where, "S", S, [("lse", lse)], [], diagonal)
+    if not _c_for(S):
+        return attention_spec.tile_probs(S2, lse.reshape(-1), diagonal)
+    _check_rc(_lib.minilars_attention_tile_probs(
+        _ptr("float[]", S2), S2.shape[0], S2.shape[1], S2.shape[1] if diagonal else 0,
+        _ptr("float[]", lse), int(_lib.minilars_max_threads())), where)
+
+
+def attention_tile_dscores(P: np.ndarray, dP: np.ndarray, D: np.ndarray) -> None:
+    """dP (..., tk) -> dS = P * (dP - D) in place; P (..., tk), D (...) (see
+    minilars.ops.attention_tiles.tile_dscores)."""
+    where = "attention_tile_dscores"
+    dP2 = _check_tile(where, "dP", dP, [("D", D)], [("P", P)], False)
+    if P.shape != dP.shape:
+        raise ValueError(f"{where}: P has shape {P.shape}; expected dP's {dP.shape}")
+    if not _c_for(dP):
+        return attention_spec.tile_dscores(P.reshape(dP2.shape), dP2, D.reshape(-1))
+    _check_rc(_lib.minilars_attention_tile_dscores(
+        _ptr("float[]", P), _ptr("float[]", dP2), dP2.shape[0], dP2.shape[1],
+        _ptr("float[]", D), int(_lib.minilars_max_threads())), where)
 
 
 # ------------------------------------------------------------- frozen weights

@@ -1,7 +1,8 @@
 """C kernels against their NumPy twins, argument checks at the boundary, path selection.
 
 The twins are the specification (minilars.ops.lars_gate for the LARS gate,
-minilars.ops.mlp for SwiGLU, minilars.kernels.matmul_*_numpy for the matmuls, kernels.dequantize_numpy (so
+minilars.ops.mlp for SwiGLU, minilars.ops.attention_tiles for the attention tiles,
+minilars.kernels.matmul_*_numpy for the matmuls, kernels.dequantize_numpy (so
 minilars.quant.dequantize) for dequantization, frozen.rows_to_float for gather_rows).
 Frozen weights in every form: float16 ndarrays and Packed bf16, q8_0, q4_0, q4_1. Tests that
 need the compiled module are skipped when it is not built; the NumPy-path tests always run.
@@ -17,6 +18,7 @@ from hypothesis import given, settings, strategies as st
 from minilars import frozen, kernels, quant
 from minilars.frozen import Packed, bf16_bits, bf16_values
 from minilars.lab.bench import _temporary_bytes
+from minilars.ops import attention_tiles as attention_spec
 from minilars.ops import lars_gate as lars_spec
 from minilars.ops import mlp as mlp_spec
 
@@ -113,6 +115,110 @@ def test_swiglu_c_writes_dg_over_dact_and_keeps_non_finite_values():
     np.testing.assert_array_equal(du2, du)
     assert not np.isfinite(act[0, 0, :3]).any()          # no non-finite g turns finite
     assert np.isfinite(act[1:]).all()
+
+
+def attention_tile_case(heads, tq, tk, hd, seed, first):
+    """Scores (heads, tq, tk) as the tiled attention makes them, and a row state: a row's
+    first tile (max -inf, sum 0, acc 0) or a later one (a finite running max and sum)."""
+    rng = np.random.default_rng(seed)
+    S = (3 * rng.standard_normal((heads, tq, tk))).astype(np.float32)
+    if first:
+        row_max = np.full((heads, tq), -np.inf, np.float32)
+        row_sum, acc = np.zeros((heads, tq), np.float32), np.zeros((heads, tq, hd), np.float32)
+    else:
+        row_max = (3 * rng.standard_normal((heads, tq))).astype(np.float32)
+        row_sum = rng.uniform(1, 50, (heads, tq)).astype(np.float32)
+        acc = rng.standard_normal((heads, tq, hd)).astype(np.float32)
+    return S, row_max, row_sum, acc
+
+
+@needs_c
+@settings(max_examples=MAX_EXAMPLES, deadline=None)
+@given(heads=st.sampled_from([1, 3, 6]), tq=st.sampled_from([1, 2, 5, 64, 128]),
+       hd=st.sampled_from([1, 8, 64]), diagonal=st.booleans(), first=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_attention_tile_kernels_c_equal_twin(heads, tq, hd, diagonal, first, seed):
+    """All three tile kernels against their twins, on and off the causal diagonal (where
+    tk = tq), for a row's first key tile and a later one: within a few float32 ulp."""
+    tk = tq if diagonal else tq + 3
+    S, row_max, row_sum, acc = attention_tile_case(heads, tq, tk, hd, seed, first)
+    lse = (np.log(np.exp(S.astype(np.float64)).sum(-1)) + 0.5).astype(np.float32)
+    dP = np.random.default_rng(seed + 1).standard_normal(S.shape).astype(np.float32)
+    D = dP.mean(-1).astype(np.float32)
+    got = [a.copy() for a in (S, row_max, row_sum, acc, S, dP)]
+    want = [a.copy() for a in got]
+    with kernels.use_c(True):
+        kernels.attention_tile_softmax(got[0], got[1], got[2], got[3], diagonal)
+        kernels.attention_tile_probs(got[4], lse, diagonal)
+        kernels.attention_tile_dscores(got[4], got[5], D)
+    R = heads * tq
+    attention_spec.tile_softmax(want[0].reshape(R, tk), want[1].reshape(R), want[2].reshape(R),
+                                want[3].reshape(R, hd), diagonal)
+    attention_spec.tile_probs(want[4].reshape(R, tk), lse.reshape(R), diagonal)
+    attention_spec.tile_dscores(want[4].reshape(R, tk), want[5].reshape(R, tk), D.reshape(R))
+    for name, g, w in zip(["P", "row_max", "row_sum", "acc", "probs", "dS"], got, want):
+        np.testing.assert_allclose(g, w, rtol=4e-6, atol=1e-6 * float(np.abs(w).max()) + 1e-30,
+                                   err_msg=name)
+    if diagonal:                         # hidden scores are exactly 0 in both
+        hidden = np.triu(np.ones((tq, tq), bool), k=1)
+        assert (got[0][:, hidden] == 0).all() and (got[4][:, hidden] == 0).all()
+
+
+@needs_c
+def test_attention_tile_exp_is_accurate_over_the_whole_range():
+    """P = exp(S - lse) over S - lse in [-120, 0.01] against float64: within 2 float32 ulp
+    above -87; 0 below it (e^-87 = 1.6e-38, next to float32's smallest normal number)."""
+    x = np.linspace(-120, 0.01, 1_000_001).astype(np.float32)
+    S = x.reshape(1, -1).copy()
+    with kernels.use_c(True):
+        kernels.attention_tile_probs(S, np.zeros(1, np.float32), diagonal=False)
+    truth = np.exp(x.astype(np.float64))
+    normal = x >= -87.0
+    ulps = np.abs(S[0][normal] - truth[normal]) / np.spacing(truth[normal].astype(np.float32))
+    assert ulps.max() <= 2.0, ulps.max()
+    assert (S[0][~normal] == 0).all() and truth[~normal].max() <= np.exp(-87.0)
+
+
+@needs_c
+def test_attention_tile_kernels_keep_non_finite_scores_and_ignore_threads():
+    """A NaN or +inf score does not turn finite (its row's sum and output follow it), and
+    the rows come out the same on 1 and 2 threads (a block large enough for 2)."""
+    S, row_max, row_sum, acc = attention_tile_case(6, 128, 400, 16, seed=5, first=False)
+    S[0, 0, 7], S[0, 1, 9] = np.nan, np.inf
+    with kernels.use_c(True):
+        kernels.attention_tile_softmax(S, row_max, row_sum, acc, diagonal=False)
+    assert np.isnan(row_sum[0, 0]) and np.isnan(S[0, 0]).any() and not np.isfinite(S[0, 1]).all()
+    assert np.isfinite(S[1:]).all() and np.isfinite(row_sum[1:]).all()
+    lib, ffi = kernels._lib, kernels._ffi
+    results = []
+    for threads in (1, 2):
+        S, row_max, row_sum, acc = attention_tile_case(6, 128, 400, 16, seed=6, first=False)
+        rc = lib.minilars_attention_tile_softmax(
+            ffi.from_buffer("float[]", S), 6 * 128, 400, 0, ffi.from_buffer("float[]", row_max),
+            ffi.from_buffer("float[]", row_sum), ffi.from_buffer("float[]", acc), 16, threads)
+        assert rc == lib.MINILARS_OK
+        results.append((S, row_max, row_sum, acc))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda S, m, l, a: kernels.attention_tile_softmax(S, m[:, :-1], l, a, False), "row_max"),
+    (lambda S, m, l, a: kernels.attention_tile_softmax(S, m, l.astype(np.float64), a, False),
+     "row_sum"),
+    (lambda S, m, l, a: kernels.attention_tile_softmax(S, m, l, a[:, :-1], False), "acc"),
+    (lambda S, m, l, a: kernels.attention_tile_softmax(S[:, :, ::2], m, l, a, False), "S"),
+    (lambda S, m, l, a: kernels.attention_tile_softmax(np.ascontiguousarray(S[..., :3]), m, l,
+                                                       a, True), "diagonal"),   # 8 rows, 3 cols
+    (lambda S, m, l, a: kernels.attention_tile_probs(S, m[:1], False), "lse"),
+    (lambda S, m, l, a: kernels.attention_tile_probs(S.astype(np.float16), m, False), "S"),
+    (lambda S, m, l, a: kernels.attention_tile_dscores(S[..., :-1], S, m), "P"),
+    (lambda S, m, l, a: kernels.attention_tile_dscores(S, S, m[..., None]), "D"),
+])
+def test_attention_tile_bad_arguments_raise_before_c(c_must_not_run, call, match):
+    S, row_max, row_sum, acc = attention_tile_case(2, 4, 4, 3, seed=0, first=True)
+    with pytest.raises(ValueError, match=match):
+        call(S, row_max, row_sum, acc)
 
 
 @pytest.mark.parametrize("name,args", [
@@ -782,6 +888,10 @@ def test_c_refuses_a_short_workspace_and_writes_nothing():
     rc = lib.minilars_swiglu_forward(ffi.from_buffer("float[]", g), ffi.from_buffer("float[]", g),
                                      0, ffi.from_buffer("float[]", act), threads)
     assert rc == lib.MINILARS_ERR_ARGS and (act == 7.0).all()
+    S, m = np.full((6, 4), 7.0, np.float32), np.zeros(6, np.float32)
+    rc = lib.minilars_attention_tile_probs(ffi.from_buffer("float[]", S), 6, 4, 4,
+                                           ffi.from_buffer("float[]", m), threads)
+    assert rc == lib.MINILARS_ERR_ARGS and (S == 7.0).all()       # 6 rows: not whole 4x4 tiles
 
 
 @needs_c

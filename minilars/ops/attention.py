@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from minilars import kernels
 from minilars.saved import Keep
 
 DEFAULT_TILE = 128
@@ -51,17 +52,16 @@ def attention_op_backward_workspace(form: str, B: int, nh: int, nkv: int, T: int
     tiled: D (B, nh, T) and, per tile (tq = tk = min(tile, T)): the scaled q tile, dO's
            tile, dq's tile and one product beside them (four (B, nh, tq, hd)), three
            score tiles (the previous tile's P and dS are still held while the next S and
-           dP are made; two when T fits one tile), the diagonal mask (rep*tq, tq) and the
-           tile's lse and D. For tile < T < 2 tiles this overstates: the second query
-           tile is short.
+           dP are made; two when T fits one tile) and the tile's lse and D (the causal
+           mask is applied inside the tile kernels: no mask array). For tile < T < 2
+           tiles this overstates: the second query tile is short.
     tracemalloc's peak is within 5% below and 1% above this (tests/ops/test_attention.py)."""
     qkv = B * T * (nh + 2 * nkv) * hd                                  # dq, dk, dv
     if form == "plain":
         return (qkv + 2 * B * T * nh * hd + 2 * B * nh * T * T) * itemsize
     tq = min(tile, T)
     scores = 3 if T > tile else 2                  # one key tile per query tile: no previous
-    tiles = (4 * B * nh * tq * hd + scores * B * nh * tq * tq + (nh // nkv) * tq * tq
-             + 2 * B * nh * tq)
+    tiles = 4 * B * nh * tq * hd + scores * B * nh * tq * tq + 2 * B * nh * tq
     return (qkv + B * nh * T + tiles) * itemsize
 
 
@@ -134,27 +134,11 @@ def _query_tile(qg, i0, i1, scale: float = 1.0):
     return tile.reshape(B, nkv, rep * (i1 - i0), hd)
 
 
-def _diagonal_mask(rep: int, tq: int, dtype) -> np.ndarray:
-    """(rep*tq, tq): 0 where query row r (of each of the rep stacked heads) may see key
-    column c of the same tile, c <= r mod tq, and -inf above the diagonal. Added to the
-    diagonal tile's scores: one pass, where a boolean index built per tile was three."""
-    above = np.arange(tq)[None, :] > np.arange(tq)[:, None]           # (tq, tq)
-    return np.tile(np.where(above, -np.inf, 0.0).astype(dtype), (rep, 1))
-
-
-def _tile_scores(q_tile, k_tile, i0, j0, mask):
-    """Scores of one (query tile, key tile) block, q_tile already scaled, with the causal
-    mask applied. q_tile (B, nkv, rep*tq, hd), k_tile (B, nkv, tk, hd) -> (B, nkv, rep*tq, tk).
-    Query and key tiles share their edges, so only the diagonal tile (j0 == i0) crosses
-    the diagonal; tiles left of it are whole, tiles right of it are never computed."""
-    S = q_tile @ k_tile.swapaxes(-1, -2)
-    if j0 == i0:
-        S += mask
-    return S
-
-
 def attention_tiled_forward(q, k, v, tile: int = DEFAULT_TILE):
-    """Returns (out (B, T, nh, hd), lse (B, nh, T)). Saves q, k, v, out and lse."""
+    """Returns (out (B, T, nh, hd), lse (B, nh, T)). Saves q, k, v, out and lse.
+    Query and key tiles share their edges, so only the diagonal tile (j0 == i0) crosses
+    the causal diagonal; tiles left of it are whole, tiles right of it are never computed.
+    The online softmax between the products is kernels.attention_tile_softmax."""
     check_attention_shapes(q, k, v)
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
@@ -168,22 +152,14 @@ def attention_tiled_forward(q, k, v, tile: int = DEFAULT_TILE):
         i1 = min(i0 + tile, T)
         tq = i1 - i0
         q_tile = _query_tile(qg, i0, i1, scale)                        # (B, nkv, rep*tq, hd)
-        mask = _diagonal_mask(rep, tq, q.dtype)                        # (rep*tq, tq)
         row_max = np.full((B, nkv, rep * tq), -np.inf, dtype=q.dtype)
         row_sum = np.zeros_like(row_max)
         acc = np.zeros((B, nkv, rep * tq, hd), dtype=q.dtype)
         for j0 in range(0, i1, tile):                                  # causal: keys < i1
             j1 = min(j0 + tile, i1)
-            S = _tile_scores(q_tile, k[:, :, j0:j1], i0, j0, mask)
-            new_max = np.maximum(row_max, S.max(axis=-1))
-            correction = np.exp(row_max - new_max)                     # rescale what we had
-            S -= new_max[..., None]
-            P = np.exp(S, out=S)
-            row_sum *= correction
-            row_sum += P.sum(axis=-1)
-            acc *= correction[..., None]
-            acc += P @ v[:, :, j0:j1]
-            row_max = new_max
+            S = q_tile @ k[:, :, j0:j1].swapaxes(-1, -2)               # (B, nkv, rep*tq, tk)
+            kernels.attention_tile_softmax(S, row_max, row_sum, acc, diagonal=j0 == i0)
+            acc += S @ v[:, :, j0:j1]                                  # S is now P
         acc /= row_sum[..., None]
         og[:, :, :, i0:i1] = acc.reshape(B, nkv, rep, tq, hd)
         lse[..., i0:i1] = (row_max + np.log(row_sum)).reshape(B, nkv, rep, tq)
@@ -191,7 +167,8 @@ def attention_tiled_forward(q, k, v, tile: int = DEFAULT_TILE):
 
 
 def attention_tiled_backward(dout, q, k, v, out, lse, tile: int = DEFAULT_TILE):
-    """dout (B, T, nh, hd) -> dq (B, nh, T, hd), dk, dv (B, nkv, T, hd); scores recomputed."""
+    """dout (B, T, nh, hd) -> dq (B, nh, T, hd), dk, dv (B, nkv, T, hd); scores recomputed,
+    P rebuilt by kernels.attention_tile_probs, dS by kernels.attention_tile_dscores."""
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
     rep = nh // nkv
@@ -208,19 +185,16 @@ def attention_tiled_backward(dout, q, k, v, out, lse, tile: int = DEFAULT_TILE):
         tq = i1 - i0
         q_tile = _query_tile(qg, i0, i1, scale)                        # (B, nkv, rep*tq, hd)
         dO_tile = _query_tile(dOg, i0, i1)                             # (B, nkv, rep*tq, hd)
-        mask = _diagonal_mask(rep, tq, q.dtype)                        # (rep*tq, tq)
-        lse_tile = np.ascontiguousarray(lse_g[..., i0:i1]).reshape(B, nkv, rep * tq, 1)
-        D_tile = np.ascontiguousarray(D[..., i0:i1]).reshape(B, nkv, rep * tq, 1)
+        lse_tile = np.ascontiguousarray(lse_g[..., i0:i1]).reshape(B, nkv, rep * tq)
+        D_tile = np.ascontiguousarray(D[..., i0:i1]).reshape(B, nkv, rep * tq)
         dq_tile = np.zeros_like(q_tile)
         for j0 in range(0, i1, tile):
             j1 = min(j0 + tile, i1)
-            S = _tile_scores(q_tile, k[:, :, j0:j1], i0, j0, mask)
-            S -= lse_tile
-            P = np.exp(S, out=S)                                       # (B, nkv, rep*tq, tk)
+            P = q_tile @ k[:, :, j0:j1].swapaxes(-1, -2)               # (B, nkv, rep*tq, tk): S
+            kernels.attention_tile_probs(P, lse_tile, diagonal=j0 == i0)   # now P
             dv[:, :, j0:j1] += P.swapaxes(-1, -2) @ dO_tile            # sums over rep too
-            dP = dO_tile @ v[:, :, j0:j1].swapaxes(-1, -2)
-            dP -= D_tile
-            dS = np.multiply(P, dP, out=dP)                            # unscaled: dS / scale
+            dS = dO_tile @ v[:, :, j0:j1].swapaxes(-1, -2)             # dP
+            kernels.attention_tile_dscores(P, dS, D_tile)              # now dS / scale
             dq_tile += dS @ k[:, :, j0:j1]
             dk[:, :, j0:j1] += dS.swapaxes(-1, -2) @ q_tile            # q_tile carries the scale
         dq_tile *= scale

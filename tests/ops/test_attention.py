@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from minilars import kernels
 from minilars.ops.attention import (attention_op_backward_workspace, attention_plain_backward,
                                     attention_plain_forward, attention_tiled_backward,
                                     attention_tiled_forward)
@@ -101,6 +102,26 @@ def test_plain_and_tiled_attention_agree(tile, B, heads, T, hd, scale, seed):
         assert rel_err(a, b, floor) < 1e-12, name
     if T == 1:                      # one key: the softmax is constant, q and k get nothing
         assert np.max(np.abs(grads_t[0])) < 1e-12 * floor
+
+
+@pytest.mark.parametrize("use_c", [pytest.param(True, marks=pytest.mark.skipif(
+    not kernels.c_available(), reason="minilars._cext not built")), False])
+@pytest.mark.parametrize("T, tile", [(300, 128), (64, 16), (7, 3)])
+def test_float32_tiled_attention_on_both_paths_matches_float64(use_c, T, tile):
+    """float32 inputs take the C tile kernels (or their twins, with the C core off): the
+    output, lse and gradients stay within float32 rounding of the float64 plain form."""
+    q, k, v, R = _inputs(1, 9, 3, T, 64, seed=T, scale=1.5)
+    out_p, P = attention_plain_forward(q, k, v)
+    grads_p = attention_plain_backward(R, q, k, v, P)
+    f32 = [a.astype(np.float32) for a in (q, k, v, R)]
+    with kernels.use_c(use_c):
+        out_t, lse = attention_tiled_forward(*f32[:3], tile)
+        grads_t = attention_tiled_backward(f32[3], *f32[:3], out_t, lse, tile)
+    assert out_t.dtype == lse.dtype == np.float32
+    assert rel_err(out_p, out_t) < 1e-5
+    floor = max(np.max(np.abs(g)) for g in grads_p)
+    for name, a, b in zip(("dq", "dk", "dv"), grads_p, grads_t):
+        assert b.dtype == np.float32 and rel_err(a, b, floor) < 1e-5, name
 
 
 def test_tiled_backward_accepts_a_noncontiguous_dout():
