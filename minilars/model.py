@@ -34,7 +34,7 @@ import numpy as np
 from minilars import kernels
 from minilars.adapters.common import Site
 from minilars.config import ModelConfig
-from minilars.memory import Ledger
+from minilars.memory import Ledger, keep_freed_memory
 from minilars.ops.attention import (DEFAULT_TILE, attention_op_backward_workspace,
                                     attention_plain_backward, attention_plain_forward,
                                     attention_saves, attention_tiled_backward,
@@ -598,9 +598,11 @@ def forward_backward(model: Model, tokens: np.ndarray, targets: np.ndarray,
     """Mean next-token loss; gradients of every trainable tensor are ADDED into `grads`.
     tokens, targets (B, T) int; targets aligned with positions (see next_token_targets).
     dropout_key: (seed, step) of the training step, from which LoRA's dropout masks are
-    drawn."""
+    drawn. The first step asks malloc to keep freed memory (memory.keep_freed_memory):
+    each step's activations then reuse the last step's pages instead of faulting in new ones."""
     cfg, p = model.cfg, model.params
     tokens = check_inputs(cfg, tokens, targets)
+    keep_freed_memory()
     if opts.mlp_rows and getattr(model.adapter, "dropout", 0):
         raise ValueError("--mlp-rows needs LoRA dropout 0: a dropout mask is drawn for a whole "
                          "input, not for a block of its rows")

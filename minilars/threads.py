@@ -25,6 +25,7 @@ import time
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from minilars import kernels   # loads the C core, and with it the OpenMP runtime
+from minilars.memory import freed_memory_kept
 
 SAMPLE_SECONDS = 0.2            # how long `auto` watches the other processes
 
@@ -114,6 +115,8 @@ def describe() -> list[str]:
         else:
             owner = " (the C core)" if kernels.kernel_status().get("openmp") else ""
             lines.append(f"OpenMP: {name}{owner}, {pool['num_threads']} threads")
+    if freed_memory_kept():                     # once a training step has run here
+        lines.append("malloc: freed memory kept for reuse (glibc; MINILARS_KEEP_FREED=0 to not)")
     return lines
 
 

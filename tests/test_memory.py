@@ -4,6 +4,9 @@ checkpoints exactly n_layers x B x T x C x itemsize with the rest bounded by one
 working set, and the ledger's peak against tracemalloc's real peak on the SmolLM2-135M
 architecture (one ~20 s step, unloaded machine)."""
 import json
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -291,3 +294,32 @@ def test_memory_plot_puts_measured_points_on_planned_lines(tmp_path, capsys):
     vertices = {colour: set(points.split()) for points, colour in lines}
     for cx, cy, colour in circles:
         assert f"{cx},{cy}" in vertices[colour], (cx, cy, colour)
+
+
+KEEP_FREED_PROBE = """
+import numpy as np
+from minilars.config import named_config
+from minilars.memory import current_rss_bytes, freed_memory_kept
+from minilars.model import Model, forward_backward, next_token_targets, zero_grads
+model = Model.random(named_config("tiny")).train_all()
+tokens = np.zeros((1, 8), dtype=np.int64)
+forward_backward(model, tokens, next_token_targets(tokens), zero_grads(model))
+block = np.ones(64 << 18, np.float32)                  # 64 MiB, touched
+before = current_rss_bytes()
+del block
+print(freed_memory_kept(), (before - current_rss_bytes()) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc, /proc")
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_a_training_step_keeps_freed_memory_for_reuse(opt_out):
+    """After a step, a freed 64 MiB block stays mapped for the next allocation (the
+    next step's activations reuse it instead of faulting in new pages); with
+    MINILARS_KEEP_FREED=0 malloc is left alone and hands it back."""
+    env = dict(os.environ, MINILARS_KEEP_FREED="0" if opt_out else "1")
+    out = subprocess.run([sys.executable, "-c", KEEP_FREED_PROBE], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    kept, returned_mib = out[0] == "True", int(out[1])
+    assert kept is not opt_out
+    assert (returned_mib >= 60) if opt_out else (returned_mib < 4), returned_mib

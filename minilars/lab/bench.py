@@ -25,6 +25,7 @@ from minilars.lab.memory_curve import build_model
 from minilars.memory import Ledger, mib, register_params
 from minilars.model import StepOptions, forward_backward, next_token_targets, zero_grads
 from minilars.optim import AdamW, clip_grad_norm
+from minilars.ops.attention import DEFAULT_TILE, attention_tiled_backward, attention_tiled_forward
 from minilars.ops.loss import DEFAULT_CHUNK            # rows of logits at once in the loss
 
 HIDDEN, MLP, VOCAB = 576, 1536, 49152      # SmolLM2-135M
@@ -117,6 +118,40 @@ def _swiglu_rows(seq: int, rng, repeats: int) -> list[dict]:
                      lambda: kernels.swiglu_backward(dact, g, u, dg_out=dact.copy()), repeats)]
 
 
+def _attention_rows(seq: int, rng, repeats: int) -> list[dict]:
+    """The tiled attention's tile kernels on one SmolLM2 tile (3 kv heads x 3 query heads
+    x 128 rows, 128 keys; each call on a fresh copy of the scores, the copy timed on both
+    paths), and the whole tiled attention forward and backward at `seq` (BLAS inside)."""
+    heads, kv_heads, hd, tile = 9, 3, 64, DEFAULT_TILE
+    S0 = rng.normal(size=(1, kv_heads, 3 * tile, tile)).astype(np.float32)
+    row_max = S0.max(-1) - 1
+    row_sum = np.ones_like(row_max)
+    acc = np.zeros(row_max.shape + (hd,), np.float32)
+    dP = rng.normal(size=S0.shape).astype(np.float32)
+    shape = f"S (1, {kv_heads}, {3 * tile}, {tile})"
+
+    def softmax(diagonal):
+        S, m = S0.copy(), row_max.copy()
+        kernels.attention_tile_softmax(S, m, row_sum.copy(), acc, diagonal)
+        return S
+    rows = [_measure("tile_softmax", shape, lambda: softmax(False), repeats),
+            _measure("tile_softmax", shape + " diagonal", lambda: softmax(True), repeats),
+            _measure("tile_probs", shape,
+                     lambda: kernels.attention_tile_probs(S0.copy(), row_max, False), repeats),
+            _measure("tile_dscores", shape,
+                     lambda: kernels.attention_tile_dscores(S0, dP.copy(), row_max), repeats)]
+    q = rng.normal(size=(1, heads, seq, hd)).astype(np.float32)
+    k, v = (rng.normal(size=(1, kv_heads, seq, hd)).astype(np.float32) for _ in range(2))
+    dout = rng.normal(size=(1, seq, heads, hd)).astype(np.float32)
+    out, lse = attention_tiled_forward(q, k, v, tile)
+    shape = f"q ({seq}, {heads}x{hd}) kv {kv_heads} tile {tile}"
+    rows.append(_measure("attention_fwd", shape, lambda: attention_tiled_forward(q, k, v, tile),
+                         repeats))
+    rows.append(_measure("attention_bwd", shape,
+                         lambda: attention_tiled_backward(dout, q, k, v, out, lse, tile), repeats))
+    return rows
+
+
 def _frozen_matmul_rows(n: int, out_f: int, in_f: int, labels, rng, repeats: int,
                         backward: bool = True) -> list[dict]:
     """y = x W^T (and dx = dy W) for W (out_f, in_f) in each frozen form of `labels`,
@@ -143,12 +178,14 @@ def _frozen_matmul_rows(n: int, out_f: int, in_f: int, labels, rng, repeats: int
 
 def bench_kernels(seq: int = 512, repeats: int = 15, seed: int = 0) -> list[dict]:
     """Each kernel vs its twin on SmolLM2-135M shapes at `seq` tokens (batch 1), float32
-    activations: the LARS gate, SwiGLU, and the frozen-weight matmuls (beside the float32
+    activations: the LARS gate, SwiGLU, the tiled attention's tile kernels (and the
+    whole tiled attention), and the frozen-weight matmuls (beside the float32
     BLAS reference x @ W32.T): the MLP's up/gate and down projections in every frozen form,
     the tied LM head at the loss's chunk (float16 and Q8_0), and one token of generation
     (minilars_matvec_xwT)."""
     rng = np.random.default_rng(seed)
-    rows = _lars_rows(seq, rng, repeats) + _swiglu_rows(seq, rng, repeats)
+    rows = (_lars_rows(seq, rng, repeats) + _swiglu_rows(seq, rng, repeats)
+            + _attention_rows(seq, rng, repeats))
     everything = ("f16", "bf16", "q8_0", "q4_1")
     rows += _frozen_matmul_rows(seq, MLP, HIDDEN, everything, rng, repeats)
     rows += _frozen_matmul_rows(seq, HIDDEN, MLP, everything, rng, repeats)
