@@ -12,14 +12,15 @@ forward, per key tile (online softmax): m' = max(m, rowmax S); P = exp(S - m');
     l' = l exp(m - m') + rowsum P;  acc' = acc exp(m - m')      (the caller adds P V)
 backward, per tile: P = exp(S - lse);  dS = P * (dP - D),  D = rowsum(dO * O)
 Each updates its blocks in place: no (R, tk) temporary beyond the scores themselves.
-The C kernels do each in one pass over the rows, split over threads, with exp in double;
-these twins take a few NumPy passes in float32 (equal to a few float32 ulp).
+The C kernels do each in one or two passes over a row, with their own float32 exp (within
+2 ulp); these twins take a few NumPy passes (the two agree to a few float32 ulp).
 """
 import numpy as np
 
 
 def _mask_above_diagonal(S: np.ndarray) -> None:
-    """S (R, tq, tq) rows of diagonal tiles: -inf where the key comes after the query."""
+    """S (R, tq), R a multiple of tq (rows of diagonal tiles): -inf where the key
+    comes after the query."""
     tq = S.shape[-1]
     S.reshape(-1, tq, tq)[:, np.triu(np.ones((tq, tq), dtype=bool), k=1)] = -np.inf
 
