@@ -288,9 +288,9 @@ def _check_tile(where: str, scores_name: str, S, rows: list, blocks: list,
     _check_array(scores_name, S, None, _FLOATS, where)
     if S.ndim < 2:
         raise ValueError(f"{where}: {scores_name} must have at least 2 dimensions, got {S.shape}")
-    for name, a in rows + blocks:
+    for name, a, is_block in [(n, a, False) for n, a in rows] + [(n, a, True) for n, a in blocks]:
         _check_array(name, a, None, (S.dtype,), where)
-        want = S.shape[:-1] + (a.shape[-1:] if any(a is b for _, b in blocks) else ())
+        want = S.shape[:-1] + (a.shape[-1:] if is_block else ())
         if a.shape != want:
             raise ValueError(f"{where}: {name} has shape {a.shape}; expected {want}")
     S2 = S.reshape(-1, S.shape[-1])
