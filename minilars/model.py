@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minilars import kernels
+from minilars import kernels, threads
 from minilars.adapters.common import Site
 from minilars.config import ModelConfig
 from minilars.memory import Ledger, keep_freed_memory
@@ -309,7 +309,7 @@ def attention_forward(model: Model, i: int, h: np.ndarray, rope: Rope, saved: Sa
             out, P = attention_plain_forward(q, k, v)                   # out (B, T, nh, hd)
             saved.keep("attention", "P", P)                             # (B, nh, T, T)
         else:
-            out, lse = attention_tiled_forward(q, k, v, opts.tile)
+            out, lse = attention_tiled_forward(q, k, v, opts.tile, threads.current_threads())
             saved.keep("attention", "out", out)
             saved.keep("attention", "lse", lse)                         # (B, nh, T)
     del q, k, v

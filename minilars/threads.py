@@ -96,6 +96,19 @@ def set_threads(n: int) -> None:
     threadpool_limits(limits=n)      # every BLAS and OpenMP runtime loaded in this process
 
 
+def current_threads() -> int:
+    """The thread count set for the C core's OpenMP team (and, by set_threads, BLAS);
+    1 without the C core."""
+    return int(kernels.kernel_status()["threads"])
+
+
+def one_blas_thread():
+    """A context in which BLAS runs each product on the calling thread alone: for work
+    split over threads of our own (the tiled attention's query tiles), whose small
+    products gain nothing from a second BLAS thread."""
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def pools() -> list[dict]:
     """The thread pools loaded in this process, as threadpoolctl reports them: user_api
     (blas | openmp), internal_api, version, num_threads, and for OpenBLAS its kernel

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from minilars import kernels
-from minilars.ops.attention import (attention_op_backward_workspace, attention_plain_backward,
+from minilars.ops.attention import (PARALLEL_QUERY_TILES, attention_op_backward_workspace, attention_plain_backward,
                                     attention_plain_forward, attention_tiled_backward,
                                     attention_tiled_forward)
 from tests.gradcheck import assert_grad_close, examples, numeric_grad, rel_err
@@ -122,6 +122,21 @@ def test_float32_tiled_attention_on_both_paths_matches_float64(use_c, T, tile):
     floor = max(np.max(np.abs(g)) for g in grads_p)
     for name, a, b in zip(("dq", "dk", "dv"), grads_p, grads_t):
         assert b.dtype == np.float32 and rel_err(a, b, floor) < 1e-5, name
+
+
+@pytest.mark.parametrize("T, tile", [(64, 4), (100, 6)])
+def test_forward_with_query_tiles_split_over_workers_matches_one_worker(T, tile):
+    """16 or more query tiles and workers > 1: the tiles are dealt to threads, each on one
+    BLAS thread. Each tile is computed as it is alone, so out and lse match the one-worker
+    forward (to rounding: a product on one BLAS thread may sum differently from two)."""
+    q, k, v, _ = _inputs(2, 6, 2, T, 8, seed=T, scale=1.5)
+    q, k, v = (a.astype(np.float32) for a in (q, k, v))
+    assert -(-T // tile) >= PARALLEL_QUERY_TILES
+    one = attention_tiled_forward(q, k, v, tile, workers=1)
+    for workers in (2, 3):
+        split = attention_tiled_forward(q, k, v, tile, workers=workers)
+        for a, b in zip(one, split):
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
 
 
 def test_tiled_backward_accepts_a_noncontiguous_dout():
