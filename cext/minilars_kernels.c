@@ -862,6 +862,12 @@ static inline int64_t visible_cols(int64_t r, int64_t cols, int64_t diagonal)
     return diagonal ? r % diagonal + 1 : cols;
 }
 
+/* the team for a block: one thread below ATTENTION_ONE_THREAD scores */
+static inline int attention_team(int64_t rows, int64_t cols, int threads)
+{
+    return rows * cols < ATTENTION_ONE_THREAD ? 1 : threads;
+}
+
 static int attention_shape_ok(int64_t rows, int64_t cols, int64_t diagonal, int threads)
 {
     return rows > 0 && cols > 0 && threads > 0
@@ -874,7 +880,7 @@ int minilars_attention_tile_softmax(float *S, int64_t rows, int64_t cols, int64_
 {
     if (!attention_shape_ok(rows, cols, diagonal, threads) || acc_cols < 1)
         return MINILARS_ERR_ARGS;
-#pragma omp parallel for schedule(static) num_threads(rows * cols < ATTENTION_ONE_THREAD ? 1 : threads)
+#pragma omp parallel for schedule(static) num_threads(attention_team(rows, cols, threads))
     for (int64_t r = 0; r < rows; r++) {
         float *restrict s = S + r * cols;
         const int64_t n = visible_cols(r, cols, diagonal);
@@ -906,7 +912,7 @@ int minilars_attention_tile_probs(float *S, int64_t rows, int64_t cols, int64_t 
 {
     if (!attention_shape_ok(rows, cols, diagonal, threads))
         return MINILARS_ERR_ARGS;
-#pragma omp parallel for schedule(static) num_threads(rows * cols < ATTENTION_ONE_THREAD ? 1 : threads)
+#pragma omp parallel for schedule(static) num_threads(attention_team(rows, cols, threads))
     for (int64_t r = 0; r < rows; r++) {
         float *restrict s = S + r * cols;
         const int64_t n = visible_cols(r, cols, diagonal);
@@ -925,7 +931,7 @@ int minilars_attention_tile_dscores(const float *P, float *dP, int64_t rows, int
 {
     if (!attention_shape_ok(rows, cols, 0, threads))
         return MINILARS_ERR_ARGS;
-#pragma omp parallel for schedule(static) num_threads(rows * cols < ATTENTION_ONE_THREAD ? 1 : threads)
+#pragma omp parallel for schedule(static) num_threads(attention_team(rows, cols, threads))
     for (int64_t r = 0; r < rows; r++) {
         const float *restrict p = P + r * cols;
         float *restrict d = dP + r * cols;

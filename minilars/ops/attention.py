@@ -174,8 +174,8 @@ def attention_tiled_forward(q, k, v, tile: int = DEFAULT_TILE, workers: int = 1)
     one BLAS thread. Each tile is computed as it would be alone, so `workers` changes the
     result only through how BLAS sums a product on one thread or on two (bit for bit the
     same on this machine's OpenBLAS; the tests allow 1e-6). It also holds one set of tile
-    temporaries per worker (about 1.5 MiB each at SmolLM2's shapes). The products of one tile, (rep*tq, hd) x (hd, tk) per kv head,
-    gain almost nothing from a second BLAS thread: at T=2048 on SmolLM2 2 workers ran the
+    temporaries per worker (about 1.5 MiB each at SmolLM2's shapes). The products of one
+    tile, (rep*tq, hd) x (hd, tk) per kv head, gain almost nothing from a second BLAS thread: at T=2048 on SmolLM2 2 workers ran the
     forward in 45 ms against 68 ms; at T=512 (4 tiles) there was nothing to gain. Inside a
     step it needs BLAS's idle threads to sleep at once (OPENBLAS_THREAD_TIMEOUT, which
     `import minilars` sets): spinning after the step's two-thread products, they held the

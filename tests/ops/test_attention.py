@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from minilars import kernels
-from minilars.ops.attention import (PARALLEL_QUERY_TILES, attention_op_backward_workspace, attention_plain_backward,
-                                    attention_plain_forward, attention_tiled_backward,
-                                    attention_tiled_forward)
+from minilars.ops.attention import (PARALLEL_QUERY_TILES, attention_op_backward_workspace,
+                                    attention_plain_backward, attention_plain_forward,
+                                    attention_tiled_backward, attention_tiled_forward)
 from tests.gradcheck import assert_grad_close, examples, numeric_grad, rel_err
 
 # (nh, nkv): GQA ratios 1 and 3 (and 2)
