@@ -392,7 +392,8 @@ def attention_backward(model: Model, i: int, dh_mid: np.ndarray, rope: Rope, sav
         dq, dk, dv = attention_plain_backward(dout, q, k, v, saved.get("attention", "P"))
     else:
         dq, dk, dv = attention_tiled_backward(dout, q, k, v, saved.get("attention", "out"),
-                                              saved.get("attention", "lse"), opts.tile)
+                                              saved.get("attention", "lse"), opts.tile,
+                                              attention_backward_workers(opts))
     saved.release("attention")
     del dout, q, k, v
     dq = _merge_heads(rope_backward(dq, rope.cos, rope.sin))            # (B, T, nh*hd)
@@ -428,7 +429,16 @@ def attention_backward_workspace(cfg: ModelConfig, B: int, T: int, opts: StepOpt
     return (B * T * cfg.q_dim * itemsize
             + attention_op_backward_workspace(opts.attention, B, cfg.num_attention_heads,
                                               cfg.num_key_value_heads, T, cfg.head_dim,
-                                              opts.tile, itemsize))
+                                              opts.tile, itemsize,
+                                              attention_backward_workers(opts)))
+
+
+def attention_backward_workers(opts: StepOptions) -> int:
+    """Threads the tiled attention's backward is split over: the step's threads, but one
+    with mlp_rows. Each further worker holds its own tiles and its own dk and dv (about
+    5.8 MiB at T=2048 on SmolLM2), and with mlp_rows, the setting a tight budget picks,
+    the attention half's backward is the step's peak: there the split would raise it."""
+    return 1 if opts.mlp_rows else threads.current_threads()
 
 
 def block_backward(model: Model, i: int, dh_out: np.ndarray, rope: Rope, saved: Saved,

@@ -173,13 +173,38 @@ def test_attention_rejects_bad_head_counts(fwd):
         fwd(q, np.zeros((1, 1, 5, 2)), np.zeros((1, 1, 5, 2)))
 
 
-@pytest.mark.parametrize("form", ["plain", "tiled"])
-@pytest.mark.parametrize("nh, nkv, hd, T", [(9, 3, 64, 1024), (4, 4, 16, 256), (8, 2, 32, 320),
-                                            (8, 2, 32, 96)])
-def test_the_declared_backward_workspace_is_what_the_backward_allocates(form, nh, nkv, hd, T):
+@pytest.mark.parametrize("T, tile", [(64, 4), (100, 6)])
+def test_backward_with_query_tiles_split_over_workers_matches_one_worker(T, tile):
+    """Split over workers, each adds into a dk and dv of its own, summed in worker order:
+    dq, dk and dv match the one-worker backward to rounding, and repeat bit for bit."""
+    q, k, v, R = _inputs(2, 6, 2, T, 8, seed=T + 1, scale=1.5)
+    q, k, v, R = (a.astype(np.float32) for a in (q, k, v, R))
+    assert -(-T // tile) >= PARALLEL_QUERY_TILES
+    out, lse = attention_tiled_forward(q, k, v, tile)
+    one = attention_tiled_backward(R, q, k, v, out, lse, tile, workers=1)
+    for workers in (2, 3):
+        split = attention_tiled_backward(R, q, k, v, out, lse, tile, workers=workers)
+        for a, b in zip(one, split):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        again = attention_tiled_backward(R, q, k, v, out, lse, tile, workers=workers)
+        for a, b in zip(split, again):
+            np.testing.assert_array_equal(a, b)
+
+
+SHAPES = [(9, 3, 64, 1024), (4, 4, 16, 256), (8, 2, 32, 320), (8, 2, 32, 96)]
+
+
+@pytest.mark.parametrize("form, workers, nh, nkv, hd, T",
+                         [(form, 1, *shape) for form in ("plain", "tiled") for shape in SHAPES]
+                         + [("tiled", workers, 9, 3, 64, 2048) for workers in (1, 2)]
+                         + [("tiled", 2, 9, 3, 64, 1024)])
+def test_the_declared_backward_workspace_is_what_the_backward_allocates(form, workers,
+                                                                       nh, nkv, hd, T):
     """tracemalloc's peak over the backward against the declaration the planner reads: an
     overstatement of 2.3 (T, C) floats (12 MiB at T=4096 on SmolLM2) once made the
-    planner's peak RSS 5% high where this moment is the step's peak (--mlp-rows)."""
+    planner's peak RSS 5% high where this moment is the step's peak (--mlp-rows).
+    At T=2048 (16 tiles of 128) two workers split the tiled backward, each further one
+    with its own tiles, dk and dv; at T=1024 (8 tiles) `workers` changes nothing."""
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, nh, T, hd), dtype=np.float32)
     k, v = (rng.standard_normal((1, nkv, T, hd), dtype=np.float32) for _ in range(2))
@@ -189,7 +214,7 @@ def test_the_declared_backward_workspace_is_what_the_backward_allocates(form, nh
         run = lambda: attention_plain_backward(dout, q, k, v, P)
     else:
         out, lse = attention_tiled_forward(q, k, v, tile=128)
-        run = lambda: attention_tiled_backward(dout, q, k, v, out, lse, tile=128)
+        run = lambda: attention_tiled_backward(dout, q, k, v, out, lse, 128, workers)
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
@@ -198,5 +223,5 @@ def test_the_declared_backward_workspace_is_what_the_backward_allocates(form, nh
         traced = tracemalloc.get_traced_memory()[1] - start
     finally:
         tracemalloc.stop()
-    declared = attention_op_backward_workspace(form, 1, nh, nkv, T, hd, 128, 4)
+    declared = attention_op_backward_workspace(form, 1, nh, nkv, T, hd, 128, 4, workers)
     assert 0.95 * declared <= traced <= 1.01 * declared, (traced, declared)
