@@ -4,10 +4,15 @@
 # run the default test suite there, then a tiny end-to-end pass (memory, train, eval ppl,
 # generate). Prints pytest's summary line and the wall times.
 #
-#   sudo scripts/check_arm64.sh [--quick] [--jobs N] [ROOT_DIR] [-- PYTEST_ARGS...]
+#   sudo scripts/check_arm64.sh [--quick] [--full-size] [--jobs N] [ROOT_DIR] [-- PYTEST_ARGS...]
 #                                              (default ROOT_DIR /var/tmp/minilars-arm64)
 #
 # --quick skips the test suite (install and the end-to-end pass only: minutes, not hours).
+# The suite is the default one (`pytest`), less the full-size tutorial renders (marker
+# full_size, tests/test_tutorials.py): each re-renders a page with SmolLM2-135M steps, and
+# emulated float math runs about 1,500x slower than this host's (a (512, 576) x (576, 1536)
+# product: 6.7 s against 4.5 ms), so each takes hours. Their code runs here at small size
+# (test_tutorial_runs). --full-size includes them.
 # The emulated CPU is a Raspberry Pi 5's Cortex-A76 (QEMU_CPU=cortex-a72 for a Pi 4's):
 # qemu's default `max` CPU advertises SME, which no Pi has, and OpenBLAS then picks its
 # SME kernels, which run about 18x slower under emulation than its NEON ones (three
@@ -19,29 +24,30 @@
 # scripts/arm64-timings.txt), so the few long tests do not queue on one shard.
 # Shard K's whole output is ROOT/minilars/arm64-pytest-K.log.
 # The tests' own timeouts (a tutorial render's hour) are scaled by
-# MINILARS_TEST_TIMEOUT_SCALE, 6 by default here: a render takes 30-60x its native time.
-# Arguments after -- go to pytest, e.g. `-- -k 'not test_page_output_is_current'` leaves
-# out the full-size tutorial renders, which take most of an emulated run's hours.
-#
-# Needs root, network access to a Debian mirror and PyPI, and on the host:
-#   apt-get install qemu-user-static debootstrap binfmt-support
-# The root is built once (debootstrap, about 5 minutes) and reused; the repository's
-# committed HEAD is copied in fresh each time (git archive: what a clone holds). Everything runs under
-# emulation, so times are many times a real Pi's. Not part of .ci/run: the suite alone
-# takes hours here (the 1,200-test suite under emulation).
+# MINILARS_TEST_TIMEOUT_SCALE, 6 by default here.
+# Arguments after -- go to pytest after the check's own `-m`, so a `-m` there replaces it.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 quick=0
+full_size=0
 jobs=$(nproc)
-if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
-if [ "${1:-}" = "--jobs" ]; then jobs=${2:-}; shift 2 || true; fi
-case $jobs in ''|*[!0-9]*|0) echo "$0: --jobs '$jobs': expected a positive count" >&2; exit 1;; esac
 root=/var/tmp/minilars-arm64
-if [ $# -gt 0 ] && [ "$1" != "--" ]; then root=$1; shift; fi
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do
+  case $1 in
+    --quick) quick=1; shift;;
+    --full-size) full_size=1; shift;;
+    --jobs) jobs=${2:-}; shift $(( $# > 1 ? 2 : 1 ));;
+    -*) echo "$0: unknown option '$1' (see the usage at the top of this file)" >&2; exit 1;;
+    *) root=$1; shift;;
+  esac
+done
+case $jobs in ''|*[!0-9]*|0) echo "$0: --jobs '$jobs': expected a positive count" >&2; exit 1;; esac
 [ "${1:-}" = "--" ] && shift
-pytest_args=""                      # the rest, quoted again for the shell inside the root
-if [ $# -gt 0 ]; then pytest_args=$(printf ' %q' "$@"); fi
+marks="not slow and not full_size"                 # the default suite less the full-size renders
+[ $full_size = 1 ] && marks="not slow"             # the default suite (pyproject's addopts)
+pytest_args=$(printf ' %q' -m "$marks")             # quoted again for the shell inside the root
+if [ $# -gt 0 ]; then pytest_args="$pytest_args$(printf ' %q' "$@")"; fi
 mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
 mirror=${mirror:-http://deb.debian.org/debian}
 start=$(date +%s)
@@ -98,7 +104,7 @@ echo "== installed in $(( $(date +%s) - t0 )) s"
 suite=0
 if [ $quick = 0 ]; then
   t0=$(date +%s)
-  echo "== the default test suite, $jobs pytest processes side by side"
+  echo "== the default test suite (-m '$marks'), $jobs pytest processes side by side"
   echo "   (each one's whole output, as it runs: $root/minilars/arm64-pytest-K.log)"
   set +e
   inside ".venv/bin/python scripts/pytest_shards.py $jobs$timings$pytest_args"
