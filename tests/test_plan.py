@@ -13,7 +13,7 @@ from minilars.adapters import IA3, LARS, LoRA
 from minilars.config import named_config
 from minilars.lab.memory_curve import build_model, measure_lengths
 from minilars.model import StepOptions
-from minilars import cli
+from minilars import cli, threads
 from minilars.cli import main
 from minilars.io.load import read_config
 from minilars.plan import (BUDGET_MARGIN, Setting, fitting_settings, parse_size, plan_model,
@@ -114,6 +114,29 @@ def test_no_undeclared_block_sized_array_lives_through_the_backward(opts):
     planned = plan["ledger_peak_bytes"] + plan["workspace_bytes"]
     assert 0.96 * planned <= traced <= 1.04 * planned, (traced / 2**20, planned / 2**20,
                                                        plan["workspace_moment"])
+
+
+@pytest.mark.parametrize("method", ["lars", "full"])
+def test_a_plans_peak_does_not_depend_on_the_thread_count(method):
+    """The tiled attention's backward splits over the step's threads, each further one
+    with its own tiles, dk and dv, but not with --mlp-rows, where that moment is the
+    step's peak: so a plan made on one thread holds for a run on four (a tutorial's page
+    and a budget's choice are the same on every machine)."""
+    cfg = named_config("smollm2-135m")
+    settings = [StepOptions(policy="none"), StepOptions(policy="layer"),
+                StepOptions(policy="layer", checkpoints="disk", mlp_rows=512)]
+    before = threads.current_threads()
+    try:
+        peaks = {}
+        for n in (1, 4):
+            threads.set_threads(n)
+            peaks[n] = [(p["ledger_peak_bytes"] + p["workspace_bytes"], p["workspace_moment"])
+                        for p in (predict(cfg, method, seq=T, opts=opts, frozen_dtype="q4_1",
+                                          baseline=0, slope=False)
+                                  for opts in settings for T in (2048, 8192))]
+    finally:
+        threads.set_threads(before)
+    assert peaks[1] == peaks[4]
 
 
 # ------------------------------------------------------------------ sizes, budgets, the command
