@@ -10,9 +10,8 @@
 # --quick skips the test suite (install and the end-to-end pass only: minutes, not hours).
 # The suite is the default one (`pytest`), less the full-size tutorial renders (marker
 # full_size, tests/test_tutorials.py): each re-renders a page with SmolLM2-135M steps, and
-# emulated float math runs about 1,500x slower than this host's (a (512, 576) x (576, 1536)
-# product: 6.7 s against 4.5 ms), so each takes hours. Their code runs here at small size
-# (test_tutorial_runs). --full-size includes them.
+# emulated float math runs at about 0.14 GFLOP/s against this host's 200, so each takes
+# hours. Their code runs here at small size (test_tutorial_runs). --full-size includes them.
 # The emulated CPU is a Raspberry Pi 5's Cortex-A76 (QEMU_CPU=cortex-a72 for a Pi 4's):
 # qemu's default `max` CPU advertises SME, which no Pi has, and OpenBLAS then picks its
 # SME kernels, which run about 18x slower under emulation than its NEON ones (three
@@ -26,6 +25,13 @@
 # The tests' own timeouts (a tutorial render's hour) are scaled by
 # MINILARS_TEST_TIMEOUT_SCALE, 6 by default here.
 # Arguments after -- go to pytest after the check's own `-m`, so a `-m` there replaces it.
+#
+# Needs root, network access to a Debian mirror and PyPI, and on the host:
+#   apt-get install qemu-user-static debootstrap binfmt-support
+# The root is built once (debootstrap, about 5 minutes) and reused; the repository's
+# committed HEAD is copied in fresh each time (git archive: what a clone holds).
+# Everything runs under emulation, so times are many times a real Pi's. Not part of
+# .ci/run: the suite takes about 50 minutes here on 2 cores (2026-12-07: 2,941 s).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
