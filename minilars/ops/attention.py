@@ -65,8 +65,7 @@ def attention_op_backward_workspace(form: str, B: int, nh: int, nkv: int, T: int
     tq = min(tile, T)
     scores = 3 if T > tile else 2                  # one key tile per query tile: no previous
     tiles = 4 * B * nh * tq * hd + scores * B * nh * tq * tq + 2 * B * nh * tq
-    split = workers if workers > 1 and -(-T // tile) >= PARALLEL_QUERY_TILES else 1
-    further = (split - 1) * (tiles + 2 * B * nkv * T * hd)             # their tiles, dk, dv
+    further = (split_count(T, tile, workers) - 1) * (tiles + 2 * B * nkv * T * hd)  # tiles, dk, dv
     return (qkv + B * nh * T + tiles + further) * itemsize
 
 
@@ -142,6 +141,29 @@ def _query_tile(qg, i0, i1, scale: float = 1.0):
 PARALLEL_QUERY_TILES = 16   # at least this many query tiles: split them over the threads
 
 
+def split_count(T: int, tile: int, workers: int) -> int:
+    """Workers the tiled attention's query tiles are split over: `workers` from
+    PARALLEL_QUERY_TILES tiles on, else 1."""
+    return workers if workers > 1 and -(-T // tile) >= PARALLEL_QUERY_TILES else 1
+
+
+def _dealt_query_tiles(T: int, tile: int, n: int) -> list[list[int]]:
+    """The query tiles' starts dealt to n workers: longest rows first, alternately."""
+    longest_first = list(range(0, T, tile))[::-1]
+    return [longest_first[w::n] for w in range(n)]
+
+
+def _on_workers(work, shares: list) -> None:
+    """work(share) for each share: on the calling thread when there is one share, else one
+    thread each, every product on one BLAS thread. Re-raises a worker's error."""
+    if len(shares) == 1:
+        work(shares[0])
+        return
+    with threads.one_blas_thread(), ThreadPoolExecutor(len(shares)) as pool:
+        for done in [pool.submit(work, share) for share in shares]:
+            done.result()
+
+
 def _forward_query_tiles(q, k, v, tile: int, starts, out, lse) -> None:
     """The tiled forward for the query tiles starting at `starts`, into their rows of out
     (B, T, nh, hd) and lse (B, nkv, rep, T). Each query tile is independent of the others."""
@@ -179,8 +201,9 @@ def attention_tiled_forward(q, k, v, tile: int = DEFAULT_TILE, workers: int = 1)
     result only through how BLAS sums a product on one thread or on two (bit for bit the
     same on this machine's OpenBLAS; the tests allow 1e-6). It also holds one set of tile
     temporaries per worker (about 1.5 MiB each at SmolLM2's shapes). The products of one
-    tile, (rep*tq, hd) x (hd, tk) per kv head, gain almost nothing from a second BLAS thread: at T=2048 on SmolLM2 2 workers ran the
-    forward in 45 ms against 68 ms; at T=512 (4 tiles) there was nothing to gain. Inside a
+    tile, (rep*tq, hd) x (hd, tk) per kv head, gain almost nothing from a second BLAS
+    thread: at T=2048 on SmolLM2 2 workers ran the forward in 45 ms against 68 ms; at
+    T=512 (4 tiles) there was nothing to gain. Inside a
     step it needs BLAS's idle threads to sleep at once (OPENBLAS_THREAD_TIMEOUT, which
     `import minilars` sets): spinning after the step's two-thread products, they held the
     core a worker needs, and the split gained nothing."""
@@ -189,15 +212,8 @@ def attention_tiled_forward(q, k, v, tile: int = DEFAULT_TILE, workers: int = 1)
     nkv = k.shape[1]
     out = np.empty((B, T, nh, hd), dtype=q.dtype)
     lse = np.empty((B, nkv, nh // nkv, T), dtype=q.dtype)
-    starts = list(range(0, T, tile))[::-1]                             # longest rows first
-    if workers < 2 or len(starts) < PARALLEL_QUERY_TILES:
-        _forward_query_tiles(q, k, v, tile, starts, out, lse)
-    else:
-        dealt = [starts[w::workers] for w in range(workers)]
-        with threads.one_blas_thread(), ThreadPoolExecutor(workers) as pool:
-            for done in [pool.submit(_forward_query_tiles, q, k, v, tile, s, out, lse)
-                         for s in dealt]:
-                done.result()                                          # re-raises a worker's error
+    dealt = _dealt_query_tiles(T, tile, split_count(T, tile, workers))
+    _on_workers(lambda starts: _forward_query_tiles(q, k, v, tile, starts, out, lse), dealt)
     return out, lse.reshape(B, nh, T)
 
 
@@ -250,20 +266,13 @@ def attention_tiled_backward(dout, q, k, v, out, lse, tile: int = DEFAULT_TILE,
     dq = np.empty((B, nkv, nh // nkv, T, hd), dtype=q.dtype)
     dk = np.zeros_like(k)
     dv = np.zeros_like(v)
-    starts = list(range(0, T, tile))
-    if workers < 2 or len(starts) < PARALLEL_QUERY_TILES:
-        _backward_query_tiles(dout, q, k, v, lse, D, tile, starts, dq, dk, dv)
-    else:
-        longest_first = starts[::-1]
-        dealt = [sorted(longest_first[w::workers]) for w in range(workers)]
-        sums = [(dk, dv)] + [(np.zeros_like(k), np.zeros_like(v)) for _ in dealt[1:]]
-        with threads.one_blas_thread(), ThreadPoolExecutor(workers) as pool:
-            for done in [pool.submit(_backward_query_tiles, dout, q, k, v, lse, D, tile, s,
-                                     dq, dk_w, dv_w) for s, (dk_w, dv_w) in zip(dealt, sums)]:
-                done.result()                                          # re-raises a worker's error
-        for dk_w, dv_w in sums[1:]:
-            dk += dk_w
-            dv += dv_w
+    dealt = [sorted(s) for s in _dealt_query_tiles(T, tile, split_count(T, tile, workers))]
+    sums = [(dk, dv)] + [(np.zeros_like(k), np.zeros_like(v)) for _ in dealt[1:]]
+    _on_workers(lambda share: _backward_query_tiles(dout, q, k, v, lse, D, tile, share[0],
+                                                    dq, *share[1]), list(zip(dealt, sums)))
+    for dk_w, dv_w in sums[1:]:
+        dk += dk_w
+        dv += dv_w
     return dq.reshape(B, nh, T, hd), dk, dv
 
 
