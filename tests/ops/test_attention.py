@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from minilars import kernels
-from minilars.ops.attention import (PARALLEL_QUERY_TILES, attention_op_backward_workspace,
-                                    attention_plain_backward, attention_plain_forward,
-                                    attention_tiled_backward, attention_tiled_forward)
+from minilars.ops.attention import (PARALLEL_QUERY_TILES, _dealt_query_tiles,
+                                    attention_op_backward_workspace, attention_plain_backward,
+                                    attention_plain_forward, attention_tiled_backward,
+                                    attention_tiled_forward)
 from tests.gradcheck import assert_grad_close, examples, numeric_grad, rel_err
 
 # (nh, nkv): GQA ratios 1 and 3 (and 2)
@@ -189,6 +190,21 @@ def test_backward_with_query_tiles_split_over_workers_matches_one_worker(T, tile
         again = attention_tiled_backward(R, q, k, v, out, lse, tile, workers=workers)
         for a, b in zip(split, again):
             np.testing.assert_array_equal(a, b)
+
+
+@given(T=st.integers(1, 5000), tile=st.sampled_from([32, 64, 128, 256]),
+       workers=st.integers(1, 8))
+def test_query_tiles_are_dealt_once_each_and_the_workers_loads_even(T, tile, workers):
+    """Every query tile goes to one worker, and with at least as many tiles as workers the
+    workers' loads (a tile's key tiles, up to its diagonal) differ by less than the worker
+    count: longest first, each to the least loaded. Alternate dealing fails this (16 tiles
+    on 2 workers: 72 against 64)."""
+    shares = _dealt_query_tiles(T, tile, workers)
+    assert len(shares) == workers
+    assert sorted(i0 for share in shares for i0 in share) == list(range(0, T, tile))
+    loads = [sum(i0 // tile + 1 for i0 in share) for share in shares]
+    if -(-T // tile) >= workers:
+        assert max(loads) - min(loads) < workers
 
 
 SHAPES = [(9, 3, 64, 1024), (4, 4, 16, 256), (8, 2, 32, 320), (8, 2, 32, 96)]
