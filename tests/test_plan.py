@@ -133,7 +133,7 @@ def test_a_plans_peak_does_not_depend_on_the_thread_count(method):
             peaks[n] = [(p["ledger_peak_bytes"] + p["workspace_bytes"], p["workspace_moment"])
                         for p in (predict(cfg, method, seq=T, opts=opts, frozen_dtype="q4_1",
                                           baseline=0, slope=False)
-                                  for opts in settings for T in (2048, 8192))]
+                                  for opts in settings for T in (1024, 2048, 8192))]
     finally:
         threads.set_threads(before)
     assert peaks[1] == peaks[4]

@@ -138,7 +138,7 @@ def _query_tile(qg, i0, i1, scale: float = 1.0):
     return tile.reshape(B, nkv, rep * (i1 - i0), hd)
 
 
-PARALLEL_QUERY_TILES = 16   # at least this many query tiles: split them over the threads
+PARALLEL_QUERY_TILES = 8    # at least this many query tiles: split them over the threads
 
 
 def split_count(T: int, tile: int, workers: int) -> int:

@@ -213,14 +213,14 @@ SHAPES = [(9, 3, 64, 1024), (4, 4, 16, 256), (8, 2, 32, 320), (8, 2, 32, 96)]
 @pytest.mark.parametrize("form, workers, nh, nkv, hd, T",
                          [(form, 1, *shape) for form in ("plain", "tiled") for shape in SHAPES]
                          + [("tiled", workers, 9, 3, 64, 2048) for workers in (1, 2)]
-                         + [("tiled", 2, 9, 3, 64, 1024)])
+                         + [("tiled", 2, 9, 3, 64, T) for T in (896, 1024)])
 def test_the_declared_backward_workspace_is_what_the_backward_allocates(form, workers,
                                                                        nh, nkv, hd, T):
     """tracemalloc's peak over the backward against the declaration the planner reads: an
     overstatement of 2.3 (T, C) floats (12 MiB at T=4096 on SmolLM2) once made the
     planner's peak RSS 5% high where this moment is the step's peak (--mlp-rows).
-    At T=2048 (16 tiles of 128) two workers split the tiled backward, each further one
-    with its own tiles, dk and dv; at T=1024 (8 tiles) `workers` changes nothing."""
+    At T=1024 and 2048 (8 and 16 tiles of 128) two workers split the tiled backward, each
+    further one with its own tiles, dk and dv; at T=896 (7 tiles) `workers` changes nothing."""
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, nh, T, hd), dtype=np.float32)
     k, v = (rng.standard_normal((1, nkv, T, hd), dtype=np.float32) for _ in range(2))
