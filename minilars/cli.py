@@ -477,12 +477,13 @@ def cmd_bench(args) -> int:
     elif args.bench_command == "compare":
         named_config(args.arch)                     # an unknown name fails before any process starts
         cells = compare.cells(args.method, args.policy, args.seq, args.arch, args.batch)
-        rows, rate = compare.compare(cells, n_threads, args.rounds, args.steps, progress=lambda r: print(
+        rows, rates = compare.compare(cells, n_threads, args.rounds, args.steps, progress=lambda r: print(
             f"  {r['method']} {r['policy']} T={r['seq']}: minilars {r['minilars']['seconds']:.2f} s, "
             f"PyTorch {r['torch']['seconds']:.2f} s", file=sys.stderr))
-        print(json.dumps({"about": about, "gemm_flops_per_s": rate, "threads": n_threads, "rows": rows},
+        print(json.dumps({"about": about, "gemm_flops_per_s": rates[0],
+                          "gemm_flops_per_s_at_end": rates[1], "threads": n_threads, "rows": rows},
                          indent=1)
-              if args.json else compare.format_compare(rows, rate, n_threads))
+              if args.json else compare.format_compare(rows, rates, n_threads))
     else:
         frozen = tuple(None if f == "float32" else f for f in args.frozen_dtype)
         rows = bench.bench_step(args.arch, args.method, args.seq, args.policy, args.batch,

@@ -34,18 +34,25 @@ def test_compare_alternates_fresh_processes_and_takes_medians(monkeypatch):
         return {"seconds": [float(k)] * steps, "rss_peak": 100 * k, "about": side}
 
     monkeypatch.setattr(compare, "run_side", fake_side)
-    monkeypatch.setattr(compare, "gemm_rate", lambda: 1e9)
+    rates = iter([1e9, 0.8e9])                        # before the first cell, after the last
+    monkeypatch.setattr(compare, "gemm_rate", lambda: next(rates))
     cells = compare.cells(["lars"], ["none"], [16], arch="tiny")
     rows, rate = compare.compare(cells, n_threads=1, rounds=3, steps=2)
     assert calls == ["minilars", "torch"] * 3
+    assert rate == (1e9, 0.8e9)
     row = rows[0]
     assert row["minilars"]["seconds"] == 3.0 and row["torch"]["seconds"] == 4.0   # medians of 1,3,5 / 2,4,6
+    assert row["minilars"]["spread"] == pytest.approx(4 / 3)                       # (5 - 1) / 3
+    assert row["torch"]["spread"] == pytest.approx(4 / 4)
     assert row["minilars"]["rss_peak"] == 500 and row["torch"]["rss_peak"] == 600  # the worst process
     assert row["speedup"] == pytest.approx(4 / 3)
     assert row["minilars"]["tok_per_s"] == pytest.approx(16 / 3)
     assert row["minilars"]["mfu"] == pytest.approx(row["flops"] / 3.0 / 1e9)
     table = compare.format_compare(rows, rate, 1)
-    assert "1.33x" in table and "GFLOP/s" in table
+    assert "1.33x" in table and "1 GFLOP/s before the first row" in table
+    assert "moved by -20% during the run" in table                  # the machine slowed down
+    assert "  133%" in table and "  100%" in table                   # each side's spread
+    assert "moved by" not in compare.format_compare(rows, (1e9, 0.95e9), 1)
 
 
 def test_compare_without_the_reference_extra_says_how_to_install(monkeypatch, capsys):

@@ -4,11 +4,15 @@ For each method, recompute policy and T, both sides train the same model (random
 of the config, float32, batch 1 by default) on the same thread count. Each measurement is
 a fresh process (one warm-up step, then `steps` timed ones) and the sides alternate,
 minilars, PyTorch, minilars, PyTorch, ..., so a machine whose load drifts meets both
-alike. A row gives each side's median step time, tokens per second and peak RSS (VmHWM of
-the whole process: interpreter, libraries, model and step), and the ratio of speeds.
+alike. A row gives each side's median step time, the spread of its timed steps ((max -
+min) / median: how far a row's figures can be trusted on this machine), tokens per
+second and peak RSS (VmHWM of the whole process: interpreter, libraries, model and step),
+and the ratio of speeds.
 
 Model FLOP utilisation (MFU) is the step's model FLOPs / step time / this machine's
-float32 GEMM rate, measured by `gemm_rate` in the same run at the same thread count.
+float32 GEMM rate, measured by `gemm_rate` in the same run at the same thread count,
+before the first cell; it is measured again after the last, and a gap between the two says
+the machine's speed moved during the run (other tenants of a shared host, heat).
 Model FLOPs (`step_flops`) are the matrix products the step needs mathematically:
 forward and input gradients of every frozen linear and the LM head, the weight gradients
 of trained weights (full fine-tuning), causal attention counted over the unmasked half
@@ -115,9 +119,10 @@ def cells(methods, policies, seqs, arch: str = "smollm2-135m", batch: int = 1) -
 
 
 def compare(cells: list[dict], n_threads: int, rounds: int = 2, steps: int = 2,
-            progress=None) -> tuple[list[dict], float]:
-    """(rows, GEMM FLOP/s): every cell timed on both sides, `rounds` fresh processes each,
-    alternating sides. The GEMM rate is measured here, on n_threads threads."""
+            progress=None) -> tuple[list[dict], tuple[float, float]]:
+    """(rows, (GEMM FLOP/s before the first cell, after the last)): every cell timed on
+    both sides, `rounds` fresh processes each, alternating sides. The GEMM rate is measured
+    here, on n_threads threads; MFU and HFU are against the first."""
     threads.set_threads(n_threads)
     rate = gemm_rate()
     rows = []
@@ -134,32 +139,40 @@ def compare(cells: list[dict], n_threads: int, rounds: int = 2, steps: int = 2,
         row = {**cell, "flops": flops["model"], "executed_flops": flops["executed"], "about": about}
         for side in SIDES:
             s = float(np.median(seconds[side]))
-            row[side] = {"seconds": s, "tok_per_s": cell["batch"] * cell["seq"] / s,
+            row[side] = {"seconds": s, "spread": (max(seconds[side]) - min(seconds[side])) / s,
+                         "tok_per_s": cell["batch"] * cell["seq"] / s,
                          "rss_peak": rss[side], "mfu": flops["model"] / s / rate,
                          "hfu": flops["executed"] / s / rate}
         row["speedup"] = row["torch"]["seconds"] / row["minilars"]["seconds"]
         rows.append(row)
         if progress:
             progress(row)
-    return rows, rate
+    return rows, (rate, gemm_rate())
 
 
-def format_compare(rows: list[dict], rate: float, n_threads: int) -> str:
+def format_compare(rows: list[dict], rates: tuple[float, float], n_threads: int) -> str:
+    start, end = rates
     lines = [f"float32 GEMM {GEMM_SHAPE[0]}x{GEMM_SHAPE[1]} @ {GEMM_SHAPE[1]}x{GEMM_SHAPE[2]}, "
-             f"{n_threads} threads: {rate / 1e9:.0f} GFLOP/s (MFU and HFU are against it)"]
+             f"{n_threads} threads: {start / 1e9:.0f} GFLOP/s before the first row (MFU and HFU "
+             f"are against it), {end / 1e9:.0f} after the last"]
+    if abs(end - start) > 0.1 * start:
+        lines.append(f"warning: the GEMM rate moved by {100 * (end / start - 1):+.0f}% during the "
+                     f"run: this machine's speed changed, and MFU with it")
     if rows:
         lines.append("minilars: " + rows[0]["about"]["minilars"])
         lines.append("PyTorch: " + rows[0]["about"]["torch"])
+    lines.append("spread: (slowest - fastest) / median of a side's timed steps")
     lines.append(f"{'method':<6} {'policy':<6} {'T':>5} {'minilars tok/s':>14} {'PyTorch tok/s':>13} "
-                 f"{'ratio':>6} {'minilars s':>10} {'PyTorch s':>9} {'MFU':>5} {'HFU':>5} "
-                 f"{'PyTorch MFU':>11} {'minilars RSS MiB':>16} {'PyTorch RSS MiB':>15}")
+                 f"{'ratio':>6} {'minilars s':>10} {'spread':>6} {'PyTorch s':>9} {'spread':>6} "
+                 f"{'MFU':>5} {'HFU':>5} {'PyTorch MFU':>11} {'minilars RSS MiB':>16} "
+                 f"{'PyTorch RSS MiB':>15}")
     for r in rows:
         a, b = r["minilars"], r["torch"]
         lines.append(f"{r['method']:<6} {r['policy']:<6} {r['seq']:>5} {a['tok_per_s']:14.0f} "
                      f"{b['tok_per_s']:13.0f} {r['speedup']:5.2f}x {a['seconds']:10.2f} "
-                     f"{b['seconds']:9.2f} {100 * a['mfu']:4.0f}% {100 * a['hfu']:4.0f}% "
-                     f"{100 * b['mfu']:10.0f}% {a['rss_peak'] / 2**20:16.0f} "
-                     f"{b['rss_peak'] / 2**20:15.0f}")
+                     f"{100 * a['spread']:5.0f}% {b['seconds']:9.2f} {100 * b['spread']:5.0f}% "
+                     f"{100 * a['mfu']:4.0f}% {100 * a['hfu']:4.0f}% {100 * b['mfu']:10.0f}% "
+                     f"{a['rss_peak'] / 2**20:16.0f} {b['rss_peak'] / 2**20:15.0f}")
     return "\n".join(lines)
 
 

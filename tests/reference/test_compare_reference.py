@@ -52,6 +52,7 @@ def test_bench_compare_runs_both_sides_on_tiny(torch, capsys):
     out = capsys.readouterr().out
     report = json.loads(out)                                 # JSON alone on stdout
     assert report["threads"] == 1 and report["gemm_flops_per_s"] > 1e8
+    assert report["gemm_flops_per_s_at_end"] > 1e8             # measured again after the last row
     assert any(line.startswith("BLAS: ") for line in report["about"])      # the kernel is stated
     rows = report["rows"]
     assert [(r["method"], r["policy"]) for r in rows] == [("lars", "none"), ("lars", "layer"),
@@ -59,4 +60,5 @@ def test_bench_compare_runs_both_sides_on_tiny(torch, capsys):
     for r in rows:
         for side in ("minilars", "torch"):
             assert r[side]["seconds"] > 0 and r[side]["rss_peak"] > 10 * 2**20
+            assert r[side]["spread"] >= 0
         assert "torch 2" in r["about"]["torch"]
