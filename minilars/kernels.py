@@ -300,11 +300,18 @@ def _check_tile(where: str, scores_name: str, S, rows: list, blocks: list,
     return S2
 
 
+def _attention_team(threads: int | None) -> int:
+    """The OpenMP threads a tile kernel may use: the step's count (threads.set_threads) when
+    None. A worker of the split attention passes 1: it owns one core, and a thread that
+    OpenMP did not start sees the machine's default count, not the step's."""
+    return int(_lib.minilars_max_threads()) if threads is None else threads
+
+
 def attention_tile_softmax(S: np.ndarray, row_max: np.ndarray, row_sum: np.ndarray,
-                           acc: np.ndarray, diagonal: bool) -> None:
+                           acc: np.ndarray, diagonal: bool, threads: int | None = None) -> None:
     """One key tile of the forward's online softmax, in place (see
     minilars.ops.attention_tiles.tile_softmax): S (..., tk) becomes P; row_max, row_sum
-    (...) and acc (..., hd) are updated."""
+    (...) and acc (..., hd) are updated. `threads`: see _attention_team."""
     where = "attention_tile_softmax"
     S2 = _check_tile(where, "S", S, [("row_max", row_max), ("row_sum", row_sum)],
                      [("acc", acc)], diagonal)
@@ -314,24 +321,26 @@ def attention_tile_softmax(S: np.ndarray, row_max: np.ndarray, row_sum: np.ndarr
     _check_rc(_lib.minilars_attention_tile_softmax(
         _ptr("float[]", S2), S2.shape[0], S2.shape[1], S2.shape[1] if diagonal else 0,
         _ptr("float[]", m), _ptr("float[]", l), _ptr("float[]", a), a.shape[1],
-        int(_lib.minilars_max_threads())), where)
+        _attention_team(threads)), where)
 
 
-def attention_tile_probs(S: np.ndarray, lse: np.ndarray, diagonal: bool) -> None:
+def attention_tile_probs(S: np.ndarray, lse: np.ndarray, diagonal: bool,
+                         threads: int | None = None) -> None:
     """S (..., tk) scores -> P = exp(S - lse) in place, lse (...) (see
-    minilars.ops.attention_tiles.tile_probs)."""
+    minilars.ops.attention_tiles.tile_probs). `threads`: see _attention_team."""
     where = "attention_tile_probs"
     S2 = _check_tile(where, "S", S, [("lse", lse)], [], diagonal)
     if not _c_for(S):
         return attention_spec.tile_probs(S2, lse.reshape(-1), diagonal)
     _check_rc(_lib.minilars_attention_tile_probs(
         _ptr("float[]", S2), S2.shape[0], S2.shape[1], S2.shape[1] if diagonal else 0,
-        _ptr("float[]", lse), int(_lib.minilars_max_threads())), where)
+        _ptr("float[]", lse), _attention_team(threads)), where)
 
 
-def attention_tile_dscores(P: np.ndarray, dP: np.ndarray, D: np.ndarray) -> None:
+def attention_tile_dscores(P: np.ndarray, dP: np.ndarray, D: np.ndarray,
+                           threads: int | None = None) -> None:
     """dP (..., tk) -> dS = P * (dP - D) in place; P (..., tk), D (...) (see
-    minilars.ops.attention_tiles.tile_dscores)."""
+    minilars.ops.attention_tiles.tile_dscores). `threads`: see _attention_team."""
     where = "attention_tile_dscores"
     dP2 = _check_tile(where, "dP", dP, [("D", D)], [("P", P)], False)
     if P.shape != dP.shape:
@@ -340,7 +349,7 @@ def attention_tile_dscores(P: np.ndarray, dP: np.ndarray, D: np.ndarray) -> None
         return attention_spec.tile_dscores(P.reshape(dP2.shape), dP2, D.reshape(-1))
     _check_rc(_lib.minilars_attention_tile_dscores(
         _ptr("float[]", P), _ptr("float[]", dP2), dP2.shape[0], dP2.shape[1],
-        _ptr("float[]", D), int(_lib.minilars_max_threads())), where)
+        _ptr("float[]", D), _attention_team(threads)), where)
 
 
 # ------------------------------------------------------------- frozen weights

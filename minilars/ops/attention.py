@@ -161,7 +161,8 @@ def _dealt_query_tiles(T: int, tile: int, n: int) -> list[list[int]]:
 
 def _on_workers(work, shares: list) -> None:
     """work(share) for each share: on the calling thread when there is one share, else one
-    thread each, every product on one BLAS thread. Re-raises a worker's error."""
+    thread each, every product on one BLAS thread (and the callers give the tile kernels
+    one thread). Re-raises a worker's error."""
     if len(shares) == 1:
         work(shares[0])
         return
@@ -170,9 +171,10 @@ def _on_workers(work, shares: list) -> None:
             done.result()
 
 
-def _forward_query_tiles(q, k, v, tile: int, starts, out, lse) -> None:
+def _forward_query_tiles(q, k, v, tile: int, starts, out, lse, kernel_threads) -> None:
     """The tiled forward for the query tiles starting at `starts`, into their rows of out
-    (B, T, nh, hd) and lse (B, nkv, rep, T). Each query tile is independent of the others."""
+    (B, T, nh, hd) and lse (B, nkv, rep, T). Each query tile is independent of the others.
+    kernel_threads: the tile kernels' threads (1 on a worker of a split; None: the step's)."""
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
     rep = nh // nkv
@@ -189,7 +191,7 @@ def _forward_query_tiles(q, k, v, tile: int, starts, out, lse) -> None:
         for j0 in range(0, i1, tile):                                  # causal: keys < i1
             j1 = min(j0 + tile, i1)
             S = q_tile @ k[:, :, j0:j1].swapaxes(-1, -2)               # (B, nkv, rep*tq, tk)
-            kernels.attention_tile_softmax(S, row_max, row_sum, acc, diagonal=j0 == i0)
+            kernels.attention_tile_softmax(S, row_max, row_sum, acc, j0 == i0, kernel_threads)
             acc += S @ v[:, :, j0:j1]                                  # S is now P
         acc /= row_sum[..., None]
         og[:, :, :, i0:i1] = acc.reshape(B, nkv, rep, tq, hd)
@@ -219,13 +221,17 @@ def attention_tiled_forward(q, k, v, tile: int = DEFAULT_TILE, workers: int = 1)
     out = np.empty((B, T, nh, hd), dtype=q.dtype)
     lse = np.empty((B, nkv, nh // nkv, T), dtype=q.dtype)
     dealt = _dealt_query_tiles(T, tile, split_count(T, tile, workers))
-    _on_workers(lambda starts: _forward_query_tiles(q, k, v, tile, starts, out, lse), dealt)
+    kernel_threads = 1 if len(dealt) > 1 else None
+    _on_workers(lambda starts: _forward_query_tiles(q, k, v, tile, starts, out, lse,
+                                                    kernel_threads), dealt)
     return out, lse.reshape(B, nh, T)
 
 
-def _backward_query_tiles(dout, q, k, v, lse, D, tile: int, starts, dq, dk, dv) -> None:
+def _backward_query_tiles(dout, q, k, v, lse, D, tile: int, starts, dq, dk, dv,
+                          kernel_threads) -> None:
     """The tiled backward for the query tiles starting at `starts`: writes their rows of dq
-    (B, nkv, rep, T, hd) and adds their terms to dk and dv (B, nkv, T, hd)."""
+    (B, nkv, rep, T, hd) and adds their terms to dk and dv (B, nkv, T, hd). kernel_threads
+    as in _forward_query_tiles."""
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
     rep = nh // nkv
@@ -244,10 +250,10 @@ def _backward_query_tiles(dout, q, k, v, lse, D, tile: int, starts, dq, dk, dv) 
         for j0 in range(0, i1, tile):
             j1 = min(j0 + tile, i1)
             P = q_tile @ k[:, :, j0:j1].swapaxes(-1, -2)               # (B, nkv, rep*tq, tk): S
-            kernels.attention_tile_probs(P, lse_tile, diagonal=j0 == i0)   # now P
+            kernels.attention_tile_probs(P, lse_tile, j0 == i0, kernel_threads)   # now P
             dv[:, :, j0:j1] += P.swapaxes(-1, -2) @ dO_tile            # sums over rep too
             dS = dO_tile @ v[:, :, j0:j1].swapaxes(-1, -2)             # dP
-            kernels.attention_tile_dscores(P, dS, D_tile)              # now dS / scale
+            kernels.attention_tile_dscores(P, dS, D_tile, kernel_threads)  # now dS / scale
             dq_tile += dS @ k[:, :, j0:j1]
             dk[:, :, j0:j1] += dS.swapaxes(-1, -2) @ q_tile            # q_tile carries the scale
         dq_tile *= scale
@@ -274,8 +280,10 @@ def attention_tiled_backward(dout, q, k, v, out, lse, tile: int = DEFAULT_TILE,
     dv = np.zeros_like(v)
     dealt = [sorted(s) for s in _dealt_query_tiles(T, tile, split_count(T, tile, workers))]
     sums = [(dk, dv)] + [(np.zeros_like(k), np.zeros_like(v)) for _ in dealt[1:]]
+    kernel_threads = 1 if len(dealt) > 1 else None
     _on_workers(lambda share: _backward_query_tiles(dout, q, k, v, lse, D, tile, share[0],
-                                                    dq, *share[1]), list(zip(dealt, sums)))
+                                                    dq, *share[1], kernel_threads),
+                list(zip(dealt, sums)))
     for dk_w, dv_w in sums[1:]:
         dk += dk_w
         dv += dv_w

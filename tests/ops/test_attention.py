@@ -192,6 +192,31 @@ def test_backward_with_query_tiles_split_over_workers_matches_one_worker(T, tile
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_split_attentions_tile_kernels_run_on_one_thread_each(monkeypatch, workers):
+    """Each worker of a split owns one core, so its tile kernels are told to use one thread:
+    OpenMP, asked from a thread it did not start, would take the machine's default count
+    (a team per worker, more threads than cores at tiles of 512). Unsplit, they take the
+    step's count (None)."""
+    asked = []                                   # (kernel, the threads it was given)
+
+    def spy(name, real):
+        def call(*args):                         # the callers pass the threads last
+            asked.append((name, args[-1]))
+            return real(*args)
+        return call
+
+    for name in ("attention_tile_softmax", "attention_tile_probs", "attention_tile_dscores"):
+        monkeypatch.setattr(kernels, name, spy(name, getattr(kernels, name)))
+    q, k, v, R = (a.astype(np.float32) for a in _inputs(1, 4, 2, 64, 8, seed=3, scale=1.0))
+    assert -(-64 // 4) >= PARALLEL_QUERY_TILES
+    out, lse = attention_tiled_forward(q, k, v, 4, workers=workers)
+    attention_tiled_backward(R, q, k, v, out, lse, 4, workers=workers)
+    assert {name for name, _ in asked} == {"attention_tile_softmax", "attention_tile_probs",
+                                           "attention_tile_dscores"}
+    assert {threads for _, threads in asked} == {1 if workers > 1 else None}
+
+
 @given(T=st.integers(1, 5000), tile=st.sampled_from([32, 64, 128, 256]),
        workers=st.integers(1, 8))
 def test_query_tiles_are_dealt_once_each_and_the_workers_loads_even(T, tile, workers):
