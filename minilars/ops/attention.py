@@ -160,14 +160,15 @@ def _dealt_query_tiles(T: int, tile: int, n: int) -> list[list[int]]:
 
 
 def _on_workers(work, shares: list) -> None:
-    """work(share) for each share: on the calling thread when there is one share, else one
-    thread each, every product on one BLAS thread (and the callers give the tile kernels
-    one thread). Re-raises a worker's error."""
+    """work(share, kernel_threads) for each share: on the calling thread when there is one
+    share (kernel_threads None: the tile kernels take the step's threads), else one thread
+    each, every product on one BLAS thread and the tile kernels on one thread
+    (kernel_threads 1). Re-raises a worker's error."""
     if len(shares) == 1:
-        work(shares[0])
+        work(shares[0], None)
         return
     with threads.one_blas_thread(), ThreadPoolExecutor(len(shares)) as pool:
-        for done in [pool.submit(work, share) for share in shares]:
+        for done in [pool.submit(work, share, 1) for share in shares]:
             done.result()
 
 
@@ -221,9 +222,8 @@ def attention_tiled_forward(q, k, v, tile: int = DEFAULT_TILE, workers: int = 1)
     out = np.empty((B, T, nh, hd), dtype=q.dtype)
     lse = np.empty((B, nkv, nh // nkv, T), dtype=q.dtype)
     dealt = _dealt_query_tiles(T, tile, split_count(T, tile, workers))
-    kernel_threads = 1 if len(dealt) > 1 else None
-    _on_workers(lambda starts: _forward_query_tiles(q, k, v, tile, starts, out, lse,
-                                                    kernel_threads), dealt)
+    _on_workers(lambda starts, kernel_threads: _forward_query_tiles(
+        q, k, v, tile, starts, out, lse, kernel_threads), dealt)
     return out, lse.reshape(B, nh, T)
 
 
@@ -280,10 +280,9 @@ def attention_tiled_backward(dout, q, k, v, out, lse, tile: int = DEFAULT_TILE,
     dv = np.zeros_like(v)
     dealt = [sorted(s) for s in _dealt_query_tiles(T, tile, split_count(T, tile, workers))]
     sums = [(dk, dv)] + [(np.zeros_like(k), np.zeros_like(v)) for _ in dealt[1:]]
-    kernel_threads = 1 if len(dealt) > 1 else None
-    _on_workers(lambda share: _backward_query_tiles(dout, q, k, v, lse, D, tile, share[0],
-                                                    dq, *share[1], kernel_threads),
-                list(zip(dealt, sums)))
+    _on_workers(lambda share, kernel_threads: _backward_query_tiles(
+        dout, q, k, v, lse, D, tile, share[0], dq, *share[1], kernel_threads),
+        list(zip(dealt, sums)))
     for dk_w, dv_w in sums[1:]:
         dk += dk_w
         dv += dv_w
