@@ -205,17 +205,17 @@ def attention_tiled_forward(q, k, v, tile: int = DEFAULT_TILE, workers: int = 1)
     the causal diagonal; tiles left of it are whole, tiles right of it are never computed.
     The online softmax between the products is kernels.attention_tile_softmax.
     workers > 1 and at least PARALLEL_QUERY_TILES query tiles: the query tiles are dealt
-    to `workers` threads (longest rows first, to the least loaded), each running its products on
-    one BLAS thread. Each tile is computed as it would be alone, so `workers` changes the
-    result only through how BLAS sums a product on one thread or on two (bit for bit the
-    same on this machine's OpenBLAS; the tests allow 1e-6). It also holds one set of tile
-    temporaries per worker (about 1.5 MiB each at SmolLM2's shapes). The products of one
-    tile, (rep*tq, hd) x (hd, tk) per kv head, gain almost nothing from a second BLAS
-    thread: at T=2048 on SmolLM2 2 workers ran the forward in 45 ms against 68 ms; at
-    T=512 (4 tiles) there was nothing to gain. Inside a
-    step it needs BLAS's idle threads to sleep at once (OPENBLAS_THREAD_TIMEOUT, which
-    `import minilars` sets): spinning after the step's two-thread products, they held the
-    core a worker needs, and the split gained nothing."""
+    to `workers` threads (longest rows first, to the least loaded), each running its
+    products on one BLAS thread. Each tile is computed as it would be alone, so `workers`
+    changes the result only through how BLAS sums a product on one thread or on two (bit
+    for bit the same on this machine's OpenBLAS; the tests allow 1e-6). It also holds one
+    set of tile temporaries per worker (about 1.5 MiB each at SmolLM2's shapes). The
+    products of one tile, (rep*tq, hd) x (hd, tk) per kv head, gain almost nothing from a
+    second BLAS thread: at T=2048 on SmolLM2 2 workers ran the forward in 45 ms against
+    68 ms; at T=512 (4 tiles) there was nothing to gain. Inside a step it needs BLAS's
+    idle threads to sleep at once (OPENBLAS_THREAD_TIMEOUT, which `import minilars`
+    sets): spinning after the step's two-thread products, they held the core a worker
+    needs, and the split gained nothing."""
     check_attention_shapes(q, k, v)
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
